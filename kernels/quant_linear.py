@@ -1,0 +1,126 @@
+"""QuantLinear: an nn.Linear replacement that holds packed low-bit weights, plus the backend
+registry that decides how its matmul runs (reference, CPU packed, GPU Triton, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bitserve.kernels.packing import num_groups, packed_rows, unpack_rows
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W).T + b, with W stored as packed `bits`-bit codes, grouped scales and zeros.
+
+    Buffers (the checkpoint tensors): qweight int32 [words(K), N], qzeros int32 [G, words(N)],
+    scales fp16 [G, N], optional bias. Backends may add prepared tensors in `self.prepared`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        sym: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if bits not in (2, 3, 4, 8):
+            raise ValueError(f"unsupported bit width {bits} (choose 2, 3, 4 or 8)")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        groups = num_groups(in_features, group_size)
+        self.register_buffer(
+            "qweight",
+            torch.empty(packed_rows(in_features, bits), out_features, dtype=torch.int32, device=device),
+        )
+        self.register_buffer(
+            "qzeros",
+            torch.empty(groups, packed_rows(out_features, bits), dtype=torch.int32, device=device),
+        )
+        self.register_buffer(
+            "scales", torch.empty(groups, out_features, dtype=torch.float16, device=device)
+        )
+        self.bias: torch.Tensor | None
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, device=device))
+        else:
+            self.bias = None
+        self.backend = "reference"
+        self.prepared: dict[str, torch.Tensor] = {}
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked weight codes, uint8 [K, N]."""
+        return unpack_rows(self.qweight, self.bits, self.in_features)
+
+    def zero_codes(self) -> torch.Tensor:
+        """Unpacked zero points, uint8 [G, N]."""
+        return unpack_rows(self.qzeros.t().contiguous(), self.bits, self.out_features).t()
+
+    def bits_per_weight(self) -> float:
+        """Storage cost per weight, counting the fp16 scale and the packed zero of each group."""
+        groups = self.scales.shape[0]
+        total = self.bits * self.in_features * self.out_features + groups * self.out_features * (
+            16 + self.bits
+        )
+        return total / (self.in_features * self.out_features)
+
+    def set_backend(self, name: str | None = None) -> str:
+        """Pick a backend (the best supported one if `name` is None) and let it prepare once."""
+        backend = select_backend(self, name)
+        self.prepared = {}
+        backend.prepare(self)
+        self.backend = backend.name
+        return backend.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return BACKENDS[self.backend].forward(self, x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, backend={self.backend}"
+        )
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How one kind of kernel runs QuantLinear. `supports` returns None when it can run the
+    layer on its device, else the reason it cannot; `prepare` repacks once at load."""
+
+    name: str
+    priority: int
+    supports: Callable[[QuantLinear], str | None]
+    prepare: Callable[[QuantLinear], None]
+    forward: Callable[[QuantLinear, torch.Tensor], torch.Tensor]
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def select_backend(layer: QuantLinear, name: str | None = None) -> Backend:
+    """The named backend (checked), or the highest-priority backend that supports the layer."""
+    if name is not None and name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
+        reason = BACKENDS[name].supports(layer)
+        if reason is not None:
+            raise ValueError(f"backend {name!r} cannot run {layer.extra_repr()}: {reason}")
+        return BACKENDS[name]
+    for backend in sorted(BACKENDS.values(), key=lambda b: -b.priority):
+        if backend.supports(layer) is None:
+            return backend
+    raise RuntimeError("no backend supports this layer")  # reference supports everything

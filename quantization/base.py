@@ -1,0 +1,68 @@
+"""The interface every quantization method implements, and the registry of methods.
+
+A method quantizes one decoder block at a time: it gets the block in full precision, the
+linear layers to quantize, and (when it needs calibration) the block's captured inputs; it
+returns a QuantizedWeight per linear and may change other weights of the block (AWQ folds its
+scales into the preceding norm). The pipeline then swaps the block's weights for their
+dequantized values so that the next block is calibrated on the quantized model's activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitserve.quantization.grid import QuantizedWeight, QuantSpec
+
+# One captured call of a decoder block: positional args and keyword args.
+BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclass
+class BlockContext:
+    """Everything a method sees for one decoder block."""
+
+    index: int
+    block: nn.Module
+    linears: dict[str, nn.Linear]  # name relative to the block -> module
+    spec: QuantSpec
+    inputs: list[BlockCall] = field(default_factory=list)  # empty for data-free methods
+    args: dict[str, Any] = field(default_factory=dict)  # method-specific options
+    seed: int = 0
+
+    def run(self, call: BlockCall) -> torch.Tensor:
+        """Run the block on one captured call and return its hidden-state output."""
+        out = self.block(*call[0], **call[1])
+        return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass(frozen=True)
+class Method:
+    """A quantization method: its name, whether it needs calibration activations, the function
+    that quantizes one block, and its default method-specific options."""
+
+    name: str
+    needs_calibration: bool
+    quantize_block: Callable[[BlockContext], dict[str, QuantizedWeight]]
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        from bitserve.errors import UsageError
+
+        raise UsageError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

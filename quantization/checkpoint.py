@@ -1,0 +1,237 @@
+"""The packed checkpoint: write it atomically with a checksummed manifest, verify it, and load
+it straight into QuantLinear modules of a model built on the meta device (the fp32 model is
+never materialised). See docs/checkpoint-format.md for the layout."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from bitserve import __version__
+from bitserve.errors import (
+    ChecksumError,
+    CorruptFileError,
+    MissingTensorError,
+    NotACheckpointError,
+    ShapeMismatchError,
+    UnsupportedFormatError,
+)
+from bitserve.kernels import QuantLinear
+from bitserve.quantization.pipeline import set_module
+
+FORMAT = "bitserve-packed"
+FORMAT_VERSION = 1
+MANIFEST = "bitserve-manifest.json"
+WEIGHTS = "model.safetensors"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def layer_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per-layer format of every QuantLinear in the model, as the manifest records it."""
+    return {
+        name: {
+            "format": "int",
+            "bits": m.bits,
+            "group_size": m.group_size,
+            "sym": m.sym,
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+    }
+
+
+def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    quant_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, QuantLinear))
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue
+        if t.is_floating_point() and not (key.startswith(quant_prefixes) and key.endswith(".scales")):
+            t = t.to(torch.float16)
+        out[key] = t.detach().contiguous().cpu()
+    return out
+
+
+def save_checkpoint(
+    model: nn.Module, tokenizer: Any, out_dir: Path, manifest: dict[str, Any], force: bool = False
+) -> Path:
+    """Write model.safetensors, config.json (with quantization_config), the tokenizer and the
+    manifest into `out_dir`, via a temporary directory renamed into place."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"{out_dir} exists (pass --force to overwrite)")
+    tmp = out_dir.with_name(out_dir.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    layers = layer_entries(model)
+    quant = manifest.get("quantization", {})
+    config = model.config
+    config.quantization_config = {"quant_method": "bitserve", "format_version": FORMAT_VERSION, **quant}
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_file(_state_to_save(model), str(tmp / WEIGHTS), metadata={"format": "pt", "bitserve_format": str(FORMAT_VERSION)})
+    full = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "bitserve_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **manifest,
+        "layers": layers,
+        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(full, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def is_checkpoint(path: Path) -> bool:
+    return Path(path, MANIFEST).is_file()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not path.is_dir():
+        raise NotACheckpointError(f"{path}: not a directory")
+    if not mpath.is_file():
+        raise NotACheckpointError(f"{path}: not a bitserve checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{mpath}: manifest is not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise NotACheckpointError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{mpath}: format version {manifest.get('format_version')!r} is not supported "
+            f"(this bitserve reads version {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def update_manifest(path: Path, **fields: Any) -> dict[str, Any]:
+    """Add or replace top-level manifest fields (e.g. the quality report) in place."""
+    manifest = read_manifest(path)
+    manifest.update(fields)
+    tmp = Path(path, MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(Path(path, MANIFEST))
+    return manifest
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check the manifest and the SHA-256 of every file it lists; returns the manifest."""
+    manifest = read_manifest(path)
+    for name, digest in manifest.get("files", {}).items():
+        f = Path(path, name)
+        if not f.is_file():
+            raise MissingTensorError(f"{f}: file listed in the manifest is missing")
+        actual = sha256_file(f)
+        if actual != digest:
+            raise ChecksumError(f"{f}: SHA-256 mismatch (manifest {digest[:12]}…, file {actual[:12]}…): the file is corrupt or was modified")
+    return manifest
+
+
+@dataclass
+class Loaded:
+    """A model ready to run, its tokenizer, and the checkpoint manifest (None if unquantized)."""
+
+    model: nn.Module
+    tokenizer: Any
+    manifest: dict[str, Any] | None
+    path: Path
+
+
+def _meta_model(path: Path, manifest: dict[str, Any]) -> nn.Module:
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    for name, entry in manifest["layers"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CorruptFileError(f"{path / MANIFEST}: layer {name} does not exist in the model") from None
+        layer = QuantLinear(
+            entry["in_features"], entry["out_features"], entry["bits"], entry["group_size"],
+            entry.get("bias", False), entry.get("sym", False), device="meta",
+        )
+        set_module(model, name, layer)
+    return model
+
+
+def load_checkpoint(
+    path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto", verify: bool = True
+) -> Loaded:
+    """Load a packed checkpoint into QuantLinear modules, checking every tensor's presence and
+    shape against the model the config describes."""
+    path = Path(path)
+    manifest = verify_checkpoint(path) if verify else read_manifest(path)
+    model = _meta_model(path, manifest)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    wfile = path / WEIGHTS
+    if not wfile.is_file():
+        raise MissingTensorError(f"{wfile}: weights file is missing")
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(wfile), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            for key, shape in expected.items():
+                if key not in keys:
+                    raise MissingTensorError(f"{wfile}: missing tensor {key!r}")
+                got = tuple(f.get_slice(key).get_shape())
+                if got != shape:
+                    raise ShapeMismatchError(f"{wfile}: tensor {key!r} has shape {list(got)}, expected {list(shape)}")
+            extra = keys - set(expected)
+            if extra:
+                raise CorruptFileError(f"{wfile}: unexpected tensors {sorted(extra)[:3]}")
+            for key in expected:
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not key.endswith(".scales"):
+                    t = t.to(dtype)
+                state[key] = t.to(device)
+    except SafetensorError as e:
+        raise CorruptFileError(f"{wfile}: unreadable safetensors file ({e})") from None
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.to(device)
+    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if leftover:
+        raise MissingTensorError(f"{wfile}: no data for {leftover[:3]}")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.set_backend(backend)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return Loaded(model, tokenizer, manifest, path)

@@ -1,0 +1,144 @@
+"""Layer-by-layer quantization: capture the inputs of the first decoder block, then for each
+block let the method quantize its linears, swap in the dequantized weights and run the block to
+get the next block's inputs. Only one block's activations are live at a time."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bitserve.errors import UsageError
+from bitserve.kernels import QuantLinear
+from bitserve.kernels.packing import pack_rows
+from bitserve.quantization.base import BlockCall, BlockContext, Method
+from bitserve.quantization.grid import QuantizedWeight, QuantSpec, quantize_rtn
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks (the ModuleList with num_hidden_layers entries)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise UsageError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def block_prefix(model: nn.Module) -> str:
+    blocks = decoder_blocks(model)
+    for name, module in model.named_modules():
+        if module is blocks:
+            return name
+    raise AssertionError("unreachable")
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside one decoder block, by name relative to the block."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def capture_block_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> list[BlockCall]:
+    """Run the model up to its first decoder block on `ids` [n, L]; return the block's calls."""
+    first = decoder_blocks(model)[0]
+    calls: list[BlockCall] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append((args, kwargs))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], batch_size):
+                try:
+                    model(input_ids=ids[start : start + batch_size], use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return calls
+
+
+def _with_hidden(call: BlockCall, hidden: torch.Tensor) -> BlockCall:
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def quantize_model(
+    model: nn.Module,
+    method: Method,
+    spec: QuantSpec,
+    calib_ids: torch.Tensor | None,
+    args: dict[str, Any] | None = None,
+    seed: int = 0,
+    lm_head: bool = False,
+    progress: bool = True,
+) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+    """Quantize every linear of every decoder block (and lm_head if asked) in place.
+
+    Returns the quantized weights by full module name, and per-block wall times. The model's
+    linears are left holding their dequantized values (a fake-quantized model)."""
+    if method.needs_calibration and calib_ids is None:
+        raise UsageError(f"method {method.name!r} needs calibration data")
+    options = {**method.defaults, **(args or {})}
+    blocks = decoder_blocks(model)
+    prefix = block_prefix(model)
+    calls = capture_block_inputs(model, calib_ids) if method.needs_calibration else []
+    result: dict[str, QuantizedWeight] = {}
+    times: dict[str, float] = {}
+    torch.manual_seed(seed)
+    bar = tqdm(list(enumerate(blocks)), desc=f"{method.name} {spec.label()}", unit="block", disable=not progress)
+    for i, block in bar:
+        t0 = time.perf_counter()
+        ctx = BlockContext(i, block, block_linears(block), spec, calls, options, seed)
+        quantized = method.quantize_block(ctx)
+        with torch.no_grad():
+            for name, qw in quantized.items():
+                lin = ctx.linears[name]
+                lin.weight.data = qw.dequantize().to(lin.weight.dtype)
+                result[f"{prefix}.{i}.{name}"] = qw
+            if calls and i + 1 < len(blocks):
+                calls = [_with_hidden(c, ctx.run(c)) for c in calls]
+        times[f"{prefix}.{i}"] = time.perf_counter() - t0
+    if lm_head:
+        head = model.get_output_embeddings()
+        qw = quantize_rtn(head.weight.data, spec)
+        head.weight = nn.Parameter(qw.dequantize().to(head.weight.dtype), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        result["lm_head"] = qw
+    return result, times
+
+
+def to_quant_linear(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
+    """Pack one QuantizedWeight into a QuantLinear (reference backend)."""
+    k, n = qw.q.shape
+    layer = QuantLinear(k, n, qw.spec.bits, qw.spec.group_size, bias is not None, qw.spec.sym)
+    layer.qweight = pack_rows(qw.q, qw.spec.bits)
+    layer.qzeros = pack_rows(qw.zeros.t().contiguous(), qw.spec.bits).t().contiguous()
+    layer.scales = qw.scales.half()
+    if bias is not None:
+        layer.bias = bias.detach().clone()
+    return layer
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def swap_in_quant_linears(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> nn.Module:
+    """Replace each quantized nn.Linear by its packed QuantLinear (the in-memory quantized model)."""
+    for name, qw in quantized.items():
+        lin = model.get_submodule(name)
+        set_module(model, name, to_quant_linear(qw, getattr(lin, "bias", None)))
+    return model

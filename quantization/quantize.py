@@ -1,0 +1,62 @@
+"""From a source model to a packed checkpoint on disk: load, calibrate, quantize layer by layer,
+swap in QuantLinear, save with a manifest."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitserve.models import load_model, source_hash
+from bitserve.quantization.base import get_method
+from bitserve.quantization.calibration import file_calibration, generated_calibration
+from bitserve.quantization.checkpoint import save_checkpoint
+from bitserve.quantization.grid import QuantSpec
+from bitserve.quantization.pipeline import quantize_model, swap_in_quant_linears
+
+DEFAULT_METHOD = "rtn"
+
+
+def quantize_to_checkpoint(
+    src: str | Path,
+    out: Path,
+    method: str = DEFAULT_METHOD,
+    spec: QuantSpec = QuantSpec(4, 128),
+    calib: Path | None = None,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    lm_head: bool = False,
+    method_args: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Quantize `src` (HF folder, .gguf or 'default') with `method` and write the checkpoint."""
+    m = get_method(method)
+    t0 = time.perf_counter()
+    loaded = load_model(src)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    calib_ids, calib_info = None, None
+    if m.needs_calibration:
+        if calib is not None:
+            calib_ids, calib_info = file_calibration(tokenizer, calib, nsamples, seqlen, seed)
+        else:
+            calib_ids, calib_info = generated_calibration(model, tokenizer, nsamples, seqlen, seed)
+    options = {**m.defaults, **(method_args or {})}
+    with torch.no_grad():
+        quantized, block_times = quantize_model(
+            model, m, spec, calib_ids, options, seed=seed, lm_head=lm_head, progress=progress
+        )
+        swap_in_quant_linears(model, quantized)
+    wall = time.perf_counter() - t0
+    manifest = {
+        "method": {"name": m.name, "args": options, "seed": seed, "wall_time_s": round(wall, 2)},
+        "quantization": {**asdict(spec), "method": m.name, "lm_head": lm_head},
+        "calibration": calib_info,
+        "source": {"path": str(loaded.path), "sha256": source_hash(loaded.path)},
+        "quality": None,
+    }
+    return save_checkpoint(model, tokenizer, out, manifest, force=force)

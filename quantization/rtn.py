@@ -1,0 +1,20 @@
+"""Round-to-nearest: min/max group ranges, no calibration. The floor other methods must beat."""
+
+from __future__ import annotations
+
+from bitserve.quantization.base import BlockContext, Method, register_method
+from bitserve.quantization.grid import QuantizedWeight, quantize_rtn
+
+
+def quantize_block(ctx: BlockContext) -> dict[str, QuantizedWeight]:
+    return {name: quantize_rtn(lin.weight.data, ctx.spec) for name, lin in ctx.linears.items()}
+
+
+METHOD = register_method(
+    Method(
+        name="rtn",
+        needs_calibration=False,
+        quantize_block=quantize_block,
+        description="round-to-nearest on min/max group ranges (no calibration)",
+    )
+)
