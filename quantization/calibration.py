@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from bitserve.errors import UsageError
 
@@ -48,12 +48,17 @@ def file_calibration(
 
 @torch.no_grad()
 def generated_calibration(
-    model: nn.Module, tokenizer: Any, nsamples: int, seqlen: int, seed: int, batch_size: int = 16
+    model: PreTrainedModel,
+    tokenizer: Any,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    batch_size: int = 16,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Data-free calibration: the model samples `nsamples` sequences of `seqlen` tokens from its
     BOS token (temperature 1, top-k 50), each starting from a random first token."""
     gen = torch.Generator().manual_seed(seed)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = int(model.config.vocab_size)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
     out = []
     for start in range(0, nsamples, batch_size):
@@ -61,7 +66,7 @@ def generated_calibration(
         first = torch.randint(0, vocab, (n, 1), generator=gen)
         ids = torch.cat([torch.full((n, 1), bos), first], dim=1)
         torch.manual_seed(seed + start)
-        seqs = model.generate(
+        seqs = model.generate(  # type: ignore[operator]
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             do_sample=True,

@@ -9,16 +9,20 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from bitserve.kernels import QuantLinear
+from bitserve.kernels.bcq_linear import bcq_from_entry
+from bitserve.quantization.pipeline import set_module
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from bitserve import __version__
 from bitserve.errors import (
@@ -29,8 +33,6 @@ from bitserve.errors import (
     ShapeMismatchError,
     UnsupportedFormatError,
 )
-from bitserve.kernels import QuantLinear
-from bitserve.quantization.pipeline import set_module
 
 FORMAT = "bitserve-packed"
 FORMAT_VERSION = 1
@@ -46,38 +48,52 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def layer_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per-layer format of every QuantLinear in the model, as the manifest records it."""
+def _int_layer(entry: dict[str, Any], device: str) -> nn.Module:
+    return QuantLinear(
+        entry["in_features"],
+        entry["out_features"],
+        entry["bits"],
+        entry["group_size"],
+        entry.get("bias", False),
+        entry.get("sym", False),
+        device=device,
+    )
+
+
+# Manifest layer "format" -> constructor of an empty module (on `device`) that loads it. A
+# quantized module exposes manifest_entry() -> dict with at least "format".
+LAYER_FORMATS: dict[str, Callable[[dict[str, Any], str], nn.Module]] = {"int": _int_layer}
+LAYER_FORMATS["bcq"] = bcq_from_entry
+
+
+def layer_entries(model: PreTrainedModel) -> dict[str, dict[str, Any]]:
+    """Per-layer format of every quantized module in the model, as the manifest records it."""
     return {
-        name: {
-            "format": "int",
-            "bits": m.bits,
-            "group_size": m.group_size,
-            "sym": m.sym,
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "bias": m.bias is not None,
-        }
+        name: m.manifest_entry()
         for name, m in model.named_modules()
-        if isinstance(m, QuantLinear)
+        if callable(getattr(m, "manifest_entry", None))
     }
 
 
-def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+def _state_to_save(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """State dict in 16 bits (fp16 for float tensors), the tied lm_head left out."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    quant_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, QuantLinear))
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
         if tied and key == "lm_head.weight":
             continue
-        if t.is_floating_point() and not (key.startswith(quant_prefixes) and key.endswith(".scales")):
+        if t.is_floating_point():
             t = t.to(torch.float16)
         out[key] = t.detach().contiguous().cpu()
     return out
 
 
 def save_checkpoint(
-    model: nn.Module, tokenizer: Any, out_dir: Path, manifest: dict[str, Any], force: bool = False
+    model: PreTrainedModel,
+    tokenizer: Any,
+    out_dir: Path,
+    manifest: dict[str, Any],
+    force: bool = False,
 ) -> Path:
     """Write model.safetensors, config.json (with quantization_config), the tokenizer and the
     manifest into `out_dir`, via a temporary directory renamed into place."""
@@ -90,10 +106,18 @@ def save_checkpoint(
     layers = layer_entries(model)
     quant = manifest.get("quantization", {})
     config = model.config
-    config.quantization_config = {"quant_method": "bitserve", "format_version": FORMAT_VERSION, **quant}
+    config.quantization_config = {
+        "quant_method": "bitserve",
+        "format_version": FORMAT_VERSION,
+        **quant,
+    }
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    save_file(_state_to_save(model), str(tmp / WEIGHTS), metadata={"format": "pt", "bitserve_format": str(FORMAT_VERSION)})
+    save_file(
+        _state_to_save(model),
+        str(tmp / WEIGHTS),
+        metadata={"format": "pt", "bitserve_format": str(FORMAT_VERSION)},
+    )
     full = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -127,7 +151,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptFileError(f"{mpath}: manifest is not valid JSON ({e})") from None
     if manifest.get("format") != FORMAT:
-        raise NotACheckpointError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise NotACheckpointError(
+            f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT!r}"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UnsupportedFormatError(
             f"{mpath}: format version {manifest.get('format_version')!r} is not supported "
@@ -155,21 +181,31 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise MissingTensorError(f"{f}: file listed in the manifest is missing")
         actual = sha256_file(f)
         if actual != digest:
-            raise ChecksumError(f"{f}: SHA-256 mismatch (manifest {digest[:12]}…, file {actual[:12]}…): the file is corrupt or was modified")
+            raise ChecksumError(
+                f"{f}: SHA-256 mismatch (manifest {digest[:12]}…, file {actual[:12]}…): the file is corrupt or was modified"
+            )
     return manifest
+
+
+def set_backends(model: nn.Module, backend: str = "auto") -> None:
+    """Let every quantized module pick (and prepare) its kernel backend."""
+    for m in model.modules():
+        setter = getattr(m, "set_backend", None)
+        if callable(setter):
+            setter(backend)
 
 
 @dataclass
 class Loaded:
     """A model ready to run, its tokenizer, and the checkpoint manifest (None if unquantized)."""
 
-    model: nn.Module
+    model: PreTrainedModel
     tokenizer: Any
     manifest: dict[str, Any] | None
     path: Path
 
 
-def _meta_model(path: Path, manifest: dict[str, Any]) -> nn.Module:
+def _meta_model(path: Path, manifest: dict[str, Any]) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -179,17 +215,24 @@ def _meta_model(path: Path, manifest: dict[str, Any]) -> nn.Module:
         try:
             model.get_submodule(name)
         except AttributeError:
-            raise CorruptFileError(f"{path / MANIFEST}: layer {name} does not exist in the model") from None
-        layer = QuantLinear(
-            entry["in_features"], entry["out_features"], entry["bits"], entry["group_size"],
-            entry.get("bias", False), entry.get("sym", False), device="meta",
-        )
-        set_module(model, name, layer)
+            raise CorruptFileError(
+                f"{path / MANIFEST}: layer {name} does not exist in the model"
+            ) from None
+        fmt = entry.get("format")
+        if fmt not in LAYER_FORMATS:
+            raise UnsupportedFormatError(
+                f"{path / MANIFEST}: layer {name} has unknown format {fmt!r}"
+            )
+        set_module(model, name, LAYER_FORMATS[fmt](entry, "meta"))
     return model
 
 
 def load_checkpoint(
-    path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto", verify: bool = True
+    path: Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    verify: bool = True,
 ) -> Loaded:
     """Load a packed checkpoint into QuantLinear modules, checking every tensor's presence and
     shape against the model the config describes."""
@@ -197,7 +240,12 @@ def load_checkpoint(
     manifest = verify_checkpoint(path) if verify else read_manifest(path)
     model = _meta_model(path, manifest)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    expected = {
+        k: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if not (tied and k == "lm_head.weight")
+    }
+    quant_prefixes = tuple(f"{name}." for name in manifest["layers"])
     wfile = path / WEIGHTS
     if not wfile.is_file():
         raise MissingTensorError(f"{wfile}: weights file is missing")
@@ -210,13 +258,18 @@ def load_checkpoint(
                     raise MissingTensorError(f"{wfile}: missing tensor {key!r}")
                 got = tuple(f.get_slice(key).get_shape())
                 if got != shape:
-                    raise ShapeMismatchError(f"{wfile}: tensor {key!r} has shape {list(got)}, expected {list(shape)}")
+                    raise ShapeMismatchError(
+                        f"{wfile}: tensor {key!r} has shape {list(got)}, expected {list(shape)}"
+                    )
             extra = keys - set(expected)
             if extra:
                 raise CorruptFileError(f"{wfile}: unexpected tensors {sorted(extra)[:3]}")
             for key in expected:
                 t = f.get_tensor(key)
-                if t.is_floating_point() and not key.endswith(".scales"):
+                # Quantized modules keep their stored 16-bit scales; everything else runs in dtype.
+                if t.is_floating_point() and (
+                    not key.startswith(quant_prefixes) or key.endswith(".bias")
+                ):
                     t = t.to(dtype)
                 state[key] = t.to(device)
     except SafetensorError as e:
@@ -225,13 +278,13 @@ def load_checkpoint(
     del state
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    model.to(device)
-    leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    model.to(device)  # type: ignore[arg-type]
+    leftover = [
+        n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta
+    ]
     if leftover:
         raise MissingTensorError(f"{wfile}: no data for {leftover[:3]}")
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.set_backend(backend)
+    set_backends(model, backend)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return Loaded(model, tokenizer, manifest, path)

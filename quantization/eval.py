@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from bitserve.quantization.calibration import read_text
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from bitserve.errors import UsageError
-from bitserve.quantization.calibration import read_text
 
 
 def eval_windows(tokenizer: Any, path: Path, seqlen: int, max_windows: int | None) -> torch.Tensor:
@@ -30,7 +30,7 @@ def eval_windows(tokenizer: Any, path: Path, seqlen: int, max_windows: int | Non
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: Any,
     path: Path,
     seqlen: int = 512,
@@ -43,10 +43,14 @@ def perplexity(
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     t0 = time.perf_counter()
-    for start in tqdm(range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=not progress):
+    for start in tqdm(
+        range(0, len(windows), batch_size), desc="perplexity", unit="batch", disable=not progress
+    ):
         ids = windows[start : start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
         nll += loss.item()
         count += ids[:, 1:].numel()
     return {

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from bitserve.kernels.packing import dequantize, group_index, num_groups
+from bitserve.kernels import QuantLinear
+from bitserve.kernels.packing import dequantize, group_index, num_groups, pack_rows
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,27 @@ class QuantizedWeight:
         """Weight [N, K] in float32, exactly as every backend must reproduce it."""
         return dequantize(self.q, self.scales, self.zeros, self.spec.group_size)
 
+    def to_module(self, bias: torch.Tensor | None = None) -> QuantLinear:
+        """Pack into a QuantLinear (reference backend) holding these codes."""
+        k, n = self.q.shape
+        layer = QuantLinear(
+            k, n, self.spec.bits, self.spec.group_size, bias is not None, self.spec.sym
+        )
+        layer.qweight = pack_rows(self.q, self.spec.bits)
+        layer.qzeros = pack_rows(self.zeros.t().contiguous(), self.spec.bits).t().contiguous()
+        layer.scales = self.scales.half()
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
 
 def params_from_range(
     wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (rounded to fp16, returned as float32) and integer zero point for a value range."""
+    """Scale (rounded to fp16, returned as float32) and integer zero point for a value range.
+
+    The range is widened to include 0 so that the zero point is a code in [0, maxq]."""
+    wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
     if spec.sym:
         amax = torch.maximum(wmin.abs(), wmax.abs())
         scale = amax / ((spec.maxq + 1) / 2 - 0.5)
@@ -95,6 +111,8 @@ def quantize_rtn(
     return quantize_to_grid(w, scales, zeros, spec)
 
 
-def fake_quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0
+) -> torch.Tensor:
     """quantize_rtn then dequantize: the weight a W{bits} model will actually use."""
     return quantize_rtn(w, spec, clip).dequantize().to(w.dtype)

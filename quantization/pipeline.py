@@ -4,25 +4,25 @@ get the next block's inputs. Only one block's activations are live at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import torch
+from bitserve.quantization.base import BlockCall, BlockContext, Method, Quantized
+from bitserve.quantization.grid import QuantSpec, quantize_rtn
 from torch import nn
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from bitserve.errors import UsageError
-from bitserve.kernels import QuantLinear
-from bitserve.kernels.packing import pack_rows
-from bitserve.quantization.base import BlockCall, BlockContext, Method
-from bitserve.quantization.grid import QuantizedWeight, QuantSpec, quantize_rtn
 
 
 class _StopForward(Exception):
     pass
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+def decoder_blocks(model: PreTrainedModel) -> nn.ModuleList:
     """The model's list of decoder blocks (the ModuleList with num_hidden_layers entries)."""
     n = getattr(model.config, "num_hidden_layers", None)
     for module in model.modules():
@@ -31,7 +31,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     raise UsageError(f"cannot find the decoder blocks of {type(model).__name__}")
 
 
-def block_prefix(model: nn.Module) -> str:
+def block_prefix(model: PreTrainedModel) -> str:
     blocks = decoder_blocks(model)
     for name, module in model.named_modules():
         if module is blocks:
@@ -44,7 +44,9 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
-def capture_block_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int = 8) -> list[BlockCall]:
+def capture_block_inputs(
+    model: PreTrainedModel, ids: torch.Tensor, batch_size: int = 8
+) -> list[BlockCall]:
     """Run the model up to its first decoder block on `ids` [n, L]; return the block's calls."""
     first = decoder_blocks(model)[0]
     calls: list[BlockCall] = []
@@ -57,10 +59,8 @@ def capture_block_inputs(model: nn.Module, ids: torch.Tensor, batch_size: int = 
     try:
         with torch.no_grad():
             for start in range(0, ids.shape[0], batch_size):
-                try:
+                with contextlib.suppress(_StopForward):
                     model(input_ids=ids[start : start + batch_size], use_cache=False)
-                except _StopForward:
-                    pass
     finally:
         handle.remove()
     return calls
@@ -74,7 +74,7 @@ def _with_hidden(call: BlockCall, hidden: torch.Tensor) -> BlockCall:
 
 
 def quantize_model(
-    model: nn.Module,
+    model: PreTrainedModel,
     method: Method,
     spec: QuantSpec,
     calib_ids: torch.Tensor | None,
@@ -82,7 +82,7 @@ def quantize_model(
     seed: int = 0,
     lm_head: bool = False,
     progress: bool = True,
-) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+) -> tuple[dict[str, Quantized], dict[str, float]]:
     """Quantize every linear of every decoder block (and lm_head if asked) in place.
 
     Returns the quantized weights by full module name, and per-block wall times. The model's
@@ -92,11 +92,16 @@ def quantize_model(
     options = {**method.defaults, **(args or {})}
     blocks = decoder_blocks(model)
     prefix = block_prefix(model)
-    calls = capture_block_inputs(model, calib_ids) if method.needs_calibration else []
-    result: dict[str, QuantizedWeight] = {}
+    calls = capture_block_inputs(model, calib_ids) if calib_ids is not None else []
+    result: dict[str, Quantized] = {}
     times: dict[str, float] = {}
     torch.manual_seed(seed)
-    bar = tqdm(list(enumerate(blocks)), desc=f"{method.name} {spec.label()}", unit="block", disable=not progress)
+    bar = tqdm(
+        list(enumerate(blocks)),
+        desc=f"{method.name} {spec.label()}",
+        unit="block",
+        disable=not progress,
+    )
     for i, block in bar:
         t0 = time.perf_counter()
         ctx = BlockContext(i, block, block_linears(block), spec, calls, options, seed)
@@ -118,27 +123,17 @@ def quantize_model(
     return result, times
 
 
-def to_quant_linear(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
-    """Pack one QuantizedWeight into a QuantLinear (reference backend)."""
-    k, n = qw.q.shape
-    layer = QuantLinear(k, n, qw.spec.bits, qw.spec.group_size, bias is not None, qw.spec.sym)
-    layer.qweight = pack_rows(qw.q, qw.spec.bits)
-    layer.qzeros = pack_rows(qw.zeros.t().contiguous(), qw.spec.bits).t().contiguous()
-    layer.scales = qw.scales.half()
-    if bias is not None:
-        layer.bias = bias.detach().clone()
-    return layer
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: PreTrainedModel, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
-def swap_in_quant_linears(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> nn.Module:
-    """Replace each quantized nn.Linear by its packed QuantLinear (the in-memory quantized model)."""
+def swap_in_quant_linears(model: PreTrainedModel, quantized: dict[str, Quantized]) -> nn.Module:
+    """Replace each quantized nn.Linear by its packed module (the in-memory quantized model).
+
+    Any result type with dequantize() and to_module(bias) works (e.g. BCQ's)."""
     for name, qw in quantized.items():
         lin = model.get_submodule(name)
-        set_module(model, name, to_quant_linear(qw, getattr(lin, "bias", None)))
+        set_module(model, name, qw.to_module(getattr(lin, "bias", None)))
     return model

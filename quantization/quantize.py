@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from bitserve.models import load_model, source_hash
 from bitserve.quantization.base import get_method
 from bitserve.quantization.calibration import file_calibration, generated_calibration
 from bitserve.quantization.checkpoint import save_checkpoint
 from bitserve.quantization.grid import QuantSpec
 from bitserve.quantization.pipeline import quantize_model, swap_in_quant_linears
+
+from bitserve.errors import UsageError
+from bitserve.models import load_model, source_hash
 
 DEFAULT_METHOD = "rtn"
 
@@ -24,7 +25,7 @@ def quantize_to_checkpoint(
     src: str | Path,
     out: Path,
     method: str = DEFAULT_METHOD,
-    spec: QuantSpec = QuantSpec(4, 128),
+    spec: QuantSpec | None = None,
     calib: Path | None = None,
     nsamples: int = 128,
     seqlen: int = 512,
@@ -34,8 +35,16 @@ def quantize_to_checkpoint(
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Quantize `src` (HF folder, .gguf or 'default') with `method` and write the checkpoint."""
+    """Quantize `src` (HF folder, .gguf or 'default') with `method` (W4 g128 unless `spec`) and
+    write the checkpoint."""
+    spec = spec or QuantSpec(4, 128)
     m = get_method(method)
+    unknown = sorted(set(method_args or {}) - set(m.defaults))
+    if unknown:
+        accepted = ", ".join(sorted(m.defaults)) or "none"
+        raise UsageError(f"method {m.name!r} has no option {unknown[0]!r} (accepted: {accepted})")
+    if Path(out).exists() and not force:
+        raise UsageError(f"{out} exists (pass --force to overwrite)")
     t0 = time.perf_counter()
     loaded = load_model(src)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -53,7 +62,9 @@ def quantize_to_checkpoint(
         swap_in_quant_linears(model, quantized)
     wall = time.perf_counter() - t0
     manifest = {
-        "method": {"name": m.name, "args": options, "seed": seed, "wall_time_s": round(wall, 2)},
+        "method": {"name": m.name, "args": options, "seed": seed, "wall_time_s": round(wall, 2),
+            "blocks_wall_time_s": round(sum(block_times.values()), 2),
+        },
         "quantization": {**asdict(spec), "method": m.name, "lm_head": lm_head},
         "calibration": calib_info,
         "source": {"path": str(loaded.path), "sha256": source_hash(loaded.path)},

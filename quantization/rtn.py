@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from bitserve.quantization.base import BlockContext, Method, register_method
-from bitserve.quantization.grid import QuantizedWeight, quantize_rtn
+from bitserve.quantization.base import BlockContext, Method, Quantized, register_method
+from bitserve.quantization.grid import quantize_rtn
 
 
-def quantize_block(ctx: BlockContext) -> dict[str, QuantizedWeight]:
+def quantize_block(ctx: BlockContext) -> dict[str, Quantized]:
     return {name: quantize_rtn(lin.weight.data, ctx.spec) for name, lin in ctx.linears.items()}
 
 

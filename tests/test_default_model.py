@@ -1,0 +1,67 @@
+"""End-to-end on the embedded default model (SmolLM2-135M-Instruct): quality of RTN on
+WikiText-2 test, a greedy chat answer, and save/load fidelity. Slow: run in CI."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitserve.models import fetch_default, load_model
+from bitserve.quantization import get_method
+from bitserve.quantization.checkpoint import load_checkpoint
+from bitserve.quantization.eval import perplexity
+from bitserve.quantization.grid import QuantSpec
+from bitserve.quantization.pipeline import quantize_model, swap_in_quant_linears
+from bitserve.quantization.quantize import quantize_to_checkpoint
+
+pytestmark = pytest.mark.slow
+TEST_TXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/test.txt"
+
+
+@pytest.fixture(scope="module")
+def default_src() -> Path:
+    return fetch_default()
+
+
+@pytest.fixture(scope="module")
+def w4(default_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("default") / "w4g128"
+    return quantize_to_checkpoint(default_src, out, "rtn", QuantSpec(4, 128), progress=False)
+
+
+def test_w4_chat_answer_contains_paris(w4: Path) -> None:
+    loaded = load_checkpoint(w4)
+    tok = loaded.tokenizer
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = loaded.model.generate(**enc, max_new_tokens=16, do_sample=False)
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1] :])
+
+
+def test_w4_save_load_equals_in_memory(default_src: Path, w4: Path) -> None:
+    model = load_model(default_src).model
+    quantized, _ = quantize_model(model, get_method("rtn"), QuantSpec(4, 128), None, progress=False)
+    swap_in_quant_linears(model, quantized)
+    for p in model.parameters():
+        p.data = p.data.half().float()
+    ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_checkpoint(w4, backend="reference").model(ids).logits,
+            model(ids).logits,
+            rtol=1e-3,
+            atol=1e-3,
+        )
+
+
+@pytest.mark.skipif(not TEST_TXT.is_file(), reason="WikiText-2 not available (../shared)")
+def test_rtn_perplexity_on_wikitext(default_src: Path, w4: Path, tmp_path: Path) -> None:
+    def ppl(path: Path) -> float:
+        loaded = load_model(path)
+        return perplexity(loaded.model, loaded.tokenizer, TEST_TXT, 512, 40, progress=False)["perplexity"]
+
+    fp = ppl(default_src)
+    assert 20 < fp < 30  # reference: 25.6
+    assert ppl(w4) < fp * 1.27
+    w8 = quantize_to_checkpoint(default_src, tmp_path / "w8", "rtn", QuantSpec(8, -1), progress=False)
+    assert ppl(w8) < fp * 1.01
