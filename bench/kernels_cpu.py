@@ -1,0 +1,121 @@
+"""CPU kernel benchmark: the cpu QuantLinear backend vs an fp32 nn.Linear of the same shape, per
+layer shape of the default model and M, plus greedy decode tokens/s of the default model W4 vs
+the unquantized one. Ratios are against baselines measured in the same run, interleaved.
+
+    .venv/bin/python bench/kernels_cpu.py [--e2e-tokens 64] [--skip-e2e]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+
+from bitserve.kernels import QuantLinear
+from bitserve.quantization.grid import QuantSpec, quantize_rtn
+
+# (name, K, N) of the default model (SmolLM2-135M): attention, KV, MLP up/gate, MLP down, lm_head.
+SHAPES = [
+    ("q/o_proj", 576, 576),
+    ("k/v_proj", 576, 192),
+    ("gate/up", 576, 1536),
+    ("down", 1536, 576),
+    ("lm_head", 576, 49152),
+]
+MS = (1, 4, 16, 64)
+SPECS = [QuantSpec(4, 128), QuantSpec(8, -1), QuantSpec(3, 128)]
+
+
+def _once(fn: Callable[[], object], budget_s: float) -> float:
+    """Seconds per call of fn, averaged over enough calls to fill about budget_s."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-6)
+    n = max(1, int(budget_s / one))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def interleaved(
+    fns: list[Callable[[], object]], rounds: int = 5, budget_s: float = 0.05
+) -> list[float]:
+    """Median time of each fn, measured round-robin so load changes hit all of them alike."""
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            samples[i].append(_once(fn, budget_s))
+    return [statistics.median(s) for s in samples]
+
+
+def layer_table() -> list[str]:
+    """Markdown rows: shape, M, fp32 time, then per spec time and speed-up over fp32."""
+    header = "| layer | K x N | M | fp32 Linear us | " + " | ".join(
+        f"{s.label()} us (x fp32)" for s in SPECS
+    )
+    rows = [header + " |", "|" + "---|" * (4 + len(SPECS))]
+    torch.manual_seed(0)
+    for name, k, n in SHAPES:
+        dense = nn.Linear(k, n, bias=False).eval()
+        quant: list[QuantLinear] = []
+        for spec in SPECS:
+            layer = quantize_rtn(dense.weight.detach(), spec).to_module()
+            assert layer.set_backend() == "cpu"
+            quant.append(layer)
+        for m in MS:
+            x = torch.randn(m, k)
+            with torch.inference_mode():
+                times = interleaved([partial(mod, x) for mod in [dense, *quant]])
+            cells = " | ".join(f"{t * 1e6:.0f} ({times[0] / t:.2f}x)" for t in times[1:])
+            rows.append(f"| {name} | {k}x{n} | {m} | {times[0] * 1e6:.0f} | {cells} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def decode_tps(src: str, tokens: int, rounds: int = 3) -> float:
+    """Greedy decode tokens/s at batch 1 with HF generate (median of rounds)."""
+    from bitserve.models import load_model
+
+    loaded = load_model(src)
+    tok = loaded.tokenizer
+    ids = tok("The history of the city begins", return_tensors="pt")
+    rates = []
+    with torch.inference_mode():
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            out = loaded.model.generate(
+                **ids,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=tok.eos_token_id,
+            )
+            dt = time.perf_counter() - t0
+            rates.append((out.shape[1] - ids["input_ids"].shape[1]) / dt)
+    return statistics.median(rates)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--e2e-tokens", type=int, default=64)
+    ap.add_argument("--checkpoint", default="checkpoints/rtn-w4g128")
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    layer_table()
+    if not args.skip_e2e:
+        base = decode_tps("default", args.e2e_tokens)
+        w4 = decode_tps(args.checkpoint, args.e2e_tokens)
+        print(f"\ndecode batch 1, {args.e2e_tokens} new tokens, greedy, HF generate:")
+        print(f"fp32 model {base:.1f} tok/s; {args.checkpoint} {w4:.1f} tok/s ({w4 / base:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""GPU kernel benchmark for the Triton QuantLinear backend: correctness against the reference
+backend first, then timing in CUDA graphs over rotating weight copies (weights come from HBM, not
+L2) against fp16 cuBLAS and torch's int4 tinygemm, with the byte limit of each (bytes moved /
+measured copy bandwidth); then decode tokens/s of a random-init Llama-3-8B-shaped model, W4 g128
+vs fp16, at batch 1 and 16 through a minimal static-cache decode step captured in a CUDA graph.
+
+    python bench/kernels_gpu.py [--skip-check] [--skip-e2e] [--e2e-layers 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bitserve.kernels import QuantLinear, triton_int
+from bitserve.kernels.packing import num_groups, pack_rows
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+MS = (1, 16, 64, 256, 1024)
+ROTATE_BYTES = 256 << 20  # rotating copies of at least this many bytes in all: well beyond L2
+DEVICE = "cuda"
+
+
+def random_layer(k: int, n: int, bits: int, group: int, sym: bool, device: str) -> QuantLinear:
+    """A QuantLinear with random codes, scales and zeros, packed like a checkpoint."""
+    g = num_groups(k, group)
+    q = torch.randint(0, 1 << bits, (k, n), dtype=torch.uint8)
+    z = torch.full((g, n), 1 << (bits - 1)) if sym else torch.randint(0, 1 << bits, (g, n))
+    layer = QuantLinear(k, n, bits, group, sym=sym)
+    layer.qweight = pack_rows(q, bits)
+    layer.qzeros = pack_rows(z.t().contiguous(), bits).t().contiguous()
+    layer.scales = (torch.rand(g, n) * 0.02 + 0.005).half()
+    return layer.to(device)
+
+
+def synthetic_layer(k: int, n: int, bits: int, group: int, device: str) -> QuantLinear:
+    """A layer in the Triton backend's prepared layout filled with random words (speed does not
+    depend on values; repacking a 235M-weight layer through pack_rows would take minutes)."""
+    layer = QuantLinear(k, n, bits, group, device="meta")
+    k_pad = math.ceil(k / triton_int.K_ALIGN) * triton_int.K_ALIGN
+    g = num_groups(k, group)
+
+    def words(b: int) -> torch.Tensor:
+        return torch.randint(
+            -(2**31), 2**31 - 1, (k_pad * b // 32, n), dtype=torch.int32, device=device
+        )
+
+    layer.prepared = {"qweight": words(2 if bits == 3 else bits)}
+    if bits == 3:
+        layer.prepared["qhigh"] = words(1)
+    layer.prepared["scales"] = (torch.rand(g, n, device=device) * 0.02 + 0.005).half()
+    layer.prepared["zeros"] = torch.full((g, n), 1 << (bits - 1), device=device).half()
+    layer.backend = "triton"
+    return layer
+
+
+def decode_prepared_w4(layer: QuantLinear) -> torch.Tensor:
+    """Weight [N, K] fp16 decoded from the prepared 4-bit layout with plain torch ops."""
+    w = layer.prepared["qweight"]
+    shifts = (torch.arange(8, device=w.device) * 4).view(1, 8, 1)
+    q = ((w[:, None, :] >> shifts) & 15).reshape(-1, w.shape[1])[: layer.in_features]
+    g = torch.arange(layer.in_features, device=w.device) // layer.group_size
+    s, z = layer.prepared["scales"].float()[g], layer.prepared["zeros"].float()[g]
+    return ((q.float() - z) * s).t().half().contiguous()
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+def check_correctness() -> bool:
+    """Every bit width, group size, sym/asym and M regime against the reference backend."""
+    ok = True
+    print("## correctness vs reference backend (K=576 -> short last group for g128; N=1000)")
+    print("| bits | group | sym | M | dtype | config | rel err |")
+    print("|---|---|---|---|---|---|---|")
+    torch.manual_seed(0)
+    for bits in (2, 3, 4, 8):
+        for group in (32, 64, 128, -1):
+            sym = group in (64, -1)
+            layer = random_layer(576, 1000, bits, group, sym, DEVICE)
+            layer.set_backend("reference")
+            triton_int.BACKEND.prepare(layer)
+            runs = [(1, torch.float16), (64, torch.float16)]
+            if bits == 4 or group == 128:
+                runs += [(16, torch.float16), (300, torch.float16)]
+            if bits == 4 and group == 128:
+                runs += [(1, torch.bfloat16), (16, torch.bfloat16), (300, torch.bfloat16)]
+            for m, dtype in runs:
+                regime = triton_int._regime(m)
+                lists = {1: triton_int.SMALL_M, 16: triton_int.MID_M, 64: triton_int.LARGE_M}
+                cfg = lists[regime][0]
+                x = torch.randn(m, 576, device=DEVICE).to(dtype)
+                ref = layer(x.float())
+                out = torch.full((m, 1000), float("nan"), device=DEVICE, dtype=dtype)
+                y = triton_int._launch(layer, x, out, cfg)
+                err = rel_err(y, ref)
+                good = bool(torch.isfinite(y).all()) and err < (
+                    2e-2 if dtype == torch.bfloat16 else 3e-3
+                )
+                ok &= good
+                flag = "" if good else " FAIL"
+                print(f"| {bits} | {group} | {sym} | {m} | {dtype} | {cfg} | {err:.1e}{flag} |")
+    # The autotuned path on a benchmark shape, against a torch decode of the same layout.
+    for k, n in [(4096, 4096)]:
+        layer = synthetic_layer(k, n, 4, 128, DEVICE)
+        w = decode_prepared_w4(layer)
+        for m in (1, 16, 256):
+            x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+            err = rel_err(triton_int.matmul(layer, x), F.linear(x, w))
+            ok &= err < 3e-3
+            print(f"| 4 (tuned) | 128 | - | {m} | fp16 {k}x{n} | {triton_int._TUNED} | {err:.1e} |")
+    print("correctness:", "PASS" if ok else "FAIL", flush=True)
+    return ok
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    a = torch.empty(1 << 29, dtype=torch.float16, device=DEVICE)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 2 * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def graph_time(calls: list[Callable[[], Any]], budget_s: float = 0.2) -> float:
+    """Seconds per call: all calls (one per weight copy) captured in one CUDA graph, replayed."""
+    for c in calls:  # warm-up and autotuning happen outside the graph
+        c()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    reps = max(2, min(200, int(budget_s / (time.perf_counter() - t0))))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (reps * len(calls))
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(64, math.ceil(ROTATE_BYTES / nbytes)))
+
+
+def tinygemm_calls(k: int, n: int, x: torch.Tensor) -> list[Callable[[], Any]]:
+    """torch's int4 kernel (bf16 activations, g128) over rotating weight copies."""
+    xb = x.bfloat16()
+    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEVICE)
+    packed = torch.ops.aten._convert_weight_to_int4pack(q, 8)
+    sz = torch.rand(k // 128, n, 2, device=DEVICE, dtype=torch.bfloat16) * 0.01
+    copies = [
+        (packed.clone(), sz.clone())
+        for _ in range(copies_for(packed.numel() * packed.element_size()))
+    ]
+    return [lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(xb, p, 128, s) for p, s in copies]
+
+
+def bench_layers(bw: float) -> None:
+    """The timing table: fp16 cuBLAS, torch int4, Triton W4 g128 (and W3/W8/W2 at M=1)."""
+    print(f"\n## timing (CUDA graphs, rotating weight copies); copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(
+        "| K x N | M | fp16 us | fp16 limit us | torch int4 us (x fp16) | W4g128 us (x fp16) "
+        "| W4 limit us | W4 x limit | W3 us (x fp16) | W8 us (x fp16) | W2 us (x fp16) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, n in SHAPES:
+        w16 = torch.randn(n, k, device=DEVICE, dtype=torch.float16) * 0.02
+        w16s = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2) - 1)]
+        layers: dict[int, list[QuantLinear]] = {}
+        for bits in (4, 3, 8, 2):
+            base = synthetic_layer(k, n, bits, 128, DEVICE)
+            nbytes = sum(t.numel() * t.element_size() for t in base.prepared.values())
+            layers[bits] = [base]
+            for _ in range(copies_for(nbytes) - 1):
+                c = synthetic_layer(k, n, bits, 128, "meta")
+                c.prepared = {key: t.clone() for key, t in base.prepared.items()}
+                layers[bits].append(c)
+        w4_bytes = sum(t.numel() * t.element_size() for t in layers[4][0].prepared.values())
+        for m in MS:
+            x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+            t16 = graph_time([lambda w=w: F.linear(x, w) for w in w16s])
+            io = (m * k + m * n) * 2
+            lim16, lim4 = (n * k * 2 + io) / bw, (w4_bytes + io) / bw
+            try:
+                ti4 = graph_time(tinygemm_calls(k, n, x))
+                cell_ti4 = f"{ti4 * 1e6:.1f} ({t16 / ti4:.2f}x)"
+            except Exception as e:  # not every torch build or M has the int4 kernel
+                cell_ti4 = f"n/a ({type(e).__name__})"
+            cells = {}
+            for bits in (4, 3, 8, 2) if m == 1 else (4,):
+                t = graph_time([lambda q=q: triton_int.matmul(q, x) for q in layers[bits]])
+                cells[bits] = (t, f"{t * 1e6:.1f} ({t16 / t:.2f}x)")
+            t4 = cells[4][0]
+            print(
+                f"| {k}x{n} | {m} | {t16 * 1e6:.1f} | {lim16 * 1e6:.1f} | {cell_ti4} | {cells[4][1]} "
+                f"| {lim4 * 1e6:.1f} | {lim4 / t4:.2f} | {cells.get(3, (0, '-'))[1]} "
+                f"| {cells.get(8, (0, '-'))[1]} | {cells.get(2, (0, '-'))[1]} |",
+                flush=True,
+            )
+        del w16s, layers
+        torch.cuda.empty_cache()
+
+
+# ---- end to end: a Llama-3-8B-shaped decoder, one token per step, CUDA graph ----
+LLAMA3_8B = {
+    "hidden": 4096,
+    "layers": 32,
+    "heads": 32,
+    "kv_heads": 8,
+    "ffn": 14336,
+    "vocab": 128256,
+}
+
+
+def make_linear(k: int, n: int, w4: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    if w4:
+        return synthetic_layer(k, n, 4, 128, DEVICE)
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.float16) * 0.02
+    return lambda x: F.linear(x, w)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).half() * w
+
+
+def build_step(
+    w4: bool, batch: int, n_layers: int, ctx: int
+) -> tuple[Callable[[], None], torch.Tensor]:
+    """One greedy decode step of a random-init model with a static KV cache, written so that
+    it can be captured in a CUDA graph (positions advance on the device); and its position."""
+    c = LLAMA3_8B
+    h, nh, nkv, hd = c["hidden"], c["heads"], c["kv_heads"], c["hidden"] // c["heads"]
+    embed = torch.randn(c["vocab"], h, device=DEVICE, dtype=torch.float16) * 0.02
+    lm_head = torch.randn(c["vocab"], h, device=DEVICE, dtype=torch.float16) * 0.02
+    ones = torch.ones(h, device=DEVICE, dtype=torch.float16)
+    layers = []
+    for _ in range(n_layers):
+        layers.append(
+            {
+                "q": make_linear(h, nh * hd, w4),
+                "k": make_linear(h, nkv * hd, w4),
+                "v": make_linear(h, nkv * hd, w4),
+                "o": make_linear(nh * hd, h, w4),
+                "gate": make_linear(h, c["ffn"], w4),
+                "up": make_linear(h, c["ffn"], w4),
+                "down": make_linear(c["ffn"], h, w4),
+                "kc": torch.zeros(batch, nkv, ctx, hd, device=DEVICE, dtype=torch.float16),
+                "vc": torch.zeros(batch, nkv, ctx, hd, device=DEVICE, dtype=torch.float16),
+            }
+        )
+    inv = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, device=DEVICE).float() / hd))
+    ang = torch.arange(ctx, device=DEVICE).float()[:, None] * inv[None]
+    cos, sin = ang.cos().half(), ang.sin().half()
+    tok = torch.zeros(batch, dtype=torch.long, device=DEVICE)
+    pos = torch.full((1,), 16, dtype=torch.long, device=DEVICE)
+    span = torch.arange(ctx, device=DEVICE)
+
+    def rope(t: torch.Tensor) -> torch.Tensor:
+        t1, t2 = t[..., : hd // 2], t[..., hd // 2 :]
+        cs, sn = cos[pos].view(1, 1, -1), sin[pos].view(1, 1, -1)
+        return torch.cat([t1 * cs - t2 * sn, t2 * cs + t1 * sn], dim=-1)
+
+    def step() -> None:
+        x = embed[tok]
+        mask = (span <= pos).view(1, 1, 1, ctx)
+        for lyr in layers:
+            r = rms_norm(x, ones)
+            q = rope(lyr["q"](r).view(batch, nh, hd))
+            k = rope(lyr["k"](r).view(batch, nkv, hd))
+            lyr["kc"].index_copy_(2, pos, k.unsqueeze(2))
+            lyr["vc"].index_copy_(2, pos, lyr["v"](r).view(batch, nkv, 1, hd))
+            a = F.scaled_dot_product_attention(
+                q.unsqueeze(2), lyr["kc"], lyr["vc"], attn_mask=mask, enable_gqa=True
+            )
+            x = x + lyr["o"](a.reshape(batch, nh * hd))
+            r = rms_norm(x, ones)
+            x = x + lyr["down"](F.silu(lyr["gate"](r)) * lyr["up"](r))
+        logits = F.linear(rms_norm(x, ones), lm_head)
+        tok.copy_(logits.argmax(-1))
+        pos.add_(1)
+
+    return step, pos
+
+
+def decode_tps(w4: bool, batch: int, n_layers: int, ctx: int = 512, steps: int = 64) -> float:
+    """Tokens/s of greedy decode steps replayed from a CUDA graph."""
+    with torch.inference_mode():
+        step, pos = build_step(w4, batch, n_layers, ctx)
+        step()  # warm-up and autotuning outside the graph
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        pos.fill_(16)
+        graph.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    return batch * steps / dt
+
+
+def bench_e2e(n_layers: int) -> None:
+    print(f"\n## end to end: random-init Llama-3-8B shapes ({n_layers} layers), decode, CUDA graph")
+    print("| batch | fp16 tok/s | W4 g128 tok/s | W4 x fp16 |")
+    print("|---|---|---|---|")
+    for batch in (1, 16):
+        f16 = decode_tps(False, batch, n_layers)
+        torch.cuda.empty_cache()
+        w4 = decode_tps(True, batch, n_layers)
+        torch.cuda.empty_cache()
+        print(f"| {batch} | {f16:.1f} | {w4:.1f} | {w4 / f16:.2f}x |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--e2e-layers", type=int, default=32)
+    args = ap.parse_args()
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    print(
+        f"# {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}"
+    )
+    sections: list[tuple[bool, Callable[[], Any]]] = [
+        (args.skip_check, check_correctness),
+        (args.skip_layers, lambda: bench_layers(copy_bandwidth())),
+        (args.skip_e2e, lambda: bench_e2e(args.e2e_layers)),
+    ]
+    for skip, section in sections:
+        if skip:
+            continue
+        t0 = time.perf_counter()
+        try:
+            section()
+        except Exception:
+            traceback.print_exc()
+        print(f"(section took {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

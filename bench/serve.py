@@ -1,0 +1,312 @@
+"""Serving benchmark (`make bench-serve`): start each server on 127.0.0.1 in turn, drive it with
+streaming 64-token completions at concurrency 1/4/8/16, and report single-stream decode tok/s,
+aggregate output tok/s, TTFT and inter-token latency p50/p99, as ratios to a baseline measured in
+the same run. `--engine-compare` instead compares the bitserve engine with transformers'
+continuous batching (`generate_batch`) offline on the same loaded model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Once upon a time, in a small village by the sea, there lived",
+    "The history of the printing press begins",
+    "Here is a detailed recipe for a chocolate cake. First,",
+    "In the year 2150, humanity had finally",
+    "The most important lesson I learned in school was",
+    "A guide to the night sky: on a clear evening you can see",
+    "The old lighthouse keeper opened the door and",
+    "Scientists announced today that",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(cmd: list[str], port: int, ready_path: str, log: Path, timeout: float) -> Any:
+    """Start a server process and wait (bounded) until `ready_path` answers 200."""
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)  # noqa: SIM115
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited; see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError(f"{cmd} not ready after {timeout}s; see {log}")
+
+
+async def one_request(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, extra: dict
+) -> dict[str, Any]:
+    """One streamed completion: arrival times of each content chunk and the token count."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+    end = time.perf_counter()
+    return {
+        "ttft": stamps[0] - t0 if stamps else end - t0,
+        "stamps": stamps,
+        "start": t0,
+        "end": end,
+        "tokens": tokens or len(stamps),
+    }
+
+
+async def run_level(
+    url: str, model: str, conc: int, rounds: int, max_tokens: int, extra: dict
+) -> dict[str, float]:
+    """`conc` clients each sending `rounds` requests back to back."""
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def worker(w: int) -> list[dict[str, Any]]:
+            return [
+                await one_request(
+                    client, url, model, PROMPTS[(w + r) % len(PROMPTS)], max_tokens, extra
+                )
+                for r in range(rounds)
+            ]
+
+        t0 = time.perf_counter()
+        results = [x for xs in await asyncio.gather(*[worker(w) for w in range(conc)]) for x in xs]
+        wall = time.perf_counter() - t0
+    ttfts = [r["ttft"] for r in results]
+    itls = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
+    decode = [
+        (r["tokens"] - 1) / (r["end"] - r["start"] - r["ttft"]) for r in results if r["tokens"] > 1
+    ]
+    return {
+        "agg_tok_s": sum(r["tokens"] for r in results) / wall,
+        "decode_tok_s": statistics.mean(decode) if decode else 0.0,
+        "ttft_p50": _pct(ttfts, 50),
+        "ttft_p99": _pct(ttfts, 99),
+        "itl_p50": _pct(itls, 50),
+        "itl_p99": _pct(itls, 99),
+        "tokens_per_request": statistics.mean(r["tokens"] for r in results),
+    }
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
+
+
+def bench_server(
+    name: str,
+    cmd: list[str],
+    port: int,
+    model: str,
+    args: argparse.Namespace,
+    extra: dict,
+    ready: str,
+) -> dict[str, Any]:
+    log = Path(args.logdir) / f"{name}.log"
+    print(f"[{name}] starting: {' '.join(cmd)}", flush=True)
+    proc = start_server(cmd, port, ready, log, args.start_timeout)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(run_level(url, model, 1, 1, 8, extra))  # warm-up
+        out = {}
+        for conc in args.concurrency:
+            rounds = max(1, args.requests // conc)
+            out[conc] = asyncio.run(run_level(url, model, conc, rounds, args.max_tokens, extra))
+            print(
+                f"[{name}] c={conc}: {json.dumps({k: round(v, 4) for k, v in out[conc].items()})}",
+                flush=True,
+            )
+        return out
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def serve_benchmark(args: argparse.Namespace) -> None:
+    bitserve = [sys.executable, "-m", "bitserve.cli", "serve"]
+    common = ["--max-num-seqs", "16", "--max-model-len", "512", "--log-level", "warning"]
+    servers: dict[str, tuple[list[str], str, dict, str, int]] = {}
+    for name, src in (("bitserve-w4", args.checkpoint), ("bitserve-fp32", args.unquantized)):
+        port = _free_port()
+        servers[name] = (
+            [*bitserve, src, "--port", str(port), "--served-model-name", "m", *common],
+            "m",
+            {"ignore_eos": True},
+            "/ready",
+            port,
+        )
+    if not args.skip_transformers:
+        port = _free_port()
+        servers["transformers-serve"] = (
+            [
+                str(Path(sys.executable).parent / "transformers"),
+                "serve",
+                args.unquantized,
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--device",
+                "cpu",
+                "--continuous-batching",
+                "--dtype",
+                "float32",
+            ],
+            args.unquantized,
+            {},
+            "/health",
+            port,
+        )
+    results = {}
+    for name, (cmd, model, extra, ready, port) in servers.items():
+        try:
+            results[name] = bench_server(name, cmd, port, model, args, extra, ready)
+        except Exception as e:  # a baseline that cannot run is reported, not fatal
+            print(f"[{name}] failed: {e}", flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """Markdown table; ratios are against bitserve-fp32 measured in the same run."""
+    base = results.get("bitserve-fp32")
+    print(
+        "\n| server | conc | agg tok/s | decode tok/s/stream | TTFT p50 / p99 ms | ITL p50 / p99 ms | agg vs fp32 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, levels in results.items():
+        for conc, r in levels.items():
+            ratio = f"{r['agg_tok_s'] / base[conc]['agg_tok_s']:.2f}x" if base else "-"
+            print(
+                f"| {name} | {conc} | {r['agg_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                f"{r['ttft_p50'] * 1e3:.0f} / {r['ttft_p99'] * 1e3:.0f} | "
+                f"{r['itl_p50'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} | {ratio} |"
+            )
+
+
+def engine_compare(args: argparse.Namespace) -> None:
+    """Offline: the bitserve engine vs transformers' continuous batching on one loaded model."""
+    import torch
+    from bitserve.server.cli import build_state
+    from bitserve.server.sampling import SamplingParams
+    from bitserve.server.settings import Settings
+    from transformers import GenerationConfig
+
+    from bitserve.models import load_model
+
+    loaded = load_model(args.checkpoint)
+    tok = loaded.tokenizer
+    prompts = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(args.requests)]
+    n_tokens = args.max_tokens
+    state = build_state(loaded, Settings(max_num_seqs=16, max_model_len=512))
+    engine = state.engine
+    done: list[int] = []
+
+    def run_ours(batch: list[list[int]]) -> float:
+        seqs = [
+            engine.new_sequence(
+                0,
+                p,
+                SamplingParams(n_tokens, temperature=0, ignore_eos=True),
+                lambda o: done.append(1) if o.finish_reason else None,
+            )
+            for p in batch
+        ]
+        done.clear()
+        engine.submit(seqs)
+        t0 = time.perf_counter()
+        while len(done) < len(seqs):
+            engine.step()
+        return time.perf_counter() - t0
+
+    gc = GenerationConfig(
+        max_new_tokens=n_tokens, do_sample=False, eos_token_id=-1, pad_token_id=tok.eos_token_id
+    )
+
+    def run_hf(batch: list[list[int]]) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            loaded.model.generate_batch(batch, generation_config=gc, warmup=False)
+        return time.perf_counter() - t0
+
+    run_ours(prompts[:1])
+    rows = []
+    for conc in args.concurrency:
+        batch = prompts[:conc]
+        ours = run_ours(batch)
+        try:
+            hf = run_hf(batch)
+        except Exception as e:
+            print(f"generate_batch failed at {conc}: {e}")
+            hf = float("nan")
+        rows.append((conc, conc * n_tokens / ours, conc * n_tokens / hf))
+        print(
+            f"conc={conc}: bitserve engine {rows[-1][1]:.1f} tok/s, transformers "
+            f"generate_batch {rows[-1][2]:.1f} tok/s, ratio {rows[-1][1] / rows[-1][2]:.2f}x",
+            flush=True,
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint", default="checkpoints/rtn-w4g128", help="W4 checkpoint")
+    p.add_argument("--unquantized", default="models/SmolLM2-135M-Instruct")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--engine-compare", action="store_true")
+    p.add_argument("--start-timeout", type=float, default=600)
+    p.add_argument("--logdir", default=os.environ.get("TMPDIR", "/tmp"))
+    p.add_argument("--out", default="bench/serve-results.json")
+    args = p.parse_args()
+    if args.engine_compare:
+        engine_compare(args)
+    else:
+        serve_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""CPU backend: PyTorch's packed CPU kernels for QuantLinear.
+
+2/3/4-bit codes go through the int4 tinygemm CPU kernel (`_weight_int4pack_mm_for_cpu`, any code
+below 16 fits a nibble); 8-bit per-channel through `_weight_int8pack_mm`. Both are vectorised
+only for bf16 activations (fp32 and fp16 take a scalar path 20-30x slower), so these paths run
+in bf16 with fp32 accumulation and return the caller's dtype. Anything else (8-bit group-wise,
+unaligned int8 shapes) runs dequantize-then-matmul in the caller's dtype over chunks of output
+rows, so no full-precision copy of a whole layer is ever held. Repacking happens in `prepare`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from bitserve.kernels.packing import group_index
+from bitserve.kernels.quant_linear import Backend, QuantLinear, register_backend
+
+KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
+DEQUANT_CHUNK = 512  # output rows dequantized at a time by the fallback path
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPE = torch.bfloat16  # the packed kernels' fast activation dtype
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def _int4_geometry(layer: QuantLinear) -> tuple[int, int, int]:
+    """(kernel group size, padded K, padded N) for the int4 path.
+
+    Our group (or the whole row for per-channel) is split into kernel groups that share its
+    scale; K is padded up to a multiple of the group so a short last group becomes a full one
+    whose padding rows meet zero activations; N is padded to the kernel's multiple of 16.
+    """
+    k, n = layer.in_features, layer.out_features
+    group = k if layer.group_size == -1 or layer.group_size >= k else layer.group_size
+    kg = next((g for g in KERNEL_GROUPS if group % g == 0), 0)
+    if kg == 0:  # e.g. per-channel with K=100: pad the single group to a multiple of 32
+        kg = 32 if group == k else 0
+    k_pad = _round_up(k, group) if group != k else _round_up(k, kg if kg else 1)
+    return kg, k_pad, _round_up(n, 16)
+
+
+def _int8_aligned(layer: QuantLinear) -> bool:
+    """The int8 kernel misbehaves on some unaligned shapes in half precision; keep it aligned."""
+    return layer.out_features % 16 == 0 and layer.in_features % 32 == 0
+
+
+def _kind(layer: QuantLinear) -> str:
+    """Which CPU path runs this layer: "int4", "int8" or "dequant"."""
+    if layer.bits <= 4 and _int4_geometry(layer)[0]:
+        return "int4"
+    if layer.bits == 8 and layer.scales.shape[0] == 1 and _int8_aligned(layer):
+        return "int8"
+    return "dequant"
+
+
+def _supports(layer: QuantLinear) -> str | None:
+    if layer.qweight.device.type != "cpu":
+        return f"weights are on {layer.qweight.device.type}, not cpu"
+    return None
+
+
+def _prepare_int4(layer: QuantLinear) -> None:
+    k, n = layer.in_features, layer.out_features
+    kg, k_pad, n_pad = _int4_geometry(layer)
+    # The kernel computes w = (c - 8) * s + zf per kernel group. Codes below 4 bits are shifted
+    # by o = 8 - 2**(bits-1) to centre them on 8 (c = q + o), so that with ours, w = (q - z) * s,
+    # zf = (2**(bits-1) - z) * s stays small and half precision loses nothing to cancellation.
+    offset = 8 - (1 << (layer.bits - 1))
+    codes = torch.zeros(n_pad, k_pad, dtype=torch.int32)
+    codes[:n, :k] = layer.codes().t().to(torch.int32) + offset
+    g = group_index(k_pad, layer.group_size if layer.group_size < k else -1)
+    g = g[::kg].clamp_max(layer.scales.shape[0] - 1)
+    s = torch.zeros(len(g), n_pad)
+    z = torch.zeros(len(g), n_pad)
+    s[:, :n] = layer.scales.float()[g]
+    z[:, :n] = layer.zero_codes().float()[g]
+    layer.prepared["int4_weight"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    sz = torch.stack([s, (8 - offset - z) * s], dim=-1)
+    layer.prepared["int4_sz"] = sz.to(KERNEL_DTYPE).contiguous()
+
+
+def _prepare_int8(layer: QuantLinear) -> None:
+    # (q - z) * s = (q - 128) * s + (128 - z) * s: a signed int8 matmul plus a rank-1 term.
+    q = layer.codes().t().to(torch.int16) - 128
+    s = layer.scales.float()[0]
+    layer.prepared["int8_weight"] = q.to(torch.int8).contiguous()
+    layer.prepared["int8_scale"] = s.to(KERNEL_DTYPE).contiguous()
+    layer.prepared["int8_offset"] = ((128 - layer.zero_codes().float()[0]) * s).contiguous()
+
+
+def _prepare_dequant(layer: QuantLinear) -> None:
+    g = group_index(layer.in_features, layer.group_size)
+    layer.prepared["codes"] = layer.codes().t().contiguous()  # uint8 [N, K]
+    layer.prepared["group"] = g
+    layer.prepared["scales"] = layer.scales.float().t().contiguous()  # [N, G]
+    layer.prepared["zeros"] = layer.zero_codes().float().t().contiguous()
+
+
+def _prepare(layer: QuantLinear) -> None:
+    """Repack the checkpoint tensors once for the path this layer takes."""
+    {"int4": _prepare_int4, "int8": _prepare_int8, "dequant": _prepare_dequant}[_kind(layer)](layer)
+
+
+def _matmul_int4(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    kg, k_pad, _ = _int4_geometry(layer)
+    if k_pad != layer.in_features:
+        x = F.pad(x, (0, k_pad - layer.in_features))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.to(KERNEL_DTYPE), layer.prepared["int4_weight"], kg, layer.prepared["int4_sz"]
+    )
+    return y[:, : layer.out_features].to(x.dtype)
+
+
+def _matmul_int8(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    y = torch.ops.aten._weight_int8pack_mm(
+        x.to(KERNEL_DTYPE), layer.prepared["int8_weight"], layer.prepared["int8_scale"]
+    )
+    rank1 = x.float().sum(dim=1, keepdim=True) * layer.prepared["int8_offset"]
+    return (y.float() + rank1).to(x.dtype)
+
+
+def _matmul_dequant(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    p = layer.prepared
+    out = x.new_empty(x.shape[0], layer.out_features)
+    for n0 in range(0, layer.out_features, DEQUANT_CHUNK):
+        n1 = min(n0 + DEQUANT_CHUNK, layer.out_features)
+        s = p["scales"][n0:n1][:, p["group"]]
+        z = p["zeros"][n0:n1][:, p["group"]]
+        w = ((p["codes"][n0:n1].float() - z) * s).to(x.dtype)
+        torch.mm(x, w.t(), out=out[:, n0:n1])
+    return out
+
+
+MATMULS = {"int4": _matmul_int4, "int8": _matmul_int8, "dequant": _matmul_dequant}
+
+
+def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    shape = x.shape
+    dtype = x.dtype
+    x2 = x.reshape(-1, shape[-1])
+    if dtype not in DTYPES:
+        x2 = x2.float()
+    x2 = x2.contiguous()
+    y = MATMULS[_kind(layer)](layer, x2)
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.to(dtype).reshape(*shape[:-1], layer.out_features)
+
+
+BACKEND = register_backend(
+    Backend(name="cpu", priority=10, supports=_supports, prepare=_prepare, forward=_forward)
+)

@@ -1,0 +1,427 @@
+"""The HTTP layer: OpenAI-compatible routes over the engine, SSE streaming, OpenAI-shaped
+errors, health/readiness and Prometheus metrics. A request's path: route -> tokenize and check
+-> Engine.submit (one Sequence per choice) -> StepOutputs on an asyncio queue -> JSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+from bitserve.server import schemas as S
+from bitserve.server.engine import Engine, Overloaded, Sequence, StepOutput
+from bitserve.server.metrics import Metrics, render
+from bitserve.server.sampling import SamplingParams, TokenLogprobs
+
+
+@dataclass
+class ServerState:
+    """Everything a route needs: the engine, its tokenizer, metrics and the model card."""
+
+    engine: Engine
+    tokenizer: Any
+    metrics: Metrics
+    card: S.ModelCard
+
+
+class APIError(Exception):
+    """An error answered in the OpenAI shape with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = (
+            status,
+            message,
+            type_,
+            code,
+            param,
+        )
+        self.retry_after = retry_after
+
+
+def _error_response(state: ServerState, err: APIError) -> JSONResponse:
+    state.metrics.rejected.labels(model=state.card.id, status=str(err.status)).inc()
+    body = S.ErrorResponse(
+        error=S.ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
+    )
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return JSONResponse(body.model_dump(), status_code=err.status, headers=headers)
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.card.id:
+        raise APIError(
+            404,
+            f"The model {model!r} does not exist; this server serves {state.card.id!r}",
+            code="model_not_found",
+            param="model",
+        )
+
+
+def _check_prompt(state: ServerState, ids: list[int], max_tokens: int | None) -> int:
+    """Validate the prompt against the context; return the effective max_tokens."""
+    limit = state.card.max_model_len
+    if not ids:
+        raise APIError(400, "The prompt is empty", param="prompt")
+    vocab = state.engine.runner.lm_head.out_features
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise APIError(400, f"Prompt token ids must be in [0, {vocab})", param="prompt")
+    if len(ids) >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens, but the prompt has "
+            f"{len(ids)} tokens",
+            code="context_length_exceeded",
+            param="prompt",
+        )
+    if max_tokens is None:
+        return limit - len(ids)
+    if len(ids) + max_tokens > limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens; the prompt ({len(ids)}) "
+            f"plus max_tokens ({max_tokens}) exceeds it",
+            code="context_length_exceeded",
+            param="max_tokens",
+        )
+    return max_tokens
+
+
+def _params(req: S.SamplingFields, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+    """One SamplingParams per choice; a seeded request gives choice i the seed + i."""
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return [
+        SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=None if req.seed is None else req.seed + i,
+            stop=stop,
+            stop_token_ids=list(req.stop_token_ids or []),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logprobs=logprobs,
+            ignore_eos=req.ignore_eos,
+        )
+        for i in range(req.n)
+    ]
+
+
+def _submit(
+    state: ServerState, prompt_ids: list[int], params: list[SamplingParams]
+) -> tuple[asyncio.Queue[StepOutput], list[Sequence]]:
+    """Hand one sequence per choice to the engine; outputs arrive on the returned queue."""
+    if not state.engine.alive():
+        raise APIError(503, "The engine is not running", "server_error", retry_after=5)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+
+    def emit(out: StepOutput) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, out)
+
+    seqs = [state.engine.new_sequence(i, prompt_ids, p, emit) for i, p in enumerate(params)]
+    try:
+        state.engine.submit(seqs)
+    except Overloaded as e:
+        raise APIError(
+            429,
+            f"The server is overloaded ({e}); retry later",
+            "rate_limit_error",
+            code="overloaded",
+            retry_after=1,
+        ) from None
+    return queue, seqs
+
+
+async def _outputs(
+    state: ServerState, queue: asyncio.Queue[StepOutput], seqs: list[Sequence]
+) -> AsyncIterator[StepOutput]:
+    """Outputs of all choices until each has finished; abandoning the iterator aborts them."""
+    left = len(seqs)
+    try:
+        while left:
+            out = await queue.get()
+            left -= out.finish_reason is not None
+            yield out
+    finally:
+        if left:
+            state.engine.abort(seqs)
+
+
+def _token_text(state: ServerState, token: int) -> str:
+    return str(state.tokenizer.decode([token]))
+
+
+def _completion_logprobs(
+    state: ServerState, ids: list[int], lps: list[TokenLogprobs | None], offset: int
+) -> S.CompletionLogprobs:
+    out = S.CompletionLogprobs()
+    for token, lp in zip(ids, lps, strict=True):
+        if lp is None:
+            continue
+        text = _token_text(state, token)
+        out.tokens.append(text)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({_token_text(state, t): v for t, v in lp.top})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+def _chat_logprobs(
+    state: ServerState, ids: list[int], lps: list[TokenLogprobs | None]
+) -> S.ChatLogprobs:
+    def entry(token: int, value: float) -> S.TopLogprob:
+        text = _token_text(state, token)
+        return S.TopLogprob(token=text, logprob=value, bytes=list(text.encode()))
+
+    content = [
+        S.TokenLogprob(
+            **entry(t, lp.logprob).model_dump(), top_logprobs=[entry(*x) for x in lp.top]
+        )
+        for t, lp in zip(ids, lps, strict=True)
+        if lp is not None
+    ]
+    return S.ChatLogprobs(content=content)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> S.Usage:
+    return S.Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def _sse(item: BaseModel | str) -> str:
+    data = item if isinstance(item, str) else item.model_dump_json(exclude_none=False)
+    return f"data: {data}\n\n"
+
+
+def _chat_prompt(state: ServerState, req: S.ChatRequest) -> list[int]:
+    tok = state.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, "This model's tokenizer has no chat template; use /v1/completions")
+    messages = []
+    for m in req.messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+        messages.append(
+            {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        )
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+async def _collect(
+    state: ServerState, queue: asyncio.Queue[StepOutput], seqs: list[Sequence]
+) -> tuple[list[str], list[list[int]], list[list[TokenLogprobs | None]], list[str], int]:
+    """Wait for every choice; return texts, token ids, logprobs, finish reasons, output tokens."""
+    n = len(seqs)
+    texts, ids = [""] * n, [[] for _ in range(n)]  # type: list[str], list[list[int]]
+    lps: list[list[TokenLogprobs | None]] = [[] for _ in range(n)]
+    reasons, total = [""] * n, 0
+    async for out in _outputs(state, queue, seqs):
+        texts[out.index] += out.text
+        ids[out.index] += out.token_ids
+        lps[out.index] += out.logprobs
+        if out.finish_reason is not None:
+            reasons[out.index] = out.finish_reason
+            total += out.completion_tokens
+    return texts, ids, lps, reasons, total
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI application; the engine thread runs for the app's lifetime."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        yield
+        state.engine.stop()
+
+    app = FastAPI(title="bitserve", lifespan=lifespan)
+    name = state.card.id
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(state, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(x) for x in first["loc"] if x != "body") or None
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        return _error_response(state, APIError(422, message, param=param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error_response(state, APIError(exc.status_code, str(exc.detail)))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if not state.engine.alive():
+            raise APIError(503, "The engine is not running", "server_error", retry_after=5)
+        return JSONResponse({"status": "ready", "model": name})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render(state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> S.ModelList:
+        return S.ModelList(data=[state.card])
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> S.ModelCard:
+        _check_model(state, model_id)
+        return state.card
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: S.CompletionRequest) -> Any:
+        _check_model(state, req.model)
+        if isinstance(req.prompt, str):
+            prompt_ids = list(state.tokenizer(req.prompt)["input_ids"])
+        else:
+            prompt_ids = list(req.prompt)
+        max_tokens = _check_prompt(state, prompt_ids, req.max_tokens)
+        queue, seqs = _submit(state, prompt_ids, _params(req, max_tokens, req.logprobs))
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _stream(
+                _completion_events(state, req, queue, seqs, len(prompt_ids), include_usage)
+            )
+        texts, ids, lps, reasons, total = await _collect(state, queue, seqs)
+        choices = [
+            S.CompletionChoice(
+                index=i,
+                text=texts[i],
+                finish_reason=reasons[i],
+                logprobs=None
+                if req.logprobs is None
+                else _completion_logprobs(state, ids[i], lps[i], 0),
+            )
+            for i in range(len(seqs))
+        ]
+        return S.CompletionResponse(
+            model=name, choices=choices, usage=_usage(len(prompt_ids), total)
+        )
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(req: S.ChatRequest) -> Any:
+        _check_model(state, req.model)
+        prompt_ids = _chat_prompt(state, req)
+        requested = req.max_completion_tokens or req.max_tokens
+        max_tokens = _check_prompt(state, prompt_ids, requested)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        queue, seqs = _submit(state, prompt_ids, _params(req, max_tokens, top))
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _stream(_chat_events(state, req, queue, seqs, len(prompt_ids), include_usage))
+        texts, ids, lps, reasons, total = await _collect(state, queue, seqs)
+        choices = [
+            S.ChatChoice(
+                index=i,
+                message=S.AssistantMessage(content=texts[i]),
+                finish_reason=reasons[i],
+                logprobs=_chat_logprobs(state, ids[i], lps[i]) if req.logprobs else None,
+            )
+            for i in range(len(seqs))
+        ]
+        return S.ChatResponse(model=name, choices=choices, usage=_usage(len(prompt_ids), total))
+
+    return app
+
+
+def _stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def _completion_events(
+    state: ServerState,
+    req: S.CompletionRequest,
+    queue: asyncio.Queue[StepOutput],
+    seqs: list[Sequence],
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """SSE chunks of a streamed completion, then the usage chunk if asked, then [DONE]."""
+    base = S.CompletionResponse(model=state.card.id, choices=[])
+    offsets, total = [0] * len(seqs), 0
+    async for out in _outputs(state, queue, seqs):
+        if not out.text and out.finish_reason is None and req.logprobs is None:
+            continue
+        lp = None
+        if req.logprobs is not None:
+            lp = _completion_logprobs(state, out.token_ids, out.logprobs, offsets[out.index])
+            offsets[out.index] += sum(len(t) for t in lp.tokens)
+        choice = S.CompletionChoice(
+            index=out.index, text=out.text, logprobs=lp, finish_reason=out.finish_reason
+        )
+        total += out.completion_tokens if out.finish_reason is not None else 0
+        yield _sse(base.model_copy(update={"choices": [choice]}))
+    if include_usage:
+        yield _sse(base.model_copy(update={"usage": _usage(prompt_tokens, total)}))
+    yield _sse("[DONE]")
+
+
+async def _chat_events(
+    state: ServerState,
+    req: S.ChatRequest,
+    queue: asyncio.Queue[StepOutput],
+    seqs: list[Sequence],
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """SSE chunks of a streamed chat completion: a role delta per choice, content deltas, a
+    final delta with finish_reason, the usage chunk if asked, then [DONE]."""
+    base = S.ChatChunk(
+        id=S._id("chatcmpl"), created=int(time.time()), model=state.card.id, choices=[]
+    )
+
+    def chunk(choice: S.ChatChunkChoice) -> str:
+        return _sse(base.model_copy(update={"choices": [choice]}))
+
+    for i in range(len(seqs)):
+        yield chunk(S.ChatChunkChoice(index=i, delta=S.Delta(role="assistant", content="")))
+    total = 0
+    async for out in _outputs(state, queue, seqs):
+        if not out.text and out.finish_reason is None and not req.logprobs:
+            continue
+        lp = _chat_logprobs(state, out.token_ids, out.logprobs) if req.logprobs else None
+        delta = S.Delta(content=out.text) if out.text else S.Delta()
+        total += out.completion_tokens if out.finish_reason is not None else 0
+        yield chunk(
+            S.ChatChunkChoice(
+                index=out.index, delta=delta, logprobs=lp, finish_reason=out.finish_reason
+            )
+        )
+    if include_usage:
+        yield _sse(base.model_copy(update={"usage": _usage(prompt_tokens, total)}))
+    yield _sse("[DONE]")

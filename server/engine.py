@@ -1,0 +1,278 @@
+"""The continuous-batching engine: a background thread that, at every step, admits waiting
+sequences into free KV-cache slots, prefills prompt chunks within a token budget, runs one
+batched decode forward for every other running sequence, samples, detokenizes, checks stop
+conditions and pushes each sequence's new text to its consumer."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bitserve.server.metrics import Metrics
+from bitserve.server.runner import LlamaRunner
+from bitserve.server.sampling import SamplingParams, TokenLogprobs, make_generator, sample
+
+log = logging.getLogger("bitserve.engine")
+
+
+class Overloaded(Exception):
+    """The waiting queue is full: the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one sequence (a streaming delta)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Detokenizer:
+    """Incremental text of a sequence's output: only complete UTF-8 characters are released, and
+    text that could still become a stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+
+    def add(self, token: int) -> bool:
+        """Append a token; return True if a stop string now appears (text is cut before it)."""
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more bytes
+            return False
+        self.text = full
+        start = max(0, self.sent - self.hold)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return True
+        return False
+
+    def take(self, final: bool) -> str:
+        """New text that is safe to send (everything that is left when `final`)."""
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        delta = self.text[self.sent : end]
+        self.sent = end
+        return delta
+
+
+@dataclass
+class Sequence:
+    """One generated choice: its prompt, parameters, slot and progress."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[StepOutput], None]
+    detok: Detokenizer
+    arrival: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    slot: int = -1
+    computed: int = 0  # tokens whose K/V are in the cache
+    generator: torch.Generator | None = None
+    counts: torch.Tensor | None = None
+    aborted: bool = False
+    last_token_at: float = 0.0
+
+    def prefilled(self) -> bool:
+        return self.computed >= len(self.prompt_ids)
+
+
+class Engine:
+    """Owns the runner and the scheduling state; all model work happens on its own thread."""
+
+    def __init__(
+        self,
+        runner: LlamaRunner,
+        tokenizer: Any,
+        metrics: Metrics,
+        model_name: str,
+        eos_ids: set[int],
+        prefill_chunk: int,
+        max_waiting: int,
+    ) -> None:
+        self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
+        self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
+        self.max_len = runner.max_len
+        self.m, self.label = metrics, {"model": model_name}
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(runner.num_slots))
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="bitserve-engine", daemon=True)
+
+    def new_sequence(
+        self, index: int, prompt_ids: list[int], params: SamplingParams, emit: Callable
+    ) -> Sequence:
+        """A sequence ready to submit, with its own generator and detokenizer."""
+        seq = Sequence(index, prompt_ids, params, emit, Detokenizer(self.tokenizer, params.stop))
+        if params.temperature > 0:
+            seq.generator = make_generator(params.seed)
+        return seq
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences for admission, or raise Overloaded if the waiting queue is full."""
+        with self.lock:
+            if len(self.waiting) + len(seqs) > self.max_waiting + len(self.free_slots):
+                raise Overloaded(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.extend(seqs)
+            self.wake.set()
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Mark sequences as abandoned (client gone); the loop frees their slots next step."""
+        for s in seqs:
+            s.aborted = True
+        self.wake.set()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.stopping
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self.wake.wait(timeout=1.0)
+            with self.lock:
+                if not self.waiting and not self.running:
+                    self.wake.clear()
+                    continue
+            try:
+                self.step()
+            except Exception:
+                log.exception("engine step failed; failing the running sequences")
+                for seq in list(self.running):
+                    self._finish(seq, "error")
+            self._update_gauges()
+
+    def step(self) -> None:
+        """One iteration: drop aborted, admit, prefill within budget, decode the rest."""
+        for seq in [s for s in self.running if s.aborted]:
+            self._finish(seq, "abort")
+        with self.lock:
+            for seq in [s for s in self.waiting if s.aborted]:
+                self.waiting.remove(seq)
+                self.m.finished.labels(finish_reason="abort", **self.label).inc()
+            while self.waiting and self.free_slots:
+                seq = self.waiting.popleft()
+                seq.slot = self.free_slots.pop(0)
+                self.running.append(seq)
+                self.m.queue.labels(**self.label).observe(time.perf_counter() - seq.arrival)
+        decoding = [s for s in self.running if s.prefilled()]
+        budget = self.prefill_chunk
+        for seq in [s for s in self.running if not s.prefilled()]:
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(seq, budget)
+        if decoding:
+            t0 = time.perf_counter()
+            logits = self.runner.forward(
+                torch.tensor([[s.output_ids[-1]] for s in decoding]),
+                torch.tensor([s.slot for s in decoding]),
+                torch.tensor([s.computed for s in decoding]),
+            )
+            for s in decoding:
+                s.computed += 1
+            self._sample(decoding, logits)
+            self.m.decode_step.labels(**self.label).observe(time.perf_counter() - t0)
+
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
+        """Prefill up to `budget` prompt tokens of `seq`; sample its first token when done."""
+        t0 = time.perf_counter()
+        n = min(budget, len(seq.prompt_ids) - seq.computed)
+        chunk = seq.prompt_ids[seq.computed : seq.computed + n]
+        logits = self.runner.forward(
+            torch.tensor([chunk]), torch.tensor([seq.slot]), torch.tensor([seq.computed])
+        )
+        seq.computed += n
+        self.m.prompt_tokens.labels(**self.label).inc(n)
+        if seq.prefilled():
+            self._sample([seq], logits)
+        self.m.prefill_step.labels(**self.label).observe(time.perf_counter() - t0)
+        return n
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        tokens, logprobs = sample(
+            logits,
+            [s.params for s in seqs],
+            [s.generator or torch.default_generator for s in seqs],
+            [s.counts for s in seqs],
+        )
+        now = time.perf_counter()
+        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
+            self._append(seq, token, lp, now)
+
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None, now: float) -> None:
+        """Record one new token, stream its text, finish the sequence if a stop rule fires."""
+        p = seq.params
+        if not seq.output_ids:
+            self.m.ttft.labels(**self.label).observe(now - seq.arrival)
+        else:
+            self.m.itl.labels(**self.label).observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        seq.output_ids.append(token)
+        self.m.generation_tokens.labels(**self.label).inc()
+        if p.presence_penalty or p.frequency_penalty:
+            if seq.counts is None:
+                seq.counts = torch.zeros(self.runner.lm_head.out_features)
+            seq.counts[token] += 1
+        reason = None
+        if (
+            token in p.stop_token_ids
+            or (token in self.eos_ids and not p.ignore_eos)
+            or seq.detok.add(token)
+        ):
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or seq.computed + 1 >= self.max_len:
+            reason = "length"
+        seq.emit(self._output(seq, [token], [lp], reason))
+        if reason is not None:
+            self._finish(seq, reason, emitted=True)
+
+    def _output(
+        self, seq: Sequence, ids: list[int], lps: list[TokenLogprobs | None], reason: str | None
+    ) -> StepOutput:
+        text = seq.detok.take(final=reason is not None)
+        return StepOutput(
+            seq.index, text, ids, lps, reason, len(seq.prompt_ids), len(seq.output_ids)
+        )
+
+    def _finish(self, seq: Sequence, reason: str, emitted: bool = False) -> None:
+        """Free the sequence's slot and account for it."""
+        if not emitted:
+            seq.emit(self._output(seq, [], [], reason))
+        self.running.remove(seq)
+        with self.lock:
+            self.free_slots.append(seq.slot)
+        self.m.finished.labels(finish_reason=reason, **self.label).inc()
+        self.m.e2e.labels(**self.label).observe(time.perf_counter() - seq.arrival)
+
+    def _update_gauges(self) -> None:
+        self.m.running.labels(**self.label).set(len(self.running))
+        self.m.waiting.labels(**self.label).set(len(self.waiting))
+        used = self.runner.num_slots - len(self.free_slots)
+        self.m.kv_usage.labels(**self.label).set(used / self.runner.num_slots)

@@ -1,0 +1,119 @@
+"""Prometheus metrics of one served model (prometheus-client, `bitserve_` prefix, label `model`).
+Each server builds its own registry so tests can start several apps in one process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+
+
+@dataclass
+class Metrics:
+    """Handles to every metric, already bound to the model label where that applies."""
+
+    registry: CollectorRegistry
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+    queue: Histogram
+    prefill_step: Histogram
+    decode_step: Histogram
+    running: Gauge
+    waiting: Gauge
+    kv_usage: Gauge
+    finished: Counter
+    rejected: Counter
+    prompt_tokens: Counter
+    generation_tokens: Counter
+
+
+def create_metrics(model: str) -> Metrics:
+    """Register all metrics in a fresh registry, labelled with the served model id."""
+    reg = CollectorRegistry()
+
+    def hist(name: str, doc: str) -> Histogram:
+        return Histogram(name, doc, ["model"], registry=reg, buckets=LATENCY_BUCKETS)
+
+    m = Metrics(
+        registry=reg,
+        ttft=hist("bitserve_time_to_first_token_seconds", "Arrival to first output token."),
+        itl=hist("bitserve_inter_token_latency_seconds", "Time between two output tokens."),
+        e2e=hist("bitserve_e2e_request_latency_seconds", "Arrival to last output token."),
+        queue=hist("bitserve_request_queue_time_seconds", "Arrival to admission into a slot."),
+        prefill_step=hist("bitserve_prefill_step_seconds", "One prefill forward (one chunk)."),
+        decode_step=hist("bitserve_decode_step_seconds", "One batched decode forward."),
+        running=Gauge(
+            "bitserve_num_requests_running", "Sequences in KV slots.", ["model"], registry=reg
+        ),
+        waiting=Gauge(
+            "bitserve_num_requests_waiting", "Sequences queued for a slot.", ["model"], registry=reg
+        ),
+        kv_usage=Gauge(
+            "bitserve_kv_cache_usage_ratio",
+            "Fraction of KV-cache slots in use.",
+            ["model"],
+            registry=reg,
+        ),
+        finished=Counter(
+            "bitserve_request_success",
+            "Finished sequences by finish reason.",
+            ["model", "finish_reason"],
+            registry=reg,
+        ),
+        rejected=Counter(
+            "bitserve_request_errors",
+            "Requests answered with an error status.",
+            ["model", "status"],
+            registry=reg,
+        ),
+        prompt_tokens=Counter(
+            "bitserve_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=reg
+        ),
+        generation_tokens=Counter(
+            "bitserve_generation_tokens", "Output tokens generated.", ["model"], registry=reg
+        ),
+    )
+    for metric in (
+        m.ttft,
+        m.itl,
+        m.e2e,
+        m.queue,
+        m.prefill_step,
+        m.decode_step,
+        m.running,
+        m.waiting,
+        m.kv_usage,
+        m.prompt_tokens,
+        m.generation_tokens,
+    ):
+        metric.labels(model=model)
+    return m
+
+
+def render(metrics: Metrics) -> bytes:
+    """The text exposition format served at /metrics."""
+    return generate_latest(metrics.registry)

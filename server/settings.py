@@ -1,0 +1,33 @@
+"""Server settings: one pydantic-settings model, read from `BITSERVE_*` environment variables and
+overridden by `bitserve serve` flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the engine and the HTTP layer need to know (env: BITSERVE_<FIELD>)."""
+
+    model_config = SettingsConfigDict(env_prefix="BITSERVE_", protected_namespaces=())
+
+    model: str = Field("default", description="checkpoint dir, HF folder, .gguf or 'default'")
+    served_model_name: str | None = Field(None, description="model id in the API (default: dir)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_num_seqs: int = Field(16, ge=1, description="sequences decoded together (KV-cache slots)")
+    max_model_len: int = Field(2048, ge=8, description="prompt + output tokens per sequence")
+    kv_cache_mib: float | None = Field(
+        None, gt=0, description="cap on the KV cache; lowers max_num_seqs to fit"
+    )
+    prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
+    max_waiting: int = Field(64, ge=0, description="queued requests before answering 429")
+    backend: str = Field("auto", description="QuantLinear backend")
+    head_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="dtype of the lm_head matmul (bf16 halves its memory traffic)"
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    log_level: str = "info"

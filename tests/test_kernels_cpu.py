@@ -1,0 +1,97 @@
+"""The CPU backend against the reference backend on random layers and inputs, every bit width,
+group size and grid, odd shapes included (K=576 with g128 leaves a short last group). The packed
+kernels run activations in bf16 (see kernels/cpu.py), so they get a bf16 tolerance; the
+dequantize fallback computes in the caller's dtype and must match fp32 closely."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from bitserve.kernels import QuantLinear, cpu
+from bitserve.quantization.grid import QuantSpec, quantize_rtn
+
+
+def random_layer(
+    k: int, n: int, bits: int, group: int, sym: bool, bias: bool = False
+) -> QuantLinear:
+    """A QuantLinear holding RTN codes of a random weight (reference backend)."""
+    w = torch.randn(n, k)
+    b = torch.randn(n) if bias else None
+    return quantize_rtn(w, QuantSpec(bits, group, sym)).to_module(b)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+BF16_TOL = 1e-2
+
+
+def check(layer: QuantLinear, m: int, dtype: torch.dtype) -> None:
+    """Fresh random input; the cpu backend's output must match the reference's."""
+    exact = cpu._kind(layer) == "dequant" and dtype == torch.float32
+    tol = 1e-5 if exact else BF16_TOL
+    x = torch.randn(m, layer.in_features).to(dtype)
+    layer.set_backend("reference")
+    ref = layer(x.float())
+    layer.set_backend("cpu")
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) < tol, (layer.extra_repr(), m, dtype, rel_err(y, ref))
+
+
+SHAPES = [(576, 192), (256, 100), (96, 48)]
+CASES = list(itertools.product((2, 3, 4, 8), (32, 64, 128, -1), (False, True)))
+
+
+@pytest.mark.parametrize(("bits", "group", "sym"), CASES)
+def test_cpu_matches_reference(bits: int, group: int, sym: bool) -> None:
+    torch.manual_seed(bits * 100 + group + sym)
+    for k, n in SHAPES:
+        layer = random_layer(k, n, bits, group, sym)
+        for m in (1, 5):
+            check(layer, m, torch.float32)
+        check(layer, 3, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "kind"),
+    [(4, 128, "int4"), (3, 64, "int4"), (2, -1, "int4"), (8, -1, "int8"), (8, 128, "dequant")],
+)
+def test_path_taken_and_no_float_copy(bits: int, group: int, kind: str) -> None:
+    """Each layer takes its fast path, and nothing prepared is a full-precision weight."""
+    layer = random_layer(576, 1536, bits, group, False)
+    assert layer.set_backend() == "cpu"
+    assert cpu._kind(layer) == kind
+    for t in layer.prepared.values():
+        assert not (t.is_floating_point() and t.numel() >= layer.in_features * layer.out_features)
+
+
+def test_unaligned_int8_falls_back_and_matches() -> None:
+    """int8 per-channel on an unaligned shape takes the dequant path, with bias, 3-D input."""
+    torch.manual_seed(1)
+    layer = random_layer(70, 50, 8, -1, False, bias=True)
+    layer.set_backend("cpu")
+    assert cpu._kind(layer) == "dequant"
+    x = torch.randn(2, 3, 70)
+    y = layer(x)
+    layer.set_backend("reference")
+    assert y.shape == (2, 3, 50)
+    assert rel_err(y, layer(x)) < 1e-5
+
+
+def test_bias_and_batched_input_int4() -> None:
+    torch.manual_seed(2)
+    layer = random_layer(576, 576, 4, 128, True, bias=True)
+    x = torch.randn(2, 7, 576)
+    ref = layer(x)
+    layer.set_backend("cpu")
+    assert rel_err(layer(x), ref) < BF16_TOL
+
+
+def test_cpu_backend_refuses_other_devices() -> None:
+    layer = random_layer(64, 32, 4, 32, False).to("meta")
+    assert cpu.BACKEND.supports(layer) is not None

@@ -1,0 +1,85 @@
+"""The Triton GPU kernels against the reference backend, run on the CPU by Triton's interpreter
+(small shapes): every bit width, group sizes 32/64/128/per-channel with a short last group,
+sym and asym, the split-K GEMV path (M=1), split-K dots (small M) and tiled dots (larger M)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # set before the kernel module is imported: kernels run on CPU
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from bitserve.kernels import QuantLinear  # noqa: E402
+from bitserve.quantization.grid import QuantSpec, quantize_rtn  # noqa: E402
+
+triton_int = pytest.importorskip("bitserve.kernels.triton_int")
+if not triton_int.INTERPRET:  # imported earlier in this process without the interpreter
+    pytest.skip("triton_int was imported without TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def random_layer(k: int, n: int, bits: int, group: int, sym: bool) -> QuantLinear:
+    return quantize_rtn(torch.randn(n, k), QuantSpec(bits, group, sym)).to_module()
+
+
+CASES = [  # bits, group, sym, K, N
+    (4, 128, False, 576, 48),  # the default model's K: short last group
+    (4, 32, True, 256, 40),
+    (4, -1, False, 200, 24),
+    (3, 64, False, 320, 33),
+    (3, 128, True, 576, 48),
+    (2, 32, False, 256, 40),
+    (2, -1, True, 200, 24),
+    (8, 64, False, 256, 40),
+    (8, -1, True, 200, 24),
+]
+
+
+@pytest.mark.parametrize(("bits", "group", "sym", "k", "n"), CASES)
+def test_triton_matches_reference(bits: int, group: int, sym: bool, k: int, n: int) -> None:
+    torch.manual_seed(bits * 1000 + k + n)
+    layer = random_layer(k, n, bits, group, sym)
+    layer.set_backend("reference")
+    triton_int.BACKEND.prepare(layer)
+    for m, dtype, tol in [
+        (1, torch.float16, 2e-3),
+        (5, torch.bfloat16, 1e-2),
+        (40, torch.float16, 2e-3),
+        (3, torch.float32, 1e-5),
+    ]:
+        x = torch.randn(m, k).to(dtype)  # fresh input per check
+        ref = layer(x.float())
+        out = torch.full((m, n), float("nan"), dtype=dtype)  # poisoned: every entry must be written
+        y = triton_int.matmul(layer, x, out=out)
+        assert y is out and torch.isfinite(y).all()
+        err = float((y.float() - ref).norm() / ref.norm())
+        assert err < tol, (bits, group, sym, m, dtype, err)
+
+
+def test_forward_reshapes_and_adds_bias() -> None:
+    torch.manual_seed(3)
+    w, b = torch.randn(24, 128), torch.randn(24)
+    layer = quantize_rtn(w, QuantSpec(4, 64)).to_module(b)
+    x = torch.randn(2, 3, 128, dtype=torch.float16)
+    ref = layer(x.float())
+    triton_int.BACKEND.prepare(layer)
+    y = triton_int.BACKEND.forward(layer, x)
+    assert y.shape == (2, 3, 24) and y.dtype == torch.float16
+    assert float((y.float() - ref).norm() / ref.norm()) < 2e-3
+
+
+def test_three_bit_planes_hold_every_code() -> None:
+    """The 3-bit repack splits each code into a 2-bit and a 1-bit plane that rebuild it."""
+    layer = random_layer(256, 16, 3, 64, False)
+    triton_int.BACKEND.prepare(layer)
+    lo, hi = layer.prepared["qweight"], layer.prepared["qhigh"]
+    assert lo.shape == (256 * 2 // 32, 16) and hi.shape == (256 // 32, 16)
+    k = torch.arange(256)
+    lo_codes = (lo[k // 16].long() >> (2 * (k % 16))[:, None]) & 3
+    hi_codes = (hi[k // 32].long() >> (k % 32)[:, None]) & 1
+    assert torch.equal((lo_codes | (hi_codes << 2)).to(torch.uint8), layer.codes())
+
+
+def test_triton_backend_only_on_cuda() -> None:
+    layer = random_layer(64, 16, 4, 32, False)
+    assert "cuda" in (triton_int.BACKEND.supports(layer) or "")

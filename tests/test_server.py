@@ -1,0 +1,319 @@
+"""The serving stack end to end: a real `bitserve serve` uvicorn process on 127.0.0.1 over a
+tiny random-init W4 checkpoint, driven through httpx and the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from conftest import SERVER_QUALITY, ServerStarter
+from prometheus_client.parser import text_string_to_metric_families
+
+PROMPTS = [
+    f"Story {i}: once upon a time, a {w} went"
+    for i, w in enumerate(
+        [
+            "cat",
+            "dog",
+            "fox",
+            "owl",
+            "bee",
+            "ant",
+            "elk",
+            "yak",
+            "cow",
+            "pig",
+            "hen",
+            "emu",
+            "bat",
+            "rat",
+            "eel",
+            "gnu",
+        ]
+    )
+]
+
+
+@pytest.fixture(scope="module")
+def url(server_start: ServerStarter, server_tiny_checkpoint: Path) -> str:
+    return server_start(
+        server_tiny_checkpoint, "--max-model-len", "256", "--max-num-seqs", "16", "--threads", "1"
+    )
+
+
+@pytest.fixture(scope="module")
+def model_id(url: str) -> str:
+    return str(httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"])
+
+
+def complete(url: str, **body: Any) -> dict[str, Any]:
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Every sample of /metrics as {name{labels}: value}, parsed by prometheus-client."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model")
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_health_ready_and_model_card(url: str, server_tiny_checkpoint: Path) -> None:
+    assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
+    assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
+    card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+    assert card["id"] == server_tiny_checkpoint.name
+    q = card["quantization"]
+    assert (q["method"], q["bits"], q["group_size"]) == ("rtn", 4, 32)
+    assert q["bits_per_weight"] == pytest.approx(4 + (16 + 4) / 32)
+    assert card["quality"] == SERVER_QUALITY
+
+
+def test_completion_usage_and_length(url: str, model_id: str, server_tiny_checkpoint: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(server_tiny_checkpoint)
+    body = complete(
+        url, model=model_id, prompt=PROMPTS[0], max_tokens=12, temperature=0, ignore_eos=True
+    )
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["text"]
+    assert body["usage"]["prompt_tokens"] == len(tok(PROMPTS[0])["input_ids"])
+    assert body["usage"]["completion_tokens"] == 12
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 12
+
+
+def test_stream_matches_non_stream_httpx(url: str, model_id: str) -> None:
+    args = {"model": model_id, "prompt": PROMPTS[1], "max_tokens": 20, "temperature": 0}
+    full = complete(url, **args)["choices"][0]
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json={**args, "stream": True}, timeout=120
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == full["finish_reason"]
+
+
+def test_openai_client_completions_and_chat(url: str, model_id: str) -> None:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+    assert [m.id for m in client.models.list()] == [model_id]
+    c = client.completions.create(model=model_id, prompt=PROMPTS[2], max_tokens=10, temperature=0)
+    streamed = "".join(
+        ch.choices[0].text
+        for ch in client.completions.create(
+            model=model_id, prompt=PROMPTS[2], max_tokens=10, temperature=0, stream=True
+        )
+    )
+    assert c.choices[0].text == streamed and c.usage is not None
+    messages: Any = [{"role": "user", "content": "Hello there"}]
+    chat = client.chat.completions.create(
+        model=model_id, messages=messages, max_tokens=10, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage is not None and chat.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(
+        model=model_id,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, usage = [], None
+    for ch in stream:
+        if ch.usage is not None:
+            usage = ch.usage
+        if ch.choices and ch.choices[0].delta.content:
+            parts.append(ch.choices[0].delta.content)
+    assert "".join(parts) == chat.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_concurrent_greedy_equals_sequential(url: str, model_id: str) -> None:
+    def body(p: str) -> dict[str, Any]:
+        return {
+            "model": model_id,
+            "prompt": p,
+            "max_tokens": 24,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+
+    alone = [complete(url, **body(p))["choices"][0]["text"] for p in PROMPTS]
+
+    async def together() -> list[str]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            rs = await asyncio.gather(
+                *[client.post(f"{url}/v1/completions", json=body(p)) for p in PROMPTS]
+            )
+        return [r.json()["choices"][0]["text"] for r in rs]
+
+    assert asyncio.run(together()) == alone
+    assert len(set(alone)) > 1  # the prompts really differ
+
+
+def test_seed_n_stop_and_logprobs(url: str, model_id: str) -> None:
+    sampled = {
+        "model": model_id,
+        "prompt": PROMPTS[3],
+        "max_tokens": 16,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "top_k": 50,
+        "seed": 7,
+        "n": 2,
+        "ignore_eos": True,
+    }
+    a, b = complete(url, **sampled), complete(url, **sampled)
+    assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
+    assert sorted(c["index"] for c in a["choices"]) == [0, 1]
+    assert a["usage"]["completion_tokens"] == 32
+    greedy = complete(
+        url, model=model_id, prompt=PROMPTS[4], max_tokens=20, temperature=0, ignore_eos=True
+    )["choices"][0]["text"]
+    stop = greedy[len(greedy) // 2 : len(greedy) // 2 + 3]
+    cut = complete(
+        url,
+        model=model_id,
+        prompt=PROMPTS[4],
+        max_tokens=20,
+        temperature=0,
+        ignore_eos=True,
+        stop=[stop],
+    )["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == greedy[: greedy.index(stop)]
+    lp = complete(
+        url,
+        model=model_id,
+        prompt=PROMPTS[4],
+        max_tokens=5,
+        temperature=0,
+        ignore_eos=True,
+        logprobs=3,
+    )["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == 5 and all(len(t) == 3 for t in lp["top_logprobs"])
+    for value, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert value <= 0 and value == pytest.approx(max(top.values()))
+
+
+def test_disconnect_frees_sequence(url: str, model_id: str) -> None:
+    before = metrics(url).get("bitserve_request_success_total{finish_reason=abort}", 0.0)
+    body = {
+        "model": model_id,
+        "prompt": PROMPTS[5],
+        "max_tokens": 200,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert any(g.startswith("data: ") for g in got)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = metrics(url)
+        if (
+            m["bitserve_num_requests_running{}"] == 0
+            and m.get("bitserve_request_success_total{finish_reason=abort}", 0.0) == before + 1
+        ):
+            break
+        time.sleep(0.2)
+    assert m["bitserve_num_requests_running{}"] == 0
+    assert m["bitserve_request_success_total{finish_reason=abort}"] == before + 1
+    assert m["bitserve_generation_tokens_total{}"] > 0
+
+
+def test_metrics_counters_match_requests(url: str, model_id: str) -> None:
+    before = metrics(url)
+    usages = [
+        complete(url, model=model_id, prompt=p, max_tokens=5 + i, temperature=0, ignore_eos=True)[
+            "usage"
+        ]
+        for i, p in enumerate(PROMPTS[:4])
+    ]
+    after = metrics(url)
+
+    def diff(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert diff("bitserve_request_success_total{finish_reason=length}") == 4
+    assert diff("bitserve_prompt_tokens_total{}") == sum(u["prompt_tokens"] for u in usages)
+    assert diff("bitserve_generation_tokens_total{}") == sum(u["completion_tokens"] for u in usages)
+    assert diff("bitserve_time_to_first_token_seconds_count{}") == 4
+    assert diff("bitserve_e2e_request_latency_seconds_count{}") == 4
+    assert diff("bitserve_inter_token_latency_seconds_count{}") == sum(
+        u["completion_tokens"] - 1 for u in usages
+    )
+    assert after["bitserve_kv_cache_usage_ratio{}"] == 0
+    assert after["bitserve_decode_step_seconds_count{}"] > 0
+
+
+def test_errors_have_openai_shape(url: str, model_id: str) -> None:
+    cases = [
+        ({"model": model_id, "prompt": "x", "temperature": 5}, 422, "temperature"),
+        ({"model": model_id, "prompt": "x", "n": 0}, 422, "n"),
+        ({"model": "nope", "prompt": "x"}, 404, "model"),
+        ({"model": model_id, "prompt": "word " * 400}, 400, "prompt"),
+        ({"model": model_id, "prompt": "x", "max_tokens": 1000}, 400, "max_tokens"),
+        ({"model": model_id, "prompt": [10**7]}, 400, "prompt"),
+    ]
+    for body, status, param in cases:
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and err["message"] and err["type"]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=30, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    assert metrics(url)["bitserve_request_errors_total{status=404}"] >= 2
+
+
+def test_overload_answers_429_with_retry_after(
+    server_start: ServerStarter, server_tiny_checkpoint: Path
+) -> None:
+    url = server_start(
+        server_tiny_checkpoint,
+        "--max-num-seqs",
+        "1",
+        "--max-waiting",
+        "0",
+        "--max-model-len",
+        "512",
+        "--threads",
+        "1",
+    )
+    body = {"prompt": PROMPTS[0], "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            return list(
+                await asyncio.gather(
+                    *[client.post(f"{url}/v1/completions", json=body) for _ in range(4)]
+                )
+            )
+
+    codes = sorted(r.status_code for r in asyncio.run(burst()))
+    assert codes[0] == 200 and codes[-1] == 429
+    r = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 20}, timeout=300)
+    assert r.status_code == 200
