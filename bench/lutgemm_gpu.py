@@ -137,6 +137,8 @@ def main() -> int:
         copies = max(2, int(L2_BYTES // bcq_bytes) + 1)
         layers = [random_bcq(k, n, BITS, GROUP, "cuda") for _ in range(copies)]
         errs = {v: check(layers[0], *v, failures) for v in variants}
+        if layers[0].set_backend("auto") != "lutgemm":
+            failures.append(f"BCQLinear on CUDA picked {layers[0].backend!r}, not lutgemm")
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         fp16_copies = max(2, int(L2_BYTES // (2 * n * k)) + 1)
         weights = [

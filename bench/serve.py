@@ -33,7 +33,11 @@ PROMPTS = [
 ]
 
 
+SERVERS = ["bitserve-w4", "bitserve-fp32", "transformers-serve"]
+
+
 def _free_port() -> int:
+    """A port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -126,6 +130,7 @@ async def run_level(
 
 
 def _pct(xs: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of xs, NaN if empty."""
     if not xs:
         return float("nan")
     xs = sorted(xs)
@@ -141,6 +146,7 @@ def bench_server(
     extra: dict,
     ready: str,
 ) -> dict[str, Any]:
+    """Start one server, warm it up, measure every concurrency level, stop it."""
     log = Path(args.logdir) / f"{name}.log"
     print(f"[{name}] starting: {' '.join(cmd)}", flush=True)
     proc = start_server(cmd, port, ready, log, args.start_timeout)
@@ -165,6 +171,7 @@ def bench_server(
 
 
 def serve_benchmark(args: argparse.Namespace) -> None:
+    """Benchmark each chosen server in turn, save JSON and print the table."""
     bitserve = [sys.executable, "-m", "bitserve.cli", "serve"]
     common = ["--max-num-seqs", "16", "--max-model-len", "512", "--log-level", "warning"]
     servers: dict[str, tuple[list[str], str, dict, str, int]] = {}
@@ -177,7 +184,7 @@ def serve_benchmark(args: argparse.Namespace) -> None:
             "/ready",
             port,
         )
-    if not args.skip_transformers:
+    if "transformers-serve" in args.servers:
         port = _free_port()
         servers["transformers-serve"] = (
             [
@@ -201,10 +208,13 @@ def serve_benchmark(args: argparse.Namespace) -> None:
         )
     results = {}
     for name, (cmd, model, extra, ready, port) in servers.items():
+        if name not in args.servers:
+            continue
         try:
             results[name] = bench_server(name, cmd, port, model, args, extra, ready)
         except Exception as e:  # a baseline that cannot run is reported, not fatal
             print(f"[{name}] failed: {e}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print_table(results)
 
@@ -229,14 +239,14 @@ def print_table(results: dict[str, Any]) -> None:
 def engine_compare(args: argparse.Namespace) -> None:
     """Offline: the bitserve engine vs transformers' continuous batching on one loaded model."""
     import torch
-    from bitserve.server.cli import build_state
-    from bitserve.server.sampling import SamplingParams
-    from bitserve.server.settings import Settings
     from transformers import GenerationConfig
 
     from bitserve.models import load_model
+    from bitserve.server.cli import build_state, resolve_checkpoint
+    from bitserve.server.sampling import SamplingParams
+    from bitserve.server.settings import Settings
 
-    loaded = load_model(args.checkpoint)
+    loaded = load_model(resolve_checkpoint(args.checkpoint))
     tok = loaded.tokenizer
     prompts = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(args.requests)]
     n_tokens = args.max_tokens
@@ -289,20 +299,76 @@ def engine_compare(args: argparse.Namespace) -> None:
         )
 
 
+def profile_step(args: argparse.Namespace) -> None:
+    """torch.profiler view of one runner decode step at batch 1 and 16, grouped by kind of op."""
+    from collections import defaultdict
+
+    import torch
+    from torch.profiler import profile
+
+    from bitserve.models import load_model
+    from bitserve.server.cli import resolve_checkpoint
+    from bitserve.server.runner import LlamaRunner
+
+    runner = LlamaRunner(
+        load_model(resolve_checkpoint(args.checkpoint)).model, 16, 512, torch.bfloat16
+    )
+    kinds = {
+        "int4pack": "quant matmul",
+        "int8pack": "quant matmul",
+        "aten::mm": "dense mm",
+        "aten::addmm": "dense mm",
+        "scaled_dot": "attention",
+        "index": "kv gather/scatter",
+    }
+    for batch in (1, 16):
+        inputs = (
+            torch.zeros(batch, 1, dtype=torch.long),
+            torch.arange(batch),
+            torch.full((batch,), 40),
+        )
+        for _ in range(2):
+            runner.forward(*inputs)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            runner.forward(*inputs)
+        step = (time.perf_counter() - t0) / 5
+        with profile() as prof:
+            runner.forward(*inputs)
+        ms: dict[str, float] = defaultdict(float)
+        for e in prof.key_averages():
+            kind = next((v for k, v in kinds.items() if k in e.key), "other aten ops")
+            ms[kind] += e.self_cpu_time_total / 1e3
+        total = sum(ms.values())
+        parts = ", ".join(
+            f"{k} {v / total:.0%}" for k, v in sorted(ms.items(), key=lambda x: -x[1])
+        )
+        calls = sum(e.count for e in prof.key_averages())
+        print(f"batch {batch}: {step * 1e3:.0f} ms/step; {calls} aten calls; {parts}")
+
+
 def main() -> None:
+    """Parse arguments and run the chosen mode."""
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--checkpoint", default="checkpoints/rtn-w4g128", help="W4 checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        default="default",
+        help="W4 checkpoint (default: `bitserve serve default`'s)",
+    )
     p.add_argument("--unquantized", default="models/SmolLM2-135M-Instruct")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--servers", nargs="+", default=SERVERS, choices=SERVERS)
     p.add_argument("--engine-compare", action="store_true")
+    p.add_argument("--profile", action="store_true", help="profile one decode step and exit")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--logdir", default=os.environ.get("TMPDIR", "/tmp"))
-    p.add_argument("--out", default="bench/serve-results.json")
+    p.add_argument("--out", default="bench/out/serve-results.json")
     args = p.parse_args()
-    if args.engine_compare:
+    if args.profile:
+        profile_step(args)
+    elif args.engine_compare:
         engine_compare(args)
     else:
         serve_benchmark(args)

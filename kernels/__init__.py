@@ -3,6 +3,7 @@
 import importlib.util
 
 import torch
+
 from bitserve.kernels import bcq_linear, cpu, reference
 from bitserve.kernels.quant_linear import (
     BACKENDS,

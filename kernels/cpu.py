@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from bitserve.kernels.packing import group_index
 from bitserve.kernels.quant_linear import Backend, QuantLinear, register_backend
 

@@ -89,10 +89,9 @@ def _lutgemm_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,
-    N_BLOCKS: tl.constexpr,
 ):
-    """out[m, n-blocks] += this K slice's Σ_i α_i · Σ LUT[run][sign byte] (+ offset · Σ x);
-    program (N_BLOCKS n-blocks, K slice, row m). Weights: int32 words [BITS, KW, N], 32 signs each."""
+    """out[m, n-block] += this K slice's Σ_i α_i · Σ LUT[run][sign byte] (+ offset · Σ x);
+    program (n-block, K slice, row m). Weights: int32 words [BITS, KW, N], 32 signs each."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -101,68 +100,66 @@ def _lutgemm_kernel(
     w_start = pid_k * words_per_split
     w_end = tl.minimum(w_start + words_per_split, KW)
     lut_row = lut_ptr + m * stride_lm
-    for j in range(N_BLOCKS):  # the K slice's tables stay in L1 across n-blocks
-        offs_n = (pid_n * N_BLOCKS + j) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for w0 in range(w_start, w_end, BLOCK_W):
-            offs_w = w0 + tl.arange(0, BLOCK_W)
-            mask_w = offs_w < w_end
-            mask = mask_w[:, None] & mask_n[None, :]
-            g = offs_w // group_words
-            for i in tl.static_range(BITS):
-                word = tl.load(
-                    q_ptr + (i * KW + offs_w)[:, None] * N + offs_n[None, :], mask=mask, other=0
-                )
-                part = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-                for t in tl.static_range(chunks):
-                    idx = (word >> (t * MU)) & (table - 1)
-                    part += tl.load(
-                        lut_row + (offs_w * chunks + t)[:, None] * table + idx, mask=mask, other=0.0
-                    ).to(tl.float32)
-                alpha = tl.load(
-                    a_ptr + (g * BITS + i)[:, None] * N + offs_n[None, :], mask=mask, other=0.0
-                )
-                acc += tl.sum(alpha.to(tl.float32) * part, axis=0)
-            if HAS_OFFSET:
-                xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
-                for t in tl.static_range(chunks):
-                    xsum += tl.load(
-                        lut_row + (offs_w * chunks + t) * table + (table - 1),
-                        mask=mask_w,
-                        other=0.0,
-                    ).to(tl.float32)
-                z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-                acc += tl.sum(z.to(tl.float32) * xsum[:, None], axis=0)
-        if HAS_BIAS:  # added once, by the first K slice
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc += tl.where(pid_k == 0, bias, 0.0)
-        tl.atomic_add(out_ptr + m * stride_om + offs_n, acc, mask=mask_n)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for w0 in range(w_start, w_end, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        mask_w = offs_w < w_end
+        mask = mask_w[:, None] & mask_n[None, :]
+        g = offs_w // group_words
+        for i in tl.static_range(BITS):
+            word = tl.load(
+                q_ptr + (i * KW + offs_w)[:, None] * N + offs_n[None, :], mask=mask, other=0
+            )
+            part = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+            for t in tl.static_range(chunks):
+                idx = (word >> (t * MU)) & (table - 1)
+                part += tl.load(
+                    lut_row + (offs_w * chunks + t)[:, None] * table + idx, mask=mask, other=0.0
+                ).to(tl.float32)
+            alpha = tl.load(
+                a_ptr + (g * BITS + i)[:, None] * N + offs_n[None, :], mask=mask, other=0.0
+            )
+            acc += tl.sum(alpha.to(tl.float32) * part, axis=0)
+        if HAS_OFFSET:
+            xsum = tl.zeros([BLOCK_W], dtype=tl.float32)
+            for t in tl.static_range(chunks):
+                xsum += tl.load(
+                    lut_row + (offs_w * chunks + t) * table + (table - 1),
+                    mask=mask_w,
+                    other=0.0,
+                ).to(tl.float32)
+            z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+            acc += tl.sum(z.to(tl.float32) * xsum[:, None], axis=0)
+    if HAS_BIAS:  # added once, by the first K slice
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)
+    tl.atomic_add(out_ptr + m * stride_om + offs_n, acc, mask=mask_n)
 
 
-# (BLOCK_N, BLOCK_W, num_warps, programs per SM aimed at by split-K, n-blocks per program) tried
-# per shape on the GPU. Many n-blocks per program and thin K slices keep a slice's tables in L1.
+# (BLOCK_N, BLOCK_W, num_warps, programs per SM aimed at by split-K) tried per shape on the GPU.
 CANDIDATES = [
-    (64, 4, 4, 8, 1),
-    (128, 2, 4, 8, 1),
-    (128, 4, 4, 4, 1),
-    (256, 2, 8, 4, 1),
-    (128, 4, 4, 4, 8),
-    (128, 8, 4, 4, 8),
-    (128, 4, 4, 8, 16),
-    (256, 4, 8, 4, 8),
-    (128, 8, 4, 2, 32),
-    (64, 8, 4, 4, 16),
+    (32, 4, 2, 8),
+    (64, 2, 4, 8),
+    (64, 4, 4, 4),
+    (64, 4, 4, 8),
+    (64, 8, 4, 4),
+    (128, 2, 4, 8),
+    (128, 4, 4, 4),
+    (128, 4, 8, 8),
+    (256, 2, 8, 4),
+    (256, 4, 8, 8),
 ]
-INTERPRET_CONFIG = (32, 2, 4, 2, 2)
-Config = tuple[int, int, int, int, int]
+INTERPRET_CONFIG = (32, 2, 4, 2)
+Config = tuple[int, int, int, int]
 _tuned: dict[tuple[int, ...], Config] = {}
 
 
 def _splits(config: Config, m: int, n: int, kw: int, sms: int) -> int:
     """Words of K per program, so that about waves·sms programs run (whole BLOCK_W tiles)."""
-    block_n, block_w, _, waves, n_blocks = config
-    programs = triton.cdiv(n, block_n * n_blocks) * m
+    block_n, block_w, _, waves = config
+    programs = triton.cdiv(n, block_n) * m
     split = max(1, min(triton.cdiv(kw, block_w), (waves * sms) // max(programs, 1)))
     return triton.cdiv(triton.cdiv(kw, split), block_w) * block_w
 
@@ -202,10 +199,10 @@ def _launch(
     words = _splits(config, m, n, kw, sms)
     group = layer.group_size
     group_words = kw if group == -1 or group >= layer.in_features else group // 32
-    block_n, block_w, warps, _, n_blocks = config
+    block_n, block_w, warps, _ = config
     bias = layer.bias if layer.bias is not None else layer.alpha
     offset = layer.offset if layer.offset is not None else layer.alpha
-    grid = (triton.cdiv(n, block_n * n_blocks), triton.cdiv(kw, words), m)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(kw, words), m)
     _lutgemm_kernel[grid](
         lut,
         layer.qweight,
@@ -225,7 +222,6 @@ def _launch(
         HAS_BIAS=layer.bias is not None,
         BLOCK_N=block_n,
         BLOCK_W=block_w,
-        N_BLOCKS=n_blocks,
         num_warps=warps,
     )
 

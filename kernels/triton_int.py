@@ -70,6 +70,56 @@ def _load_codes(
 
 
 @triton.jit
+def _dot_block(
+    acc,
+    x_ptr,
+    qw_ptr,
+    qh_ptr,
+    s_ptr,
+    z_ptr,
+    kb,
+    offs_m,
+    offs_n,
+    mask_m,
+    mask_n,
+    N,
+    K,
+    G,
+    stride_xm,
+    stride_w,
+    stride_h,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """acc + x[:, K-block kb] @ dequant(W)[K-block kb, :] with the codes unpacked to 2-D."""
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+        mask=mask_m[:, None] & (offs_k < K)[None, :],
+        other=0.0,
+    )
+    q = _load_codes(qw_ptr, qh_ptr, kb, offs_n, mask_n, stride_w, stride_h, BITS, BLOCK_K, BLOCK_N)
+    if BLOCK_K <= GROUP:
+        g = tl.minimum((kb * BLOCK_K) // GROUP, G - 1)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        w = (q.to(tl.float32) - z[None, :]) * s[None, :]
+    else:
+        g2 = tl.minimum(offs_k // GROUP, G - 1)[:, None] * N + offs_n[None, :]
+        s2 = tl.load(s_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        z2 = tl.load(z_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        w = (q.to(tl.float32) - z2) * s2
+    if DOT_F32:
+        acc += tl.dot(x.to(tl.float32), w)
+    else:
+        acc += tl.dot(x, w.to(x.dtype))
+    return acc
+
+
+@triton.jit
 def _int_matmul_kernel(
     x_ptr,
     qw_ptr,
@@ -93,8 +143,14 @@ def _int_matmul_kernel(
     SPLIT_K: tl.constexpr,
     K_BLOCKS,
     DOT_F32: tl.constexpr,
+    JSPLIT: tl.constexpr,
 ):
-    """out[M, N] (+)= x[M, K] @ dequant(W)[K, N]; program (n, m, k-slice of SPLIT_K)."""
+    """out[M, N] (+)= x[M, K] @ dequant(W)[K, N]; program (n, m, k-slice of SPLIT_K).
+
+    JSPLIT (at least 16 words per K-block): the word tile is loaded once and split by code
+    position j into per_word dots of x[:, word * per_word + j] with plane j, which keeps every
+    tile in its 2-D layout; otherwise the codes are unpacked and reshaped to [BLOCK_K, BLOCK_N].
+    """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -102,45 +158,143 @@ def _int_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if BLOCK_M == 1:
-        acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    per_word: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # 3-bit: the 2-bit plane's words
+    plane_bits: tl.constexpr = 2 if BITS == 3 else BITS
+    words: tl.constexpr = BLOCK_K // per_word
     for kb in range(pid_k, K_BLOCKS, SPLIT_K):
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=mask_m[:, None] & (offs_k < K)[None, :],
-            other=0.0,
-        )
-        q = _load_codes(
-            qw_ptr, qh_ptr, kb, offs_n, mask_n, stride_w, stride_h, BITS, BLOCK_K, BLOCK_N
-        )
-        if BLOCK_K <= GROUP:
-            g = tl.minimum((kb * BLOCK_K) // GROUP, G - 1)
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            w = (q.to(tl.float32) - z[None, :]) * s[None, :]
+        if JSPLIT:
+            word_idx = tl.arange(0, words)
+            rows = kb * words + word_idx
+            wt = tl.load(qw_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=mask_n[None, :])
+            if BITS == 3:
+                rows_hi = kb * (words // 2) + word_idx // 2
+                h = tl.load(
+                    qh_ptr + rows_hi[:, None] * stride_h + offs_n[None, :], mask=mask_n[None, :]
+                )
+                h = h >> ((word_idx % 2) * 16)[:, None]
+            k0 = kb * BLOCK_K + word_idx * per_word
+            if BLOCK_K <= GROUP:
+                g = tl.minimum((kb * BLOCK_K) // GROUP, G - 1)
+                sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                zr = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            for j in tl.static_range(per_word):
+                qj = (wt >> (j * plane_bits)) & ((1 << plane_bits) - 1)
+                if BITS == 3:
+                    qj = qj | (((h >> j) & 1) << 2)
+                if BLOCK_K <= GROUP:
+                    wj = (qj.to(tl.float32) - zr[None, :]) * sc[None, :]
+                else:
+                    gj = tl.minimum((k0 + j) // GROUP, G - 1)[:, None] * N + offs_n[None, :]
+                    sj = tl.load(s_ptr + gj, mask=mask_n[None, :], other=0.0).to(tl.float32)
+                    zj = tl.load(z_ptr + gj, mask=mask_n[None, :], other=0.0).to(tl.float32)
+                    wj = (qj.to(tl.float32) - zj) * sj
+                xj = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + (k0 + j)[None, :],
+                    mask=mask_m[:, None] & (k0 + j < K)[None, :],
+                    other=0.0,
+                )
+                if DOT_F32:
+                    acc += tl.dot(xj.to(tl.float32), wj)
+                else:
+                    acc += tl.dot(xj, wj.to(xj.dtype))
         else:
-            g2 = tl.minimum(offs_k // GROUP, G - 1)[:, None] * N + offs_n[None, :]
-            s2 = tl.load(s_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
-            z2 = tl.load(z_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
-            w = (q.to(tl.float32) - z2) * s2
-        if BLOCK_M == 1:
-            acc1 += tl.sum(x.to(tl.float32).reshape(BLOCK_K, 1) * w, axis=0)
-        else:
-            if DOT_F32:
-                acc += tl.dot(x.to(tl.float32), w)
-            else:
-                acc += tl.dot(x, w.to(x.dtype))
-    if BLOCK_M == 1:
-        acc = acc1.reshape(1, BLOCK_N)
+            acc = _dot_block(
+                acc,
+                x_ptr,
+                qw_ptr,
+                qh_ptr,
+                s_ptr,
+                z_ptr,
+                kb,
+                offs_m,
+                offs_n,
+                mask_m,
+                mask_n,
+                N,
+                K,
+                G,
+                stride_xm,
+                stride_w,
+                stride_h,
+                BITS,
+                GROUP,
+                BLOCK_K,
+                BLOCK_N,
+                DOT_F32,
+            )
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    qw_ptr,
+    qh_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    N,
+    K,
+    G,
+    stride_w,
+    stride_h,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    K_BLOCKS,
+):
+    """out[N] (+)= x[K] @ dequant(W)[K, N] for one row (decode). Each word tile [words,
+    BLOCK_N] is loaded once; an unrolled loop over the code position j inside the words takes
+    plane j out with a shift and meets it with x[word * per_word + j]. Everything stays in the
+    tile's own 2-D layout (no reshape, no broadcast loads); one reduction at the end."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    per_word: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # 3-bit: the 2-bit plane's words
+    plane_bits: tl.constexpr = 2 if BITS == 3 else BITS
+    words: tl.constexpr = BLOCK_K // per_word
+    word_idx = tl.arange(0, words)
+    acc = tl.zeros((words, BLOCK_N), dtype=tl.float32)
+    for kb in range(pid_k, K_BLOCKS, SPLIT_K):
+        rows = kb * words + word_idx
+        w = tl.load(qw_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=mask_n[None, :])
+        if BITS == 3:  # code k = 16 * row + j; its high bit is bit k % 32 of plane word k // 32
+            rows_hi = kb * (words // 2) + word_idx // 2
+            h = tl.load(
+                qh_ptr + rows_hi[:, None] * stride_h + offs_n[None, :], mask=mask_n[None, :]
+            )
+            h = h >> ((word_idx % 2) * 16)[:, None]
+        k0 = kb * BLOCK_K + word_idx * per_word
+        if BLOCK_K <= GROUP:
+            g = tl.minimum((kb * BLOCK_K) // GROUP, G - 1)
+            sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            zr = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        for j in tl.static_range(per_word):
+            q = (w >> (j * plane_bits)) & ((1 << plane_bits) - 1)
+            if BITS == 3:
+                q = q | (((h >> j) & 1) << 2)
+            xj = tl.load(x_ptr + k0 + j, mask=k0 + j < K, other=0.0).to(tl.float32)
+            if BLOCK_K <= GROUP:
+                acc += xj[:, None] * ((q.to(tl.float32) - zr[None, :]) * sc[None, :])
+            else:
+                g2 = tl.minimum((k0 + j) // GROUP, G - 1)[:, None] * N + offs_n[None, :]
+                s2 = tl.load(s_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
+                z2 = tl.load(z_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
+                acc += xj[:, None] * ((q.to(tl.float32) - z2) * s2)
+    y = tl.sum(acc, axis=0)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 def _supports(layer: QuantLinear) -> str | None:
@@ -178,16 +332,21 @@ def _prepare(layer: QuantLinear) -> None:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) candidates per M regime.
 SMALL_M = [
-    (1, 64, 256, 8, 4, 3),
-    (1, 128, 128, 8, 4, 3),
-    (1, 128, 256, 4, 4, 3),
-    (1, 256, 128, 4, 8, 3),
-    (1, 64, 128, 16, 4, 3),
-    (1, 128, 128, 1, 4, 3),
-    (1, 32, 256, 16, 4, 3),
+    (1, 64, 256, 8, 4, 1),
+    (1, 128, 256, 4, 4, 1),
+    (1, 128, 256, 8, 4, 1),
+    (1, 64, 256, 16, 4, 1),
+    (1, 128, 128, 16, 4, 1),
+    (1, 64, 128, 32, 2, 1),
+    (1, 256, 256, 4, 8, 1),
+    (1, 256, 128, 8, 4, 1),
 ]
 MID_M = [
     (16, 64, 128, 8, 4, 3),
+    (16, 64, 128, 16, 4, 3),
+    (16, 32, 128, 16, 4, 3),
+    (16, 64, 64, 32, 4, 2),
+    (16, 64, 256, 8, 4, 3),
     (16, 128, 128, 4, 4, 3),
     (16, 64, 256, 4, 4, 3),
     (16, 128, 64, 8, 4, 4),
@@ -197,6 +356,8 @@ MID_M = [
 ]
 LARGE_M = [
     (64, 128, 64, 1, 4, 4),
+    (128, 128, 256, 1, 8, 2),
+    (64, 128, 256, 1, 4, 2),
     (128, 128, 64, 1, 8, 3),
     (128, 256, 64, 1, 8, 3),
     (64, 256, 64, 1, 8, 3),
@@ -227,6 +388,29 @@ def _launch(
         # 16-bit atomics, so there they go through a float32 buffer.
         out = torch.zeros_like(out, dtype=torch.float32) if INTERPRET else out.zero_()
     group = BIG_GROUP if layer.group_size == -1 or layer.group_size >= k else layer.group_size
+    if block_m == 1:
+        _gemv_kernel[(triton.cdiv(n, block_n), split_k)](
+            x,
+            qw,
+            qh,
+            layer.prepared["scales"],
+            layer.prepared["zeros"],
+            out,
+            n,
+            k,
+            num_groups(k, layer.group_size),
+            qw.stride(0),
+            qh.stride(0),
+            BITS=layer.bits,
+            GROUP=group,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            SPLIT_K=split_k,
+            K_BLOCKS=k_blocks,
+            num_warps=warps,
+            num_stages=stages,
+        )
+        return result.copy_(out) if out is not result else result
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     _int_matmul_kernel[grid](
         x,
@@ -252,6 +436,7 @@ def _launch(
         K_BLOCKS=k_blocks,
         # The interpreter's bf16 dot is wrong (numpy has no bf16): it takes the fp32 dot there.
         DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
+        JSPLIT=block_k // (16 if layer.bits == 3 else 32 // layer.bits) >= 16,
         num_warps=warps,
         num_stages=stages,
     )

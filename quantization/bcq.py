@@ -4,15 +4,19 @@ inputs, W ≈ Σ_i α_i b_i (+ z) with b_i ∈ {-1, +1}, fitted by alternating l
 Greedy start (sign of the residual, mean absolute residual), then alternate: α (and the offset
 z) by least squares given the signs, and the signs by picking, for every weight, the nearest of
 the 2^bits values Σ_i ±α_i (+ z). Both steps can only lower the squared error, so ALS never
-ends worse than its greedy start. Data-free: it needs the weights only.
+ends worse than its start. The least squares weigh each input channel by an importance: the
+squared gain of the norm before the linear (`bcq`, data-free) or E[x²] on calibration data
+(`bcq-act`), so that channels with outlier activations keep their weights. See docs/bcq.md.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from bitserve.errors import UsageError
 from bitserve.kernels.bcq_linear import BCQLinear, dequantize_bcq
@@ -76,14 +80,18 @@ def _design(bits: int, offset: bool) -> torch.Tensor:
     return torch.tensor([[*p, 1.0] if offset else list(p) for p in signs], dtype=torch.float64)
 
 
-def _solve(w: torch.Tensor, codes: torch.Tensor, design: torch.Tensor) -> torch.Tensor:
-    """Least-squares coefficients [N, G, c] (α per plane, then the offset) given every weight's
-    code [N, G, S]; padding carries code 2^bits and is ignored. The normal equations only need
-    how often each code occurs and the sum of its weights."""
+def _solve(
+    w: torch.Tensor, codes: torch.Tensor, design: torch.Tensor, d: torch.Tensor
+) -> torch.Tensor:
+    """Weighted least-squares coefficients [N, G, c] (α per plane, then the offset) given every
+    weight's code [N, G, S] and input-channel importance d [G, S]; padding carries code 2^bits
+    and is ignored. The normal equations only need each code's total importance and the
+    importance-weighted sum of its weights."""
     ncodes = design.shape[0]
     shape = (*codes.shape[:2], ncodes + 1)
-    counts = w.new_zeros(shape).scatter_add_(-1, codes, torch.ones_like(w))[..., :ncodes].double()
-    sums = w.new_zeros(shape).scatter_add_(-1, codes, w)[..., :ncodes].double()
+    dw = d.expand_as(w)
+    counts = w.new_zeros(shape).scatter_add_(-1, codes, dw)[..., :ncodes].double()
+    sums = w.new_zeros(shape).scatter_add_(-1, codes, dw * w)[..., :ncodes].double()
     outer = design.unsqueeze(-1) * design.unsqueeze(-2)  # [C, c, c]
     gram = torch.einsum("ngk,kab->ngab", counts, outer)
     # A small ridge keeps groups that use few codes (e.g. constant weights) solvable.
@@ -101,24 +109,31 @@ def _nearest(w: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch
     return torch.where(mask, codes, ncodes)
 
 
-def _error(w: torch.Tensor, codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Squared reconstruction error per row and group, [N, G] (padding adds nothing)."""
+def _error(
+    w: torch.Tensor, codes: torch.Tensor, values: torch.Tensor, d: torch.Tensor
+) -> torch.Tensor:
+    """Importance-weighted squared error per row and group, [N, G] (padding adds nothing)."""
     padded = torch.cat([values, values.new_zeros(*values.shape[:2], 1)], dim=-1).to(w.dtype)
-    return ((w - padded.gather(-1, codes)) ** 2).sum(-1)
+    return ((w - padded.gather(-1, codes)) ** 2 * d).sum(-1)
 
 
 def _als(
-    w: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor, design: torch.Tensor, iters: int
+    w: torch.Tensor,
+    codes: torch.Tensor,
+    mask: torch.Tensor,
+    design: torch.Tensor,
+    d: torch.Tensor,
+    iters: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Alternate the least-squares solve and the nearest-code refit from `codes`, stopping early
     once no code changes; returns (coefficients, codes)."""
-    coef = _solve(w, codes, design)
+    coef = _solve(w, codes, design, d)
     for _ in range(iters):
         new_codes = _nearest(w, coef @ design.t(), mask)
         if torch.equal(new_codes, codes):
             break
         codes = new_codes
-        coef = _solve(w, codes, design)
+        coef = _solve(w, codes, design, d)
     return coef, codes
 
 
@@ -150,22 +165,36 @@ def _uniform_codes(w: torch.Tensor, mask: torch.Tensor, bits: int) -> torch.Tens
 
 
 def fit_bcq(
-    w: torch.Tensor, bits: int, group_size: int, iters: int = 10, offset: bool = True
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    iters: int = 10,
+    offset: bool = True,
+    importance: torch.Tensor | None = None,
 ) -> BCQWeight:
     """Fit BCQ to w [N, K]: ALS for `iters` rounds from the greedy fit and from the min/max
-    integer grid, keeping the better per row and group (iters=0: the greedy fit alone)."""
+    integer grid, keeping the better per row and group (iters=0: the greedy fit alone). With
+    `importance` [K] (e.g. E[x_k²] of the layer's inputs) the least squares weigh input k by it,
+    which minimises the expected output error instead of the weight error."""
     if bits not in BCQ_BITS:
         raise UsageError(f"BCQ supports {', '.join(map(str, BCQ_BITS))} bits, not {bits}")
     n, k = w.shape
     wg, mask = _grouped(w.detach().float().cpu(), group_size)
     design = _design(bits, offset)
+    if importance is None:
+        d = mask.float()
+    else:
+        imp = importance.detach().float().cpu().view(1, k)
+        imp = imp / imp.mean().clamp_min(1e-20)
+        d = _grouped(imp.clamp_min(1e-6), group_size)[0][0]  # padding gets 0
     alpha, codes = _greedy(wg, mask, bits)
     alpha = alpha.double()
     coef = torch.cat([alpha, torch.zeros_like(alpha[..., :1])], -1) if offset else alpha
     if iters > 0:
-        coef, codes = _als(wg, codes, mask, design, iters)
-        coef2, codes2 = _als(wg, _uniform_codes(wg, mask, bits), mask, design, iters)
-        better = _error(wg, codes2, coef2 @ design.t()) < _error(wg, codes, coef @ design.t())
+        coef, codes = _als(wg, codes, mask, design, d, iters)
+        coef2, codes2 = _als(wg, _uniform_codes(wg, mask, bits), mask, design, d, iters)
+        values, values2 = coef @ design.t(), coef2 @ design.t()
+        better = _error(wg, codes2, values2, d) < _error(wg, codes, values, d)
         coef = torch.where(better.unsqueeze(-1), coef2, coef)
     # Stored form: α ≥ 0 (a negative α flips its sign plane, which the refit absorbs), α and the
     # offset rounded to fp16, and every code chosen against the values actually stored.
@@ -182,12 +211,62 @@ def fit_bcq(
     )
 
 
+def input_importance(ctx: BlockContext) -> dict[str, torch.Tensor]:
+    """E[x_k²] of every linear's inputs over the block's calibration calls, by linear name."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...], output: object) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return record
+
+    handles = [lin.register_forward_hook(hook(n)) for n, lin in ctx.linears.items()]
+    try:
+        with torch.no_grad():
+            for call in ctx.inputs:
+                ctx.run(call)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+# Llama-family linears that read a norm's output, and that norm (relative to the block).
+NORM_BEFORE = {
+    "q_proj": "input_layernorm",
+    "k_proj": "input_layernorm",
+    "v_proj": "input_layernorm",
+    "gate_proj": "post_attention_layernorm",
+    "up_proj": "post_attention_layernorm",
+}
+
+
+def norm_importance(ctx: BlockContext) -> dict[str, torch.Tensor]:
+    """Data-free stand-in for E[x_k²]: the squared gain of the norm that feeds the linear (its
+    outlier channels are where weight errors cost most); linears without one get none."""
+    found: dict[str, torch.Tensor] = {}
+    for name, lin in ctx.linears.items():
+        norm = NORM_BEFORE.get(name.rsplit(".", 1)[-1])
+        gain = getattr(dict(ctx.block.named_modules()).get(norm or ""), "weight", None)
+        if isinstance(gain, torch.Tensor) and gain.shape == (lin.in_features,):
+            found[name] = gain.detach().float() ** 2
+    return found
+
+
 def quantize_block(ctx: BlockContext) -> dict[str, Quantized]:
-    """Fit every linear of the block independently (data-free)."""
+    """Fit every linear of the block independently, weighing input k by its calibration E[x_k²]
+    (bcq-act) or, data-free, by the squared gain of the norm before the linear (bcq)."""
     iters = int(ctx.args.get("iters", 10))
     offset = bool(ctx.args.get("offset", True))
+    importance = input_importance(ctx) if ctx.inputs else norm_importance(ctx)
     return {
-        name: fit_bcq(lin.weight.data, ctx.spec.bits, ctx.spec.group_size, iters, offset)
+        name: fit_bcq(
+            lin.weight.data, ctx.spec.bits, ctx.spec.group_size, iters, offset, importance.get(name)
+        )
         for name, lin in ctx.linears.items()
     }
 
@@ -198,6 +277,15 @@ METHOD = register_method(
         needs_calibration=False,
         quantize_block=quantize_block,
         description="binary-coding quantization fitted by alternating least squares (data-free)",
+        defaults={"iters": 10, "offset": True},
+    )
+)
+ACT_METHOD = register_method(
+    Method(
+        name="bcq-act",
+        needs_calibration=True,
+        quantize_block=quantize_block,
+        description="BCQ whose least squares weigh each input by its calibration E[x²]",
         defaults={"iters": 10, "offset": True},
     )
 )

@@ -58,6 +58,7 @@ class APIError(Exception):
 
 
 def _error_response(state: ServerState, err: APIError) -> JSONResponse:
+    """Count the error by status and answer it in the OpenAI error shape."""
     state.metrics.rejected.labels(model=state.card.id, status=str(err.status)).inc()
     body = S.ErrorResponse(
         error=S.ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code)
@@ -67,6 +68,7 @@ def _error_response(state: ServerState, err: APIError) -> JSONResponse:
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
+    """404 unless `model` is absent or the served model's id."""
     if model is not None and model != state.card.id:
         raise APIError(
             404,
@@ -168,12 +170,14 @@ async def _outputs(
 
 
 def _token_text(state: ServerState, token: int) -> str:
+    """The text of one token, as logprobs report it."""
     return str(state.tokenizer.decode([token]))
 
 
 def _completion_logprobs(
     state: ServerState, ids: list[int], lps: list[TokenLogprobs | None], offset: int
 ) -> S.CompletionLogprobs:
+    """Legacy completions logprobs (tokens, token_logprobs, top_logprobs, text_offset)."""
     out = S.CompletionLogprobs()
     for token, lp in zip(ids, lps, strict=True):
         if lp is None:
@@ -190,6 +194,8 @@ def _completion_logprobs(
 def _chat_logprobs(
     state: ServerState, ids: list[int], lps: list[TokenLogprobs | None]
 ) -> S.ChatLogprobs:
+    """Chat logprobs: one entry per token with its top alternatives and UTF-8 bytes."""
+
     def entry(token: int, value: float) -> S.TopLogprob:
         text = _token_text(state, token)
         return S.TopLogprob(token=text, logprob=value, bytes=list(text.encode()))
@@ -205,6 +211,7 @@ def _chat_logprobs(
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> S.Usage:
+    """The OpenAI usage object."""
     return S.Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
@@ -213,11 +220,13 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> S.Usage:
 
 
 def _sse(item: BaseModel | str) -> str:
+    """One Server-Sent Event carrying a JSON chunk or the final [DONE]."""
     data = item if isinstance(item, str) else item.model_dump_json(exclude_none=False)
     return f"data: {data}\n\n"
 
 
 def _chat_prompt(state: ServerState, req: S.ChatRequest) -> list[int]:
+    """Token ids of the messages rendered with the tokenizer's chat template."""
     tok = state.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, "This model's tokenizer has no chat template; use /v1/completions")
@@ -249,6 +258,18 @@ async def _collect(
             reasons[out.index] = out.finish_reason
             total += out.completion_tokens
     return texts, ids, lps, reasons, total
+
+
+async def _collect_unless_gone(
+    request: Request, state: ServerState, queue: asyncio.Queue[StepOutput], seqs: list[Sequence]
+) -> tuple[list[str], list[list[int]], list[list[TokenLogprobs | None]], list[str], int]:
+    """`_collect`, but abort the sequences if the client disconnects before they finish."""
+    task = asyncio.ensure_future(_collect(state, queue, seqs))
+    while not (await asyncio.wait({task}, timeout=0.5))[0]:
+        if await request.is_disconnected():
+            task.cancel()  # closes _outputs, whose cleanup aborts the sequences
+            raise APIError(499, "Client closed the request", "client_closed_request")
+    return task.result()
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -302,7 +323,7 @@ def create_app(state: ServerState) -> FastAPI:
         return state.card
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(req: S.CompletionRequest) -> Any:
+    async def completions(req: S.CompletionRequest, request: Request) -> Any:
         _check_model(state, req.model)
         if isinstance(req.prompt, str):
             prompt_ids = list(state.tokenizer(req.prompt)["input_ids"])
@@ -315,7 +336,7 @@ def create_app(state: ServerState) -> FastAPI:
             return _stream(
                 _completion_events(state, req, queue, seqs, len(prompt_ids), include_usage)
             )
-        texts, ids, lps, reasons, total = await _collect(state, queue, seqs)
+        texts, ids, lps, reasons, total = await _collect_unless_gone(request, state, queue, seqs)
         choices = [
             S.CompletionChoice(
                 index=i,
@@ -332,7 +353,7 @@ def create_app(state: ServerState) -> FastAPI:
         )
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: S.ChatRequest) -> Any:
+    async def chat(req: S.ChatRequest, request: Request) -> Any:
         _check_model(state, req.model)
         prompt_ids = _chat_prompt(state, req)
         requested = req.max_completion_tokens or req.max_tokens
@@ -342,7 +363,7 @@ def create_app(state: ServerState) -> FastAPI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _stream(_chat_events(state, req, queue, seqs, len(prompt_ids), include_usage))
-        texts, ids, lps, reasons, total = await _collect(state, queue, seqs)
+        texts, ids, lps, reasons, total = await _collect_unless_gone(request, state, queue, seqs)
         choices = [
             S.ChatChoice(
                 index=i,
@@ -358,6 +379,7 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 def _stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE response over an async iterator of events."""
     return StreamingResponse(
         events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )

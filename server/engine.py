@@ -92,6 +92,7 @@ class Sequence:
     last_token_at: float = 0.0
 
     def prefilled(self) -> bool:
+        """True once every prompt token's K/V is in the cache."""
         return self.computed >= len(self.prompt_ids)
 
 
@@ -144,17 +145,21 @@ class Engine:
         self.wake.set()
 
     def start(self) -> None:
+        """Start the engine thread (the app's lifespan calls this)."""
         self.thread.start()
 
     def stop(self) -> None:
+        """Ask the engine thread to exit and wait for it (bounded)."""
         self.stopping = True
         self.wake.set()
         self.thread.join(timeout=10)
 
     def alive(self) -> bool:
+        """Whether the engine thread runs and accepts work (/ready)."""
         return self.thread.is_alive() and not self.stopping
 
     def _loop(self) -> None:
+        """Sleep until there is work, then step; a failed step fails its sequences, not the server."""
         while not self.stopping:
             self.wake.wait(timeout=1.0)
             with self.lock:
@@ -170,7 +175,7 @@ class Engine:
             self._update_gauges()
 
     def step(self) -> None:
-        """One iteration: drop aborted, admit, prefill within budget, decode the rest."""
+        """One iteration: drop aborted, admit, prefill a batch of prompt chunks, decode the rest."""
         for seq in [s for s in self.running if s.aborted]:
             self._finish(seq, "abort")
         with self.lock:
@@ -183,11 +188,7 @@ class Engine:
                 self.running.append(seq)
                 self.m.queue.labels(**self.label).observe(time.perf_counter() - seq.arrival)
         decoding = [s for s in self.running if s.prefilled()]
-        budget = self.prefill_chunk
-        for seq in [s for s in self.running if not s.prefilled()]:
-            if budget <= 0:
-                break
-            budget -= self._prefill_chunk(seq, budget)
+        self._prefill([s for s in self.running if not s.prefilled()])
         if decoding:
             t0 = time.perf_counter()
             logits = self.runner.forward(
@@ -200,22 +201,38 @@ class Engine:
             self._sample(decoding, logits)
             self.m.decode_step.labels(**self.label).observe(time.perf_counter() - t0)
 
-    def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
-        """Prefill up to `budget` prompt tokens of `seq`; sample its first token when done."""
+    def _prefill(self, waiting: list[Sequence]) -> None:
+        """Prefill the next prompt chunk of as many sequences as fit in one right-padded
+        [B, T] forward of at most `prefill_chunk` tokens; sample the first token of those whose
+        prompt is then complete."""
+        batch: list[tuple[Sequence, int]] = []
+        width = 0
+        for seq in waiting:
+            n = min(self.prefill_chunk, len(seq.prompt_ids) - seq.computed)
+            if batch and (len(batch) + 1) * max(width, n) > self.prefill_chunk:
+                break
+            batch.append((seq, n))
+            width = max(width, n)
+        if not batch:
+            return
         t0 = time.perf_counter()
-        n = min(budget, len(seq.prompt_ids) - seq.computed)
-        chunk = seq.prompt_ids[seq.computed : seq.computed + n]
+        ids = [s.prompt_ids[s.computed : s.computed + n] + [0] * (width - n) for s, n in batch]
         logits = self.runner.forward(
-            torch.tensor([chunk]), torch.tensor([seq.slot]), torch.tensor([seq.computed])
+            torch.tensor(ids),
+            torch.tensor([s.slot for s, _ in batch]),
+            torch.tensor([s.computed for s, _ in batch]),
+            torch.tensor([n - 1 for _, n in batch]),
         )
-        seq.computed += n
-        self.m.prompt_tokens.labels(**self.label).inc(n)
-        if seq.prefilled():
-            self._sample([seq], logits)
+        for seq, n in batch:
+            seq.computed += n
+            self.m.prompt_tokens.labels(**self.label).inc(n)
+        done = [i for i, (s, _) in enumerate(batch) if s.prefilled()]
+        if done:
+            self._sample([batch[i][0] for i in done], logits[done])
         self.m.prefill_step.labels(**self.label).observe(time.perf_counter() - t0)
-        return n
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per sequence from its logits row and append it."""
         tokens, logprobs = sample(
             logits,
             [s.params for s in seqs],
@@ -256,6 +273,7 @@ class Engine:
     def _output(
         self, seq: Sequence, ids: list[int], lps: list[TokenLogprobs | None], reason: str | None
     ) -> StepOutput:
+        """The streaming delta of `seq` for the tokens just added."""
         text = seq.detok.take(final=reason is not None)
         return StepOutput(
             seq.index, text, ids, lps, reason, len(seq.prompt_ids), len(seq.output_ids)
@@ -272,6 +290,7 @@ class Engine:
         self.m.e2e.labels(**self.label).observe(time.perf_counter() - seq.arrival)
 
     def _update_gauges(self) -> None:
+        """Running/waiting counts and KV-slot usage, after every step."""
         self.m.running.labels(**self.label).set(len(self.running))
         self.m.waiting.labels(**self.label).set(len(self.waiting))
         used = self.runner.num_slots - len(self.free_slots)

@@ -67,12 +67,21 @@ class LlamaRunner:
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """Append `ids` [B, T] at positions starts[b].. of each slot; return the last position's
-        logits [B, V] in float32."""
+    def forward(
+        self,
+        ids: torch.Tensor,
+        slots: torch.Tensor,
+        starts: torch.Tensor,
+        last: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Append `ids` [B, T] at positions starts[b].. of each slot; return the logits [B, V]
+        (float32) at position last[b] of each row (default T - 1).
+
+        Rows may be right-padded: padding writes K/V past the row's length, which the causal mask
+        never shows and the row's next real token overwrites before anything reads it."""
         B, T = ids.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        pos = starts.unsqueeze(1) + torch.arange(T)  # [B, T]
+        pos = (starts.unsqueeze(1) + torch.arange(T)).clamp_max(self.max_len - 1)  # [B, T]
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, T, D]
         kv_len = int(pos.max()) + 1
         mask = (torch.arange(kv_len).view(1, 1, kv_len) <= pos.unsqueeze(2)).unsqueeze(1)
@@ -94,7 +103,8 @@ class LlamaRunner:
             h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
             x = layer.post_attention_layernorm(h)
             h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-        x = self.norm(h[:, -1])
+        rows = h[:, -1] if last is None else h[torch.arange(B), last]
+        x = self.norm(rows)
         if self.head_weight is None:
             return self.lm_head(x).float()
         return F.linear(x.to(self.head_weight.dtype), self.head_weight).float()

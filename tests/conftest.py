@@ -30,10 +30,11 @@ def _free_port() -> int:
 def server_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random llama (RTN W4 g32) with the default model's tokenizer, saved as a
     packed bitserve checkpoint."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     from bitserve.quantization import QuantSpec, get_method
     from bitserve.quantization.checkpoint import save_checkpoint
     from bitserve.quantization.pipeline import quantize_model, swap_in_quant_linears
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if not (DEFAULT_TOKENIZER / "tokenizer.json").is_file():
         pytest.skip("default model folder not fetched (run `bitserve fetch-default`)")

@@ -60,6 +60,40 @@ def test_offset_fit_never_worse_than_round_to_nearest() -> None:
         assert bcq < rtn, (bits, group, rtn, bcq)
 
 
+def test_importance_weighting_lowers_output_error() -> None:
+    """Inputs with a few outlier channels: weighing the least squares by E[x²] cuts the layer's
+    output error (the weight error it trades away matters less)."""
+    torch.manual_seed(4)
+    w = weight(n=64, k=256, seed=4)
+    x = torch.randn(512, 256)
+    x[:, torch.randperm(256)[:6]] *= 20
+    importance = x.pow(2).mean(0)
+
+    def output_error(approx: torch.Tensor) -> float:
+        return float((x @ (approx - w).t()).norm() / (x @ w.t()).norm())
+
+    plain = output_error(fit_bcq(w, 3, 128).dequantize())
+    weighted = output_error(fit_bcq(w, 3, 128, importance=importance).dequantize())
+    assert weighted < 0.8 * plain, (plain, weighted)
+
+
+def test_norm_gains_stand_in_for_activations(tmp_path: Path) -> None:
+    """Data-free bcq weighs q/k/v and gate/up by the squared gain of the norm before them."""
+    from bitserve.quantization.base import BlockContext
+    from bitserve.quantization.bcq import norm_importance
+    from bitserve.quantization.pipeline import block_linears
+
+    block = load_model(save_tiny_model(tmp_path / "src", "llama")).model.model.layers[0]
+    block.input_layernorm.weight.data = torch.rand(96) + 0.5
+    ctx = BlockContext(0, block, block_linears(block), QuantSpec(3, 64))
+    found = norm_importance(ctx)
+    assert set(found) == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj",
+    }  # fmt: skip
+    torch.testing.assert_close(found["self_attn.k_proj"], block.input_layernorm.weight.data**2)
+    assert get_method("bcq-act").needs_calibration and not get_method("bcq").needs_calibration
+
+
 def test_stored_form_is_canonical() -> None:
     q = fit_bcq(weight(n=16, k=200, seed=3), 3, 64)
     assert q.signs.shape == (3, 200, 16) and q.signs.dtype == torch.bool
@@ -126,3 +160,22 @@ def test_save_load_logits_equal(tmp_path: Path) -> None:
         fp = load_model(src).model(IDS).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (got - fp).abs().max() > 1e-4  # quantization really changed the model
+
+
+def test_calibrated_bcq_act_checkpoint(tmp_path: Path) -> None:
+    """bcq-act quantizes from a local calibration file and loads like any checkpoint."""
+    from bitserve.quantization.quantize import quantize_to_checkpoint
+
+    src = save_tiny_model(tmp_path / "src", "llama")
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    ckpt = quantize_to_checkpoint(
+        src, tmp_path / "act", "bcq-act", QuantSpec(2, 32), calib=text, nsamples=4, seqlen=64,
+        progress=False,
+    )  # fmt: skip
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    assert manifest["method"]["name"] == "bcq-act" and manifest["calibration"]["nsamples"] == 4
+    loaded = load_checkpoint(ckpt)
+    assert sum(isinstance(m, BCQLinear) for m in loaded.model.modules()) == 14
+    with torch.no_grad():
+        assert bool(torch.isfinite(loaded.model(IDS).logits).all())

@@ -44,14 +44,20 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("bits,group", [(4, 64), (3, 128), (2, 32), (8, -1)])
-def test_save_load_matches_in_memory_model(tmp_path: Path, arch: str, bits: int, group: int) -> None:
+def test_save_load_matches_in_memory_model(
+    tmp_path: Path, arch: str, bits: int, group: int
+) -> None:
     src = save_tiny_model(tmp_path / "src", arch)
     spec = QuantSpec(bits, group, sym=bits == 3)
     lm_head = arch == "mistral"  # untied head: quantize it too
-    ckpt = quantize_to_checkpoint(src, tmp_path / "ckpt", "rtn", spec, lm_head=lm_head, progress=False)
+    ckpt = quantize_to_checkpoint(
+        src, tmp_path / "ckpt", "rtn", spec, lm_head=lm_head, progress=False
+    )
 
     model = load_model(src).model
-    quantized, _ = quantize_model(model, get_method("rtn"), spec, None, lm_head=lm_head, progress=False)
+    quantized, _ = quantize_model(
+        model, get_method("rtn"), spec, None, lm_head=lm_head, progress=False
+    )
     swap_in_quant_linears(model, quantized)
     for p in model.parameters():  # the checkpoint keeps unquantized tensors in fp16
         p.data = p.data.half().float()
@@ -75,8 +81,13 @@ def test_manifest_records_method_hashes_and_layers(tiny_ckpt: Path) -> None:
     assert m["files"][WEIGHTS] == sha256_file(tiny_ckpt / WEIGHTS)
     entry = m["layers"]["model.layers.0.mlp.down_proj"]
     assert entry == {
-        "format": "int", "bits": 4, "group_size": 64, "sym": False,
-        "in_features": 160, "out_features": 96, "bias": False,
+        "format": "int",
+        "bits": 4,
+        "group_size": 64,
+        "sym": False,
+        "in_features": 160,
+        "out_features": 96,
+        "bias": False,
     }
     config = json.loads((tiny_ckpt / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "bitserve"
@@ -126,7 +137,9 @@ def test_wrong_shape(tiny_ckpt: Path, tmp_path: Path) -> None:
     ckpt = _copy(tiny_ckpt, tmp_path)
     key = "model.layers.0.mlp.up_proj.qweight"
     _rewrite_weights(ckpt, lambda s: s.__setitem__(key, s[key][:-1].contiguous()))
-    with pytest.raises(ShapeMismatchError, match=r"up_proj.qweight' has shape \[11, 160\], expected \[12, 160\]"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"up_proj.qweight' has shape \[11, 160\], expected \[12, 160\]"
+    ):
         load_checkpoint(ckpt)
 
 

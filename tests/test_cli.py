@@ -37,7 +37,9 @@ def test_help_lists_every_command() -> None:
 
 def test_quantize_inspect_eval_generate(workdir: Path) -> None:
     ckpt = workdir / "w4"
-    bitserve("quantize", str(workdir / "src"), "--out", str(ckpt), "--bits", "4", "--group-size", "64")
+    bitserve(
+        "quantize", str(workdir / "src"), "--out", str(ckpt), "--bits", "4", "--group-size", "64"
+    )
     info = bitserve("inspect", str(ckpt)).stdout
     assert "model.layers.1.mlp.down_proj" in info and "SHA-256 verified" in info
     manifest = json.loads(bitserve("inspect", str(ckpt), "--json").stdout)
@@ -55,14 +57,19 @@ def test_quantize_inspect_eval_generate(workdir: Path) -> None:
     assert fp["perplexity"] != result["perplexity"]
 
     text = bitserve("generate", str(ckpt), "--prompt", "abc", "--max-new-tokens", "8").stdout
-    chat = bitserve("generate", str(ckpt), "--prompt", "abc", "--chat", "--max-new-tokens", "8").stdout
+    chat = bitserve(
+        "generate", str(ckpt), "--prompt", "abc", "--chat", "--max-new-tokens", "8"
+    ).stdout
     assert text.endswith("\n") and chat.endswith("\n")
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["quantize", "/nonexistent", "--out", "/tmp/x"], "/nonexistent: no such file or directory"),
+        (
+            ["quantize", "/nonexistent", "--out", "/tmp/x"],
+            "/nonexistent: no such file or directory",
+        ),
         (["eval", "/nonexistent", "--text", "/tmp/t"], "/tmp/t: no such text file"),
         (["generate", "/nonexistent", "--prompt", "x"], "/nonexistent: no such file or directory"),
         (["inspect", "/tmp"], "not a bitserve checkpoint"),

@@ -33,7 +33,9 @@ def test_w4_chat_answer_contains_paris(w4: Path) -> None:
     loaded = load_checkpoint(w4)
     tok = loaded.tokenizer
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = loaded.model.generate(**enc, max_new_tokens=16, do_sample=False)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1] :])
 
@@ -58,10 +60,14 @@ def test_w4_save_load_equals_in_memory(default_src: Path, w4: Path) -> None:
 def test_rtn_perplexity_on_wikitext(default_src: Path, w4: Path, tmp_path: Path) -> None:
     def ppl(path: Path) -> float:
         loaded = load_model(path)
-        return perplexity(loaded.model, loaded.tokenizer, TEST_TXT, 512, 40, progress=False)["perplexity"]
+        return perplexity(loaded.model, loaded.tokenizer, TEST_TXT, 512, 40, progress=False)[
+            "perplexity"
+        ]
 
     fp = ppl(default_src)
     assert 20 < fp < 30  # reference: 25.6
     assert ppl(w4) < fp * 1.27
-    w8 = quantize_to_checkpoint(default_src, tmp_path / "w8", "rtn", QuantSpec(8, -1), progress=False)
+    w8 = quantize_to_checkpoint(
+        default_src, tmp_path / "w8", "rtn", QuantSpec(8, -1), progress=False
+    )
     assert ppl(w8) < fp * 1.01

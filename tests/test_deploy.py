@@ -19,9 +19,7 @@ def test_dockerfile_uses_the_tested_install_script() -> None:
 
 
 def test_dashboard_metrics_exist() -> None:
-    exported = {
-        s.name for family in create_metrics("m").registry.collect() for s in family.samples
-    }
+    exported = {s.name for family in create_metrics("m").registry.collect() for s in family.samples}
     dash = json.loads((ROOT / "deploy/grafana/dashboards/bitserve.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {name for e in exprs for name in re.findall(r"bitserve_[a-z0-9_]+", e)}

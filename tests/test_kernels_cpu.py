@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+
 from bitserve.kernels import QuantLinear, cpu
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
 
@@ -95,3 +96,27 @@ def test_bias_and_batched_input_int4() -> None:
 def test_cpu_backend_refuses_other_devices() -> None:
     layer = random_layer(64, 32, 4, 32, False).to("meta")
     assert cpu.BACKEND.supports(layer) is not None
+
+
+@pytest.mark.slow
+def test_default_checkpoint_loads_on_cpu_backend_with_reference_greedy() -> None:
+    """The W4 checkpoint on disk loads with every layer on the cpu backend (auto), and its
+    greedy tokens are the reference backend's argmax at every step (one teacher-forced pass)."""
+    from pathlib import Path
+
+    from bitserve.models import load_model
+    from bitserve.quantization.checkpoint import set_backends
+
+    path = Path("checkpoints/rtn-w4g128")
+    if not path.is_dir():
+        pytest.skip("checkpoints/rtn-w4g128 not built (bitserve quantize default --method rtn)")
+    loaded = load_model(path)
+    layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and {m.backend for m in layers} == {"cpu"}
+    ids = loaded.tokenizer("The history of the city begins", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = loaded.model.generate(ids, max_new_tokens=12, do_sample=False)
+        set_backends(loaded.model, "reference")
+        logits = loaded.model(out).logits
+    new = out[0, ids.shape[1] :]
+    assert torch.equal(logits[0, ids.shape[1] - 1 : -1].argmax(-1), new)

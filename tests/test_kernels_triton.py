@@ -10,6 +10,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # set before the kernel module is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 from bitserve.kernels import QuantLinear  # noqa: E402
 from bitserve.quantization.grid import QuantSpec, quantize_rtn  # noqa: E402
 
@@ -54,6 +55,24 @@ def test_triton_matches_reference(bits: int, group: int, sym: bool, k: int, n: i
         assert y is out and torch.isfinite(y).all()
         err = float((y.float() - ref).norm() / ref.norm())
         assert err < tol, (bits, group, sym, m, dtype, err)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_plane_split_dot_path(bits: int) -> None:
+    """K-blocks of at least 16 words take the dot-per-code-position path (JSPLIT), with row
+    scales (per-channel) and with gathered scales (g32 is smaller than the K-block)."""
+    per_word = 16 if bits == 3 else 32 // bits
+    block_k = 16 * per_word
+    for group in (-1, 32):
+        torch.manual_seed(bits + group)
+        layer = random_layer(576, 40, bits, group, False)
+        triton_int.BACKEND.prepare(layer)
+        for m, cfg in [(5, (16, 32, block_k, 2, 4, 1)), (33, (32, 32, block_k, 1, 4, 1))]:
+            x = torch.randn(m, 576).half()
+            ref = layer(x.float())
+            out = torch.full((m, 40), float("nan"), dtype=torch.float16)
+            y = triton_int._launch(layer, x, out, cfg)
+            assert float((y.float() - ref).norm() / ref.norm()) < 2e-3, (bits, group, m)
 
 
 def test_forward_reshapes_and_adds_bias() -> None:

@@ -75,7 +75,10 @@ def test_rtn_error_within_half_a_step(bits: int, group_size: int, sym: bool) -> 
 def test_more_bits_means_less_error() -> None:
     torch.manual_seed(0)
     w = torch.randn(64, 256)
-    errs = [(quantize_rtn(w, QuantSpec(b, 64)).dequantize() - w).pow(2).mean().item() for b in (2, 3, 4, 8)]
+    errs = [
+        (quantize_rtn(w, QuantSpec(b, 64)).dequantize() - w).pow(2).mean().item()
+        for b in (2, 3, 4, 8)
+    ]
     assert errs == sorted(errs, reverse=True)
     assert errs[-1] < 1e-4 < errs[0]
 
@@ -85,5 +88,7 @@ def test_dequantize_formula() -> None:
     scales = torch.tensor([[0.5, 2.0], [1.0, 1.0]], dtype=torch.float16)  # G=2 (group size 2)
     zeros = torch.tensor([[8, 0], [1, 1]], dtype=torch.uint8)
     w = dequantize(q, scales, zeros, 2)
-    expected = torch.tensor([[(0 - 8) * 0.5, (7 - 8) * 0.5, (1 - 1) * 1.0], [15 * 2.0, 8 * 2.0, (2 - 1) * 1.0]])
+    expected = torch.tensor(
+        [[(0 - 8) * 0.5, (7 - 8) * 0.5, (1 - 1) * 1.0], [15 * 2.0, 8 * 2.0, (2 - 1) * 1.0]]
+    )
     assert torch.equal(w, expected)

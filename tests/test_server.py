@@ -42,8 +42,17 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def url(server_start: ServerStarter, server_tiny_checkpoint: Path) -> str:
+    # a small prefill chunk makes every prompt take several chunked, batched prefill steps
     return server_start(
-        server_tiny_checkpoint, "--max-model-len", "256", "--max-num-seqs", "16", "--threads", "1"
+        server_tiny_checkpoint,
+        "--max-model-len",
+        "512",
+        "--max-num-seqs",
+        "16",
+        "--prefill-chunk",
+        "16",
+        "--threads",
+        "1",
     )
 
 
@@ -244,6 +253,28 @@ def test_disconnect_frees_sequence(url: str, model_id: str) -> None:
     assert m["bitserve_generation_tokens_total{}"] > 0
 
 
+def test_non_streaming_disconnect_frees_sequence(url: str, model_id: str) -> None:
+    aborted = "bitserve_request_success_total{finish_reason=abort}"
+    before = metrics(url).get(aborted, 0.0)
+    body = {
+        "model": model_id,
+        "prompt": PROMPTS[6],
+        "max_tokens": 480,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.2))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = metrics(url)
+        if m["bitserve_num_requests_running{}"] == 0 and m.get(aborted, 0.0) == before + 1:
+            break
+        time.sleep(0.2)
+    assert m["bitserve_num_requests_running{}"] == 0
+    assert m[aborted] == before + 1
+
+
 def test_metrics_counters_match_requests(url: str, model_id: str) -> None:
     before = metrics(url)
     usages = [
@@ -274,7 +305,7 @@ def test_errors_have_openai_shape(url: str, model_id: str) -> None:
         ({"model": model_id, "prompt": "x", "temperature": 5}, 422, "temperature"),
         ({"model": model_id, "prompt": "x", "n": 0}, 422, "n"),
         ({"model": "nope", "prompt": "x"}, 404, "model"),
-        ({"model": model_id, "prompt": "word " * 400}, 400, "prompt"),
+        ({"model": model_id, "prompt": "word " * 600}, 400, "prompt"),
         ({"model": model_id, "prompt": "x", "max_tokens": 1000}, 400, "max_tokens"),
         ({"model": model_id, "prompt": [10**7]}, 400, "prompt"),
     ]

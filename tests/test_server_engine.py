@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from bitserve.models import load_model
 from bitserve.server.engine import Detokenizer
 from bitserve.server.runner import LlamaRunner
 from bitserve.server.sampling import SamplingParams, make_generator, sample
-
-from bitserve.models import load_model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -99,3 +99,64 @@ def test_sampling_rules() -> None:
     pen = SamplingParams(max_tokens=1, temperature=0, frequency_penalty=2.0)
     moved, _ = sample(logits[:1] * 0.1, [pen], [make_generator(None)], [counts])
     assert moved[0] != argmax[0]
+
+
+def test_runner_padded_batch_prefill_matches_hf(server_tiny_checkpoint: Path) -> None:
+    model = load_model(server_tiny_checkpoint).model
+    runner = LlamaRunner(model, num_slots=4, max_len=32)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (9, 4, 1)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    logits = runner.forward(
+        ids,
+        torch.tensor([3, 0, 2]),
+        torch.zeros(3, dtype=torch.long),
+        torch.tensor([len(p) - 1 for p in prompts]),
+    )
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = model(torch.tensor([p])).logits[0, -1]
+        assert rel_err(logits[i], ref) < 1e-4
+    # the padding left behind in slot 0 does not leak into its next decode step
+    nxt = [5]
+    out = runner.forward(torch.tensor([nxt]), torch.tensor([0]), torch.tensor([len(prompts[1])]))
+    with torch.no_grad():
+        ref = model(torch.tensor([prompts[1] + nxt])).logits[0, -1]
+    assert rel_err(out[0], ref) < 1e-4
+
+
+def test_kv_cache_budget_limits_slots(server_tiny_checkpoint: Path) -> None:
+    from bitserve.errors import UsageError
+    from bitserve.server.cli import build_state
+    from bitserve.server.runner import kv_bytes_per_slot
+    from bitserve.server.settings import Settings
+
+    loaded = load_model(server_tiny_checkpoint)
+    per_slot = kv_bytes_per_slot(loaded.model.config, 128, torch.float32)
+    budget = 3.5 * per_slot / 2**20
+    state = build_state(loaded, Settings(max_num_seqs=8, max_model_len=128, kv_cache_mib=budget))
+    runner = state.engine.runner
+    assert runner.num_slots == 3
+    assert runner.k_cache.numel() * 4 * 2 == 3 * per_slot
+    with pytest.raises(UsageError, match="holds no sequence"):
+        build_state(loaded, Settings(max_num_seqs=8, max_model_len=128, kv_cache_mib=budget / 4))
+
+
+def test_serve_cli_refuses_bad_sources_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tiny_models import save_tiny_model
+
+    qwen = save_tiny_model(tmp_path / "qwen", arch="qwen2")
+    for src, expected in ((tmp_path / "missing", "no such file"), (qwen, "not supported")):
+        r = subprocess.run(
+            [sys.executable, "-m", "bitserve.cli", "serve", str(src), "--port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        last = r.stderr.strip().splitlines()[-1]  # earlier lines: transformers' progress bars
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert last.startswith("bitserve: error:") and expected in last

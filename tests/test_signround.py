@@ -11,9 +11,11 @@ from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from bitserve.errors import UsageError
+from bitserve.kernels import QuantLinear
 from bitserve.models import load_model
 from bitserve.quantization import get_method
 from bitserve.quantization.base import BlockContext
+from bitserve.quantization.calibration import file_calibration
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
 from bitserve.quantization.pipeline import (
     block_linears,
@@ -155,20 +157,22 @@ def test_cli_checkpoint_reloads_to_the_fake_quantized_logits(tmp_path: Path) -> 
         check=True,
         capture_output=True,
     )
-    loaded = load_model(out)
+    loaded = load_model(out, backend="reference")
     assert loaded.manifest is not None
     assert loaded.manifest["method"]["name"] == "signround"
     assert loaded.manifest["method"]["args"]["iters"] == 5
-    # Same run in process, fake-quantized: the packed checkpoint must give the same logits.
+    # Same seeded run in process: identical codes, and the same logits up to the checkpoint's
+    # 16-bit storage of the unquantized tensors.
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    from bitserve.quantization.calibration import file_calibration
-
     ids, _ = file_calibration(loaded.tokenizer, calib, 8, 32, 0)
-    quantize_model(
+    quantized, _ = quantize_model(
         model, get_method("signround"), QuantSpec(3, 32), ids, {"iters": 5}, progress=False
     )
+    for name, qw in quantized.items():
+        layer = loaded.model.get_submodule(name)
+        assert isinstance(layer, QuantLinear)
+        assert torch.equal(layer.codes(), qw.q)
     probe = ids[:2]
     with torch.no_grad():
-        torch.testing.assert_close(
-            loaded.model(probe).logits, model(probe).logits, rtol=1e-3, atol=1e-3
-        )
+        got, want = loaded.model(probe).logits, model(probe).logits
+    assert float((got - want).abs().max()) < 1e-2 * float(want.abs().max())
