@@ -4,9 +4,9 @@ inputs, W ≈ Σ_i α_i b_i (+ z) with b_i ∈ {-1, +1}, fitted by alternating l
 Greedy start (sign of the residual, mean absolute residual), then alternate: α (and the offset
 z) by least squares given the signs, and the signs by picking, for every weight, the nearest of
 the 2^bits values Σ_i ±α_i (+ z). Both steps can only lower the squared error, so ALS never
-ends worse than its start. The least squares weigh each input channel by an importance: the
-squared gain of the norm before the linear (`bcq`, data-free) or E[x²] on calibration data
-(`bcq-act`), so that channels with outlier activations keep their weights. See docs/bcq.md.
+ends worse than its start. `bcq` is data-free; `bcq-act` weighs each input channel's squared
+error by its E[x²] on calibration data, so that channels with outlier activations keep their
+weights (much better perplexity). See docs/bcq.md.
 """
 
 from __future__ import annotations
@@ -235,34 +235,12 @@ def input_importance(ctx: BlockContext) -> dict[str, torch.Tensor]:
     return {name: sums[name] / counts[name] for name in sums}
 
 
-# Llama-family linears that read a norm's output, and that norm (relative to the block).
-NORM_BEFORE = {
-    "q_proj": "input_layernorm",
-    "k_proj": "input_layernorm",
-    "v_proj": "input_layernorm",
-    "gate_proj": "post_attention_layernorm",
-    "up_proj": "post_attention_layernorm",
-}
-
-
-def norm_importance(ctx: BlockContext) -> dict[str, torch.Tensor]:
-    """Data-free stand-in for E[x_k²]: the squared gain of the norm that feeds the linear (its
-    outlier channels are where weight errors cost most); linears without one get none."""
-    found: dict[str, torch.Tensor] = {}
-    for name, lin in ctx.linears.items():
-        norm = NORM_BEFORE.get(name.rsplit(".", 1)[-1])
-        gain = getattr(dict(ctx.block.named_modules()).get(norm or ""), "weight", None)
-        if isinstance(gain, torch.Tensor) and gain.shape == (lin.in_features,):
-            found[name] = gain.detach().float() ** 2
-    return found
-
-
 def quantize_block(ctx: BlockContext) -> dict[str, Quantized]:
     """Fit every linear of the block independently, weighing input k by its calibration E[x_k²]
-    (bcq-act) or, data-free, by the squared gain of the norm before the linear (bcq)."""
+    when calibrated (bcq-act); data-free (bcq) every input counts the same."""
     iters = int(ctx.args.get("iters", 10))
     offset = bool(ctx.args.get("offset", True))
-    importance = input_importance(ctx) if ctx.inputs else norm_importance(ctx)
+    importance = input_importance(ctx) if ctx.inputs else {}
     return {
         name: fit_bcq(
             lin.weight.data, ctx.spec.bits, ctx.spec.group_size, iters, offset, importance.get(name)

@@ -16,9 +16,6 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from bitserve.kernels import QuantLinear
-from bitserve.kernels.bcq_linear import bcq_from_entry
-from bitserve.quantization.pipeline import set_module
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -33,6 +30,9 @@ from bitserve.errors import (
     ShapeMismatchError,
     UnsupportedFormatError,
 )
+from bitserve.kernels import QuantLinear
+from bitserve.kernels.bcq_linear import bcq_from_entry
+from bitserve.quantization.pipeline import set_module
 
 FORMAT = "bitserve-packed"
 FORMAT_VERSION = 1

@@ -27,11 +27,11 @@ from bitserve.quantization.grid import (
 )
 
 DEFAULTS: dict[str, Any] = {
-    "damp": 0.01,  # added to H's diagonal, as a fraction of its mean
+    "damp": 0.1,  # added to H's diagonal, as a fraction of its mean
     "block_size": 128,  # columns per lazy batch update
-    "act_order": False,  # visit columns by decreasing H diagonal (static groups)
+    "act_order": True,  # visit columns by decreasing H diagonal (static groups)
     "sequential": True,  # re-collect inputs after each quantized group of the block
-    "clip_grid": 0,  # > 0: search each group's range shrink on this many steps
+    "clip_grid": 20,  # > 0: search each group's range shrink on this many steps (0: min/max)
 }
 
 

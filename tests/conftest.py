@@ -11,6 +11,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# Triton kernel tests run in Triton's CPU interpreter, which must be chosen before anything
+# (torch included) first imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import httpx
 import pytest
 import torch
