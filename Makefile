@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEFAULT_MODEL := models/SmolLM2-135M-Instruct/config.json
 
-.PHONY: setup serve test test-fast check lint format bench-serve bench-kernels quality clean
+.PHONY: setup serve test test-fast check bench-serve bench-kernels bench-kernels-gpu bench-load-memory bench-rtn-quality clean
 
 setup: $(BIN)/bitserve $(DEFAULT_MODEL)
 
@@ -29,6 +29,23 @@ check: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# Benchmarks (not tests): each reports ratios against a baseline measured in the same run.
+bench-serve: setup
+	$(BIN)/python bench/serve.py --requests 4
+
+bench-kernels: setup
+	$(BIN)/python bench/kernels_cpu.py
+
+bench-kernels-gpu: setup   # on a machine with an NVIDIA GPU
+	bash bench/gpu_check.sh
+
+bench-load-memory: setup
+	$(BIN)/bitserve quantize default --out checkpoints/rtn-w4g128 --force
+	$(BIN)/python bench/load_memory.py checkpoints/rtn-w4g128 models/SmolLM2-135M-Instruct
+
+bench-rtn-quality: setup
+	$(BIN)/python bench/rtn_quality.py --text ../shared/data/wikitext-2/test.txt
 
 clean:
 	rm -rf $(VENV) models checkpoints build *.egg-info

@@ -110,7 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from bitserve.quantization.checkpoint import WEIGHTS, verify_checkpoint
+    from bitserve.quantization.checkpoint import WEIGHTS, tensor_bytes, verify_checkpoint
 
     manifest = verify_checkpoint(Path(args.checkpoint))
     if args.json:
@@ -123,18 +123,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"files (SHA-256 verified): {', '.join(files)}")
     size = Path(args.checkpoint, WEIGHTS).stat().st_size
     print(f"{WEIGHTS}: {size / 2**20:.1f} MiB")
-    print(
-        f"\n{'layer':<45} {'format':>7} {'bits':>4} {'group':>5} {'shape (out x in)':>18} {'KiB':>8}"
-    )
+    sizes = tensor_bytes(Path(args.checkpoint, WEIGHTS))
+    print(f"\n{'layer':<45} {'format':>7} {'bits':>5} {'group':>5} {'out x in':>12} {'KiB':>8} {'bits/w':>6}")
     for name, e in layers.items():
-        groups = 1 if e["group_size"] == -1 else -(-e["in_features"] // e["group_size"])
-        nbytes = e["in_features"] * e["out_features"] * e["bits"] / 8 + groups * e[
-            "out_features"
-        ] * (2 + e["bits"] / 8)
-        shape = f"{e['out_features']} x {e['in_features']}"
-        print(
-            f"{name:<45} {e['format']:>7} {e['bits']:>4} {e['group_size']:>5} {shape:>18} {nbytes / 1024:>8.1f}"
-        )
+        nbytes = sum(n for key, n in sizes.items() if key.startswith(name + "."))
+        shape = f"{e['out_features']}x{e['in_features']}"
+        bpw = 8 * nbytes / (e["out_features"] * e["in_features"])
+        bits, group = e.get("bits", e.get("avg_bits", "-")), e.get("group_size", "-")
+        print(f"{name:<45} {e['format']:>7} {bits:>5} {group:>5} {shape:>12} {nbytes / 1024:>8.1f} {bpw:>6.2f}")
     return 0
 
 
