@@ -38,7 +38,9 @@ print(json.dumps({"before": before, "peak": peak[0], "after": proc.memory_info()
 
 def measure(path: str) -> dict[str, float]:
     """Load `path` in a child process and return its memory figures in MiB."""
-    out = subprocess.run([sys.executable, "-c", CHILD, path], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, path], capture_output=True, text=True, check=True
+    )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     files = [p for p in Path(path).iterdir() if p.suffix == ".safetensors"]
     mib = 2**20
@@ -51,12 +53,16 @@ def measure(path: str) -> dict[str, float]:
 
 
 def main() -> None:
-    print("| model | safetensors MiB | loaded tensors MiB | peak RSS increase MiB | peak / (file + tensors) |")
+    print(
+        "| model | safetensors MiB | loaded tensors MiB | peak RSS increase MiB | peak / (file + tensors) |"
+    )
     print("|---|---|---|---|---|")
     for path in sys.argv[1:]:
         m = measure(path)
         ratio = m["peak_delta_mib"] / (m["file_mib"] + m["runtime_mib"])
-        print(f"| {path} | {m['file_mib']:.0f} | {m['runtime_mib']:.0f} | {m['peak_delta_mib']:.0f} | {ratio:.2f} |")
+        print(
+            f"| {path} | {m['file_mib']:.0f} | {m['runtime_mib']:.0f} | {m['peak_delta_mib']:.0f} | {ratio:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """RTN quality table for the README: perplexity of the default model at several formats.
 
-    python bench/rtn_quality.py --text ../shared/data/wikitext-2/test.txt --out bench/out/rtn
+python bench/rtn_quality.py --text ../shared/data/wikitext-2/test.txt --out bench/out/rtn
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def main() -> None:
 
     def ppl(path: Path) -> float:
         loaded = load_model(path)
-        result = perplexity(loaded.model, loaded.tokenizer, args.text, args.seqlen, args.max_windows)
+        result = perplexity(
+            loaded.model, loaded.tokenizer, args.text, args.seqlen, args.max_windows
+        )
         if loaded.manifest is not None:
             update_manifest(path, quality=result)
         return float(result["perplexity"])

@@ -124,13 +124,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     size = Path(args.checkpoint, WEIGHTS).stat().st_size
     print(f"{WEIGHTS}: {size / 2**20:.1f} MiB")
     sizes = tensor_bytes(Path(args.checkpoint, WEIGHTS))
-    print(f"\n{'layer':<45} {'format':>7} {'bits':>5} {'group':>5} {'out x in':>12} {'KiB':>8} {'bits/w':>6}")
+    print(
+        f"\n{'layer':<45} {'format':>7} {'bits':>5} {'group':>5} {'out x in':>12} {'KiB':>8} {'bits/w':>6}"
+    )
     for name, e in layers.items():
         nbytes = sum(n for key, n in sizes.items() if key.startswith(name + "."))
         shape = f"{e['out_features']}x{e['in_features']}"
         bpw = 8 * nbytes / (e["out_features"] * e["in_features"])
         bits, group = e.get("bits", e.get("avg_bits", "-")), e.get("group_size", "-")
-        print(f"{name:<45} {e['format']:>7} {bits:>5} {group:>5} {shape:>12} {nbytes / 1024:>8.1f} {bpw:>6.2f}")
+        print(
+            f"{name:<45} {e['format']:>7} {bits:>5} {group:>5} {shape:>12} {nbytes / 1024:>8.1f} {bpw:>6.2f}"
+        )
     return 0
 
 

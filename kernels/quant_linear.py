@@ -7,8 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from bitserve.kernels.packing import num_groups, packed_rows, unpack_rows
 from torch import nn
+
+from bitserve.kernels.packing import num_groups, packed_rows, unpack_rows
 
 
 class QuantLinear(nn.Module):

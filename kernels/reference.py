@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from bitserve.kernels.packing import dequantize
 from bitserve.kernels.quant_linear import Backend, QuantLinear, register_backend
 

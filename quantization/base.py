@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from bitserve.quantization.grid import QuantSpec
 from torch import nn
+
+from bitserve.quantization.grid import QuantSpec
 
 # One captured call of a decoder block: positional args and keyword args.
 BlockCall = tuple[tuple[Any, ...], dict[str, Any]]

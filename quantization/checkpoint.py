@@ -139,7 +139,11 @@ def tensor_bytes(path: Path) -> dict[str, int]:
     """Stored bytes of every tensor of a safetensors file, read from its header alone."""
     with open(path, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    return {
+        k: v["data_offsets"][1] - v["data_offsets"][0]
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
 
 
 def is_checkpoint(path: Path) -> bool:

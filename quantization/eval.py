@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bitserve.quantization.calibration import read_text
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from bitserve.errors import UsageError
+from bitserve.quantization.calibration import read_text
 
 
 def eval_windows(tokenizer: Any, path: Path, seqlen: int, max_windows: int | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from bitserve.kernels import QuantLinear
 from bitserve.kernels.packing import dequantize, group_index, num_groups, pack_rows
 

@@ -9,13 +9,13 @@ import time
 from typing import Any
 
 import torch
-from bitserve.quantization.base import BlockCall, BlockContext, Method, Quantized
-from bitserve.quantization.grid import QuantSpec, quantize_rtn
 from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from bitserve.errors import UsageError
+from bitserve.quantization.base import BlockCall, BlockContext, Method, Quantized
+from bitserve.quantization.grid import QuantSpec, quantize_rtn
 
 
 class _StopForward(Exception):

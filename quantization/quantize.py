@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from bitserve.errors import UsageError
+from bitserve.models import load_model, source_hash
 from bitserve.quantization.base import get_method
 from bitserve.quantization.calibration import file_calibration, generated_calibration
 from bitserve.quantization.checkpoint import save_checkpoint
 from bitserve.quantization.grid import QuantSpec
 from bitserve.quantization.pipeline import quantize_model, swap_in_quant_linears
-
-from bitserve.errors import UsageError
-from bitserve.models import load_model, source_hash
 
 DEFAULT_METHOD = "rtn"
 
@@ -62,7 +62,11 @@ def quantize_to_checkpoint(
         swap_in_quant_linears(model, quantized)
     wall = time.perf_counter() - t0
     manifest = {
-        "method": {"name": m.name, "args": options, "seed": seed, "wall_time_s": round(wall, 2),
+        "method": {
+            "name": m.name,
+            "args": options,
+            "seed": seed,
+            "wall_time_s": round(wall, 2),
             "blocks_wall_time_s": round(sum(block_times.values()), 2),
         },
         "quantization": {**asdict(spec), "method": m.name, "lm_head": lm_head},
