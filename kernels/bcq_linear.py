@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitserve.kernels.packing import group_index, num_groups, packed_rows, unpack_rows
+from bitserve.kernels.quant_linear import pick_backend
 
 
 def dequantize_bcq(
@@ -144,21 +145,8 @@ def register_bcq_backend(backend: BCQBackend) -> BCQBackend:
 
 
 def select_bcq_backend(layer: BCQLinear, name: str | None = None) -> BCQBackend:
-    """The named backend (checked), or the highest-priority one that supports the layer."""
-    if name is not None and name != "auto":
-        if name not in BCQ_BACKENDS:
-            raise ValueError(
-                f"backend {name!r} cannot run BCQ layers; BCQ backends: "
-                f"{', '.join(sorted(BCQ_BACKENDS))}"
-            )
-        reason = BCQ_BACKENDS[name].supports(layer)
-        if reason is not None:
-            raise ValueError(f"backend {name!r} cannot run {layer.extra_repr()}: {reason}")
-        return BCQ_BACKENDS[name]
-    for backend in sorted(BCQ_BACKENDS.values(), key=lambda b: -b.priority):
-        if backend.supports(layer) is None:
-            return backend
-    raise RuntimeError("no BCQ backend supports this layer")  # reference supports everything
+    """The BCQ backend to use: named, or the best supported one."""
+    return pick_backend(BCQ_BACKENDS, layer, name)
 
 
 def _reference_forward(layer: BCQLinear, x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@ registry that decides how its matmul runs (reference, CPU packed, GPU Triton, ..
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -129,16 +130,33 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
-def select_backend(layer: QuantLinear, name: str | None = None) -> Backend:
-    """The named backend (checked), or the highest-priority backend that supports the layer."""
+class _Ranked(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def priority(self) -> int: ...
+
+
+B = TypeVar("B", bound=_Ranked)
+
+
+def pick_backend(registry: Mapping[str, B], layer: Any, name: str | None = None) -> B:
+    """The named backend of `registry` (checked against the layer), or the highest-priority
+    one whose `supports(layer)` returns None. Shared by every quantized module type."""
     if name is not None and name != "auto":
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
-        reason = BACKENDS[name].supports(layer)
+        if name not in registry:
+            raise ValueError(f"unknown backend {name!r}; available: {', '.join(sorted(registry))}")
+        reason = registry[name].supports(layer)  # type: ignore[attr-defined]
         if reason is not None:
             raise ValueError(f"backend {name!r} cannot run {layer.extra_repr()}: {reason}")
-        return BACKENDS[name]
-    for backend in sorted(BACKENDS.values(), key=lambda b: -b.priority):
-        if backend.supports(layer) is None:
+        return registry[name]
+    for backend in sorted(registry.values(), key=lambda b: -b.priority):
+        if backend.supports(layer) is None:  # type: ignore[attr-defined]
             return backend
     raise RuntimeError("no backend supports this layer")  # reference supports everything
+
+
+def select_backend(layer: QuantLinear, name: str | None = None) -> Backend:
+    """The QuantLinear backend to use: named, or the best supported one."""
+    return pick_backend(BACKENDS, layer, name)

