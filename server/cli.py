@@ -6,42 +6,98 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bitserve.errors import QualityGateError, UsageError
 from bitserve.quantization.checkpoint import Loaded
+from bitserve.quantization.grid import QuantSpec
 from bitserve.server.settings import Settings
 
-DEFAULT_BITS, DEFAULT_GROUP = 4, 128
+DEFAULT_QUANTIZE = "w4g128"  # with the default method
+GATE_SEQLEN, GATE_WINDOWS = 512, 40
 
 
-def resolve_checkpoint(
-    src: str, method: str | None = None, bits: int = DEFAULT_BITS, group_size: int = DEFAULT_GROUP
-) -> Path:
-    """Map SRC to what to load. 'default' becomes a W4 g128 checkpoint of the embedded model,
-    quantized on first use and cached under models/checkpoints/, keyed by the source hash and
-    the quantization arguments; anything else is loaded as given."""
-    if src != "default":
-        return Path(src)
-    from bitserve.models import DEFAULT_NAME, models_dir, resolve_source, source_hash
+def parse_quantize(text: str) -> tuple[str, QuantSpec]:
+    """'gptq:w4g128' -> ('gptq', W4 g128). The method may be left out (default method); the
+    group may be 32/64/128 or 'ch' (per output channel); '-sym' asks for a symmetric grid."""
+    from bitserve.quantization.base import get_method
+    from bitserve.quantization.quantize import DEFAULT_METHOD
+
+    m = re.fullmatch(r"(?:([a-z0-9-]+):)?w([2348])g(32|64|128|ch)(-sym)?", text)
+    if m is None:
+        raise UsageError(f"--quantize {text!r}: expected METHOD:wBITSgGROUP, e.g. gptq:w4g128")
+    method = get_method(m.group(1) or DEFAULT_METHOD).name
+    group = -1 if m.group(3) == "ch" else int(m.group(3))
+    return method, QuantSpec(int(m.group(2)), group, m.group(4) is not None)
+
+
+def resolve_checkpoint(src: str, quantize: str | None = None, calib: Path | None = None) -> Path:
+    """Map SRC to what to load. With `quantize` (always for 'default': W4 g128 with the default
+    method) the source is quantized on first use and cached under models/checkpoints/, keyed by
+    the source hash, the method, the format and the calibration file; else SRC is loaded as is."""
+    from bitserve.models import models_dir, resolve_source, source_hash
     from bitserve.quantization.checkpoint import is_checkpoint
-    from bitserve.quantization.grid import QuantSpec
-    from bitserve.quantization.quantize import DEFAULT_METHOD, quantize_to_checkpoint
+    from bitserve.quantization.quantize import quantize_to_checkpoint
 
-    method = method or DEFAULT_METHOD
-    spec = QuantSpec(bits, group_size)
-    source = resolve_source("default")
-    key = hashlib.sha256(f"{source_hash(source)}|{method}|{spec}".encode()).hexdigest()[:12]
-    out = models_dir() / "checkpoints" / f"{DEFAULT_NAME}-{method}-{spec.label()}-{key}"
+    if quantize is None:
+        if src != "default":
+            return Path(src)
+        quantize = DEFAULT_QUANTIZE
+    method, spec = parse_quantize(quantize)
+    source = resolve_source(src)
+    if is_checkpoint(source):
+        raise UsageError(
+            f"{src}: already a quantized checkpoint; --quantize needs the unquantized model"
+        )
+    if calib is not None and not calib.is_file():
+        raise UsageError(f"{calib}: no such calibration file")
+    calib_key = (
+        "self-generated" if calib is None else hashlib.sha256(calib.read_bytes()).hexdigest()
+    )
+    key = hashlib.sha256(f"{source_hash(source)}|{method}|{spec}|{calib_key}".encode()).hexdigest()
+    name = source.stem if source.is_file() else source.name
+    out = models_dir() / "checkpoints" / f"{name}-{method}-{spec.label()}-{key[:12]}"
     if not is_checkpoint(out):
         logging.getLogger("bitserve").info(
             "quantizing %s with %s %s -> %s", source, method, spec.label(), out
         )
-        quantize_to_checkpoint("default", out, method, spec, force=True)
+        quantize_to_checkpoint(source, out, method, spec, calib=calib, force=True)
     return out
+
+
+def quality_gate(ckpt: Path, src: str, text: Path, max_rise_pct: float) -> dict[str, Any]:
+    """Perplexity of the checkpoint and of its unquantized source on `text`; the result is stored
+    in the manifest either way, and QualityGateError is raised if it rose by more than the limit."""
+    from bitserve.models import load_model
+    from bitserve.quantization.checkpoint import read_manifest, update_manifest
+    from bitserve.quantization.eval import perplexity
+
+    if not text.is_file():
+        raise UsageError(f"{text}: no such text file for the quality gate")
+    stored = read_manifest(ckpt).get("quality") or {}
+    if stored.get("text") == str(text) and "source_perplexity" in stored:
+        result = stored
+    else:
+        fp = load_model(src)
+        base = perplexity(fp.model, fp.tokenizer, text, GATE_SEQLEN, GATE_WINDOWS)["perplexity"]
+        del fp
+        q = load_model(ckpt)
+        result = perplexity(q.model, q.tokenizer, text, GATE_SEQLEN, GATE_WINDOWS)
+        result["source_perplexity"] = base
+    result["rise_pct"] = 100 * (result["perplexity"] / result["source_perplexity"] - 1)
+    update_manifest(ckpt, quality=result)
+    if result["rise_pct"] > max_rise_pct:
+        raise QualityGateError(
+            f"{ckpt}: perplexity rose {result['rise_pct']:.1f}% over the unquantized source "
+            f"({result['source_perplexity']:.2f} -> {result['perplexity']:.2f} on {text}), more "
+            f"than --quality-gate {max_rise_pct:g}%; not serving"
+        )
+    return result
 
 
 def build_state(loaded: Loaded, settings: Settings) -> Any:
@@ -108,7 +164,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    path = resolve_checkpoint(settings.model)
+    if settings.quality_gate is not None and settings.gate_text is None:
+        raise UsageError(
+            "--quality-gate needs --gate-text FILE (the text to measure perplexity on)"
+        )
+    if (
+        settings.quality_gate is not None
+        and settings.quantize is None
+        and settings.model != "default"
+    ):
+        raise UsageError("--quality-gate needs --quantize (or SRC 'default')")
+    path = resolve_checkpoint(settings.model, settings.quantize, settings.calib)
+    if settings.quality_gate is not None and settings.gate_text is not None:
+        quality_gate(path, settings.model, settings.gate_text, settings.quality_gate)
     loaded = load_model(path, backend=settings.backend)
     state = build_state(loaded, settings)
     uvicorn.run(
@@ -135,6 +203,23 @@ def add_parser(sub: Any) -> None:
         help="checkpoint dir, HF folder, .gguf, or 'default' (W4 g128 of the embedded "
         "model, quantized once and cached under models/checkpoints/)",
     )
+    s.add_argument(
+        "--quantize",
+        metavar="METHOD:wBITSgGROUP",
+        help="quantize SRC first (e.g. gptq:w4g128, rtn:w8gch, awq:w3g64-sym), caching the "
+        "checkpoint by source hash and arguments under models/checkpoints/",
+    )
+    s.add_argument(
+        "--calib", type=Path, help="calibration text for --quantize (default: data-free)"
+    )
+    s.add_argument(
+        "--quality-gate",
+        type=float,
+        metavar="PCT",
+        help="refuse to serve if perplexity on --gate-text rose more than PCT%% over the source "
+        f"(seqlen {GATE_SEQLEN}, first {GATE_WINDOWS} windows); the result goes into the manifest",
+    )
+    s.add_argument("--gate-text", type=Path, help="evaluation text for --quality-gate")
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default 8000)")
     s.add_argument("--served-model-name", help="model id in the API (default: the folder name)")

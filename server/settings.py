@@ -3,6 +3,7 @@ overridden by `bitserve serve` flags."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -15,6 +16,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BITSERVE_", protected_namespaces=())
 
     model: str = Field("default", description="checkpoint dir, HF folder, .gguf or 'default'")
+    quantize: str | None = Field(None, description="METHOD:wBITSgGROUP to quantize SRC first")
+    calib: Path | None = Field(None, description="calibration text for --quantize")
+    quality_gate: float | None = Field(None, description="max perplexity rise in % before refusing")
+    gate_text: Path | None = Field(None, description="evaluation text for the quality gate")
     served_model_name: str | None = Field(None, description="model id in the API (default: dir)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

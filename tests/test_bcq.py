@@ -115,7 +115,7 @@ def test_unsupported_bits_and_backend() -> None:
     with pytest.raises(UsageError, match="BCQ supports 2, 3, 4 bits"):
         fit_bcq(weight(), 8, 128)
     layer = fit_bcq(weight(n=8, k=64), 2, 32).to_module()
-    with pytest.raises(ValueError, match="unknown backend .cpu.; available: reference"):
+    with pytest.raises(ValueError, match="unknown backend .cpu.; available: "):
         layer.set_backend("cpu")
     assert layer.set_backend("auto") == "reference"  # the only BCQ backend on a CPU-only torch
 

@@ -6,6 +6,7 @@ dequantize fallback computes in the caller's dtype and must match fp32 closely."
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,17 +100,14 @@ def test_cpu_backend_refuses_other_devices() -> None:
 
 
 @pytest.mark.slow
-def test_default_checkpoint_loads_on_cpu_backend_with_reference_greedy() -> None:
+def test_default_checkpoint_loads_on_cpu_backend_with_reference_greedy(tmp_path: Path) -> None:
     """The W4 checkpoint on disk loads with every layer on the cpu backend (auto), and its
     greedy tokens are the reference backend's argmax at every step (one teacher-forced pass)."""
-    from pathlib import Path
-
-    from bitserve.models import load_model
+    from bitserve.models import fetch_default, load_model
     from bitserve.quantization.checkpoint import set_backends
+    from bitserve.quantization.quantize import quantize_to_checkpoint
 
-    path = Path("checkpoints/rtn-w4g128")
-    if not path.is_dir():
-        pytest.skip("checkpoints/rtn-w4g128 not built (bitserve quantize default --method rtn)")
+    path = quantize_to_checkpoint(fetch_default(), tmp_path / "w4", "rtn", progress=False)
     loaded = load_model(path)
     layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
     assert layers and {m.backend for m in layers} == {"cpu"}

@@ -1,0 +1,93 @@
+"""`bitserve serve SRC --quantize METHOD:wBITSgGROUP [--quality-gate PCT]`: quantize once, cache
+by source hash and arguments, and refuse to serve a model that lost too much quality."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import save_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bitserve.cli import main
+from bitserve.errors import QualityGateError, UsageError
+from bitserve.quantization.checkpoint import WEIGHTS, read_manifest
+from bitserve.server.cli import parse_quantize, quality_gate, resolve_checkpoint
+
+
+@pytest.fixture()
+def src(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("BITSERVE_MODELS", str(tmp_path / "models"))
+    text = "Some text to measure perplexity on, again and again. " * 60
+    (tmp_path / "text.txt").write_text(text)
+    path = save_tiny_model(tmp_path / "src", "llama")
+    # A few training steps on the text, so that 2-bit rounding measurably hurts perplexity.
+    model = AutoModelForCausalLM.from_pretrained(path)
+    ids = AutoTokenizer.from_pretrained(path)(text[:600], return_tensors="pt").input_ids
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    return path
+
+
+def test_parse_quantize() -> None:
+    assert parse_quantize("gptq:w4g128") == ("gptq", parse_quantize("gptq:w4g128")[1])
+    method, spec = parse_quantize("awq:w3g64-sym")
+    assert (method, spec.bits, spec.group_size, spec.sym) == ("awq", 3, 64, True)
+    assert parse_quantize("w8gch")[1].group_size == -1
+    with pytest.raises(UsageError, match="expected METHOD:wBITSgGROUP"):
+        parse_quantize("gptq:4bit")
+    with pytest.raises(UsageError, match="unknown method 'nope'"):
+        parse_quantize("nope:w4g128")
+
+
+def test_quantize_once_then_reuse_the_cache(src: Path) -> None:
+    first = resolve_checkpoint(str(src), "rtn:w4g64")
+    stamp = (first / WEIGHTS).stat().st_mtime_ns
+    assert read_manifest(first)["quantization"]["group_size"] == 64
+    assert resolve_checkpoint(str(src), "rtn:w4g64") == first
+    assert (first / WEIGHTS).stat().st_mtime_ns == stamp  # not quantized again
+    other = resolve_checkpoint(str(src), "rtn:w8gch")
+    assert other != first and read_manifest(other)["quantization"]["bits"] == 8
+    with pytest.raises(UsageError, match="already a quantized checkpoint"):
+        resolve_checkpoint(str(first), "rtn:w4g64")
+
+
+def test_quality_gate_passes_and_records(src: Path) -> None:
+    ckpt = resolve_checkpoint(str(src), "rtn:w8gch")
+    result = quality_gate(ckpt, str(src), src.parent / "text.txt", 5.0)
+    stored = read_manifest(ckpt)["quality"]
+    assert stored["rise_pct"] == pytest.approx(result["rise_pct"]) and abs(stored["rise_pct"]) < 5
+    assert stored["source_perplexity"] > 1
+
+
+def test_quality_gate_refuses_in_one_line(
+    src: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def served(*args: object, **kwargs: object) -> None:
+        raise AssertionError("served despite the quality gate")
+
+    monkeypatch.setattr("uvicorn.run", served)
+    text = src.parent / "text.txt"
+    args = [
+        "serve",
+        str(src),
+        "--quantize",
+        "rtn:w2g32",
+        "--quality-gate",
+        "0.001",
+        "--gate-text",
+        str(text),
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err  # progress bars, then the one-line error
+    assert err.endswith("more than --quality-gate 0.001%; not serving\n") and "Traceback" not in err
+    assert err.count("bitserve: error: ") == 1
+    ckpt = resolve_checkpoint(str(src), "rtn:w2g32")
+    assert read_manifest(ckpt)["quality"]["rise_pct"] > 0.001  # stored even though refused
+    with pytest.raises(QualityGateError):
+        quality_gate(ckpt, str(src), text, 0.001)
+    assert main(["serve", str(src), "--quantize", "rtn:w2g32", "--quality-gate", "1"]) == 2
+    assert "--quality-gate needs --gate-text" in capsys.readouterr().err
