@@ -17,7 +17,7 @@ $(DEFAULT_MODEL): | $(BIN)/bitserve
 	$(BIN)/bitserve fetch-default
 
 serve: setup
-	$(BIN)/bitserve serve default --host 127.0.0.1 --port 8000
+	$(BIN)/bitserve serve default --host 127.0.0.1 --port 8000 --served-model-name default
 
 test: setup
 	$(BIN)/pytest -q
