@@ -78,3 +78,28 @@ def get_method(name: str) -> Method:
 
         raise UsageError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def input_power(ctx: BlockContext) -> dict[str, torch.Tensor]:
+    """E[x_k²] of every linear's inputs over the block's calibration calls, by linear name: the
+    per-input-channel weighting that activation-aware methods (bcq-act, mixed) share."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(hook_for(n)) for n, lin in ctx.linears.items()]
+    try:
+        with torch.no_grad():
+            for call in ctx.inputs:
+                ctx.run(call)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: sums[name] / counts[name] for name in sums}

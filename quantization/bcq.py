@@ -12,16 +12,20 @@ weights (much better perplexity). See docs/bcq.md.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from bitserve.errors import UsageError
 from bitserve.kernels.bcq_linear import BCQLinear, dequantize_bcq
 from bitserve.kernels.packing import num_groups, pack_rows
-from bitserve.quantization.base import BlockContext, Method, Quantized, register_method
+from bitserve.quantization.base import (
+    BlockContext,
+    Method,
+    Quantized,
+    input_power,
+    register_method,
+)
 
 BCQ_BITS = (2, 3, 4)
 
@@ -211,36 +215,12 @@ def fit_bcq(
     )
 
 
-def input_importance(ctx: BlockContext) -> dict[str, torch.Tensor]:
-    """E[x_k²] of every linear's inputs over the block's calibration calls, by linear name."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple[torch.Tensor, ...], output: object) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return record
-
-    handles = [lin.register_forward_hook(hook(n)) for n, lin in ctx.linears.items()]
-    try:
-        with torch.no_grad():
-            for call in ctx.inputs:
-                ctx.run(call)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: sums[name] / counts[name] for name in sums}
-
-
 def quantize_block(ctx: BlockContext) -> dict[str, Quantized]:
     """Fit every linear of the block independently, weighing input k by its calibration E[x_k²]
     when calibrated (bcq-act); data-free (bcq) every input counts the same."""
     iters = int(ctx.args.get("iters", 10))
     offset = bool(ctx.args.get("offset", True))
-    importance = input_importance(ctx) if ctx.inputs else {}
+    importance = input_power(ctx) if ctx.inputs else {}
     return {
         name: fit_bcq(
             lin.weight.data, ctx.spec.bits, ctx.spec.group_size, iters, offset, importance.get(name)

@@ -18,12 +18,17 @@ from functools import reduce
 from typing import Any
 
 import torch
-from torch import nn
 
 from bitserve.errors import UsageError
 from bitserve.kernels.mixed_linear import MixedLinear, mixed_from_entry
 from bitserve.kernels.packing import num_groups
-from bitserve.quantization.base import BlockContext, Method, Quantized, register_method
+from bitserve.quantization.base import (
+    BlockContext,
+    Method,
+    Quantized,
+    input_power,
+    register_method,
+)
 from bitserve.quantization.checkpoint import LAYER_FORMATS
 from bitserve.quantization.grid import QuantizedWeight, QuantSpec, quantize_rtn
 
@@ -110,30 +115,6 @@ def _options(ctx: BlockContext) -> tuple[Fraction, list[int], str, str, float]:
 def _group_cols(k: int, group_size: int) -> list[torch.Tensor]:
     g = k if group_size == -1 else group_size
     return [torch.arange(j * g, min((j + 1) * g, k)) for j in range(num_groups(k, group_size))]
-
-
-def _input_power(ctx: BlockContext) -> dict[str, torch.Tensor]:
-    """Mean squared input E[x_k^2] of every linear over the calibration calls."""
-    sums: dict[str, torch.Tensor] = {}
-    count: dict[str, int] = {}
-
-    def hook_for(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
-            count[name] = count.get(name, 0) + x.shape[0]
-
-        return hook
-
-    handles = [lin.register_forward_pre_hook(hook_for(n)) for n, lin in ctx.linears.items()]
-    try:
-        with torch.no_grad():
-            for call in ctx.inputs:
-                ctx.run(call)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: sums[n] / count[n] for n in sums}
 
 
 def _units(
@@ -242,7 +223,7 @@ def quantize_block(ctx: BlockContext) -> dict[str, Quantized]:
         hessians = {n: stats[first[n]].hessian for n in ctx.linears}
         power = {n: h.diagonal() / 2 for n, h in hessians.items()}
     else:
-        power = _input_power(ctx)
+        power = input_power(ctx)
     weights = {n: lin.weight.data.float() for n, lin in ctx.linears.items()}
     units = {n: _units(n, weights[n], power[n], ctx.spec, widths) for n in ctx.linears}
     if scope == "block":
