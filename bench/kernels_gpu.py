@@ -4,7 +4,8 @@ L2) against fp16 cuBLAS and torch's int4 tinygemm, with the byte limit of each (
 measured copy bandwidth); then decode tokens/s of a random-init Llama-3-8B-shaped model, W4 g128
 vs fp16, at batch 1 and 16 through a minimal static-cache decode step captured in a CUDA graph.
 
-    python bench/kernels_gpu.py [--skip-check] [--skip-e2e] [--e2e-layers 32]
+    python bench/kernels_gpu.py [--skip-check] [--skip-layers] [--skip-e2e] [--e2e-layers 32]
+                                [--ms 1,16,64,256,1024] [--budget-s 280]
 """
 
 from __future__ import annotations
@@ -97,9 +98,7 @@ def check_correctness(ms: tuple[int, ...] = (1, 16, 64, 300)) -> bool:
             for m, dtype in runs:
                 if m not in ms:
                     continue
-                regime = triton_int._regime(m)
-                lists = {1: triton_int.SMALL_M, 16: triton_int.MID_M, 64: triton_int.LARGE_M}
-                cfg = lists[regime][0]
+                cfg = triton_int.CANDIDATES[triton_int.bucket(m)][0]
                 x = torch.randn(m, 576, device=DEVICE).to(dtype)
                 ref = layer(x.float())
                 out = torch.full((m, 1000), float("nan"), device=DEVICE, dtype=dtype)
@@ -116,17 +115,54 @@ def check_correctness(ms: tuple[int, ...] = (1, 16, 64, 300)) -> bool:
                 ok &= good
                 flag = "" if good else " FAIL"
                 print(f"| {bits} | {group} | {sym} | {m} | {dtype} | {cfg} | {err:.1e}{flag} |")
-    # The autotuned path on a benchmark shape, against a torch decode of the same layout.
+    # Every autotune candidate of every bucket once (W4 g128 fp16; a wrong result from a config
+    # the tuner could pick shows up here), then the tuned path on a benchmark shape against a
+    # torch decode of the same layout, twice (the split-K counters must be re-armed).
+    layer = random_layer(576, 1000, 4, 128, False, DEVICE)
+    layer.set_backend("reference")
+    triton_int.BACKEND.prepare(layer)
+    bad = []
+    for b, cands in triton_int.CANDIDATES.items():
+        if over_budget():
+            print("(budget: candidate sweep stopped)")
+            break
+        m = 1 if b == 1 else max(2, min(b, 300) - 3)
+        x = torch.randn(m, 576, device=DEVICE, dtype=torch.float16)
+        ref = layer(x.float())
+        out = torch.empty(m, 1000, device=DEVICE, dtype=torch.float16)
+        triton_int._precompile(layer, x, out, cands)
+        for cfg in cands:
+            try:
+                err = rel_err(triton_int._launch(layer, x, out.fill_(float("nan")), cfg), ref)
+            except Exception as e:  # compile failure: the tuner skips it, so not a FAIL
+                print(f"| 4 | 128 | False | {m} | fp16 | {cfg} | did not run: {e!r:.150} |")
+                continue
+            if not err < 3e-3:
+                bad.append((cfg, err))
+    ok &= not bad
+    print(
+        f"| 4 | 128 | False | all buckets | fp16 | every candidate | {'FAIL ' + str(bad) if bad else 'ok'} |"
+    )
     for k, n in [(4096, 4096)]:
         layer = synthetic_layer(k, n, 4, 128, DEVICE)
         w = decode_prepared_w4(layer)
-        for m in sorted({1, *ms} & {1, 16, 256}):
+        for m in sorted({1, *ms}):
+            if over_budget():
+                break
             x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
-            err = rel_err(triton_int.matmul(layer, x), F.linear(x, w))
-            ok &= err < 3e-3
-            print(f"| 4 (tuned) | 128 | - | {m} | fp16 {k}x{n} | {triton_int._TUNED} | {err:.1e} |")
+            errs = [rel_err(triton_int.matmul(layer, x), F.linear(x, w)) for _ in range(2)]
+            ok &= max(errs) < 3e-3
+            cfg = triton_int._TUNED.get((k, n, 4, 128, triton_int.bucket(m), torch.float16))
+            print(f"| 4 (tuned) | 128 | - | {m} | fp16 {k}x{n} | {cfg} | {max(errs):.1e} |")
     print("correctness:", "PASS" if ok else "FAIL", flush=True)
     return ok
+
+
+DEADLINE = float("inf")  # time.perf_counter() after which sections stop (set by --budget-s)
+
+
+def over_budget() -> bool:
+    return time.perf_counter() > DEADLINE
 
 
 def copy_bandwidth() -> float:
@@ -200,6 +236,9 @@ def bench_layers(bw: float, ms: tuple[int, ...] = MS) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k, n in SHAPES:
+        if over_budget():
+            print("(budget: timing stopped)")
+            return
         w16 = torch.randn(n, k, device=DEVICE, dtype=torch.float16) * 0.02
         w16s = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2) - 1)]
         layers: dict[int, list[QuantLinear]] = {}
@@ -213,6 +252,8 @@ def bench_layers(bw: float, ms: tuple[int, ...] = MS) -> None:
                 layers[bits].append(c)
         w4_bytes = sum(t.numel() * t.element_size() for t in layers[4][0].prepared.values())
         for m in ms:
+            if over_budget():
+                break
             x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
             t16 = graph_time([partial(F.linear, x, w) for w in w16s])
             io = (m * k + m * n) * 2
@@ -255,104 +296,152 @@ def make_linear(k: int, n: int, w4: bool) -> Callable[[torch.Tensor], torch.Tens
     return lambda x: F.linear(x, w)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).half() * w
+def capture(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph after a warm-up call (autotuning happens there, outside the
+    capture) and one on a side stream."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def replay_s(graph: torch.cuda.CUDAGraph, steps: int) -> float:
+    """Seconds per replay."""
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
 
 
 def build_step(
-    w4: bool, batch: int, n_layers: int, ctx: int
-) -> tuple[Callable[[], None], torch.Tensor]:
-    """One greedy decode step of a random-init model with a static KV cache, written so that
-    it can be captured in a CUDA graph (positions advance on the device); and its position."""
+    w4: bool, batch: int, n_layers: int, ctx: int, w4_head: bool = False
+) -> tuple[Callable[[], None], Callable[[], None], torch.Tensor]:
+    """One greedy decode step of a random-init model with a static KV cache, written to be
+    captured in a CUDA graph (positions advance on the device) with few small kernels: fused
+    QKV and gate/up projections (as serving engines load them), F.rms_norm, RoPE with the
+    step's cos/sin gathered once, GQA attention as two batched matmuls over the cache with an
+    additive mask. Returns the step, a call of the same linears alone (what the weights cost),
+    and the position tensor."""
     c = LLAMA3_8B
-    h, nh, nkv, hd = c["hidden"], c["heads"], c["kv_heads"], c["hidden"] // c["heads"]
+    h, nh, nkv, hd, ffn = (
+        c["hidden"],
+        c["heads"],
+        c["kv_heads"],
+        c["hidden"] // c["heads"],
+        c["ffn"],
+    )
+    g = nh // nkv
     embed = torch.randn(c["vocab"], h, device=DEVICE, dtype=torch.float16) * 0.02
-    lm_head = torch.randn(c["vocab"], h, device=DEVICE, dtype=torch.float16) * 0.02
+    head = make_linear(h, c["vocab"], w4_head)
     ones = torch.ones(h, device=DEVICE, dtype=torch.float16)
     layers: list[dict[str, Any]] = []
     for _ in range(n_layers):
         layers.append(
             {
-                "q": make_linear(h, nh * hd, w4),
-                "k": make_linear(h, nkv * hd, w4),
-                "v": make_linear(h, nkv * hd, w4),
+                "qkv": make_linear(h, (nh + 2 * nkv) * hd, w4),
                 "o": make_linear(nh * hd, h, w4),
-                "gate": make_linear(h, c["ffn"], w4),
-                "up": make_linear(h, c["ffn"], w4),
-                "down": make_linear(c["ffn"], h, w4),
+                "gate_up": make_linear(h, 2 * ffn, w4),
+                "down": make_linear(ffn, h, w4),
                 "kc": torch.zeros(batch, nkv, ctx, hd, device=DEVICE, dtype=torch.float16),
                 "vc": torch.zeros(batch, nkv, ctx, hd, device=DEVICE, dtype=torch.float16),
             }
         )
     inv = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, device=DEVICE).float() / hd))
     ang = torch.arange(ctx, device=DEVICE).float()[:, None] * inv[None]
-    cos, sin = ang.cos().half(), ang.sin().half()
+    cos = torch.cat([ang.cos(), ang.cos()], -1).half()  # [ctx, hd]
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).half()  # rotate-half signs folded in
     tok = torch.zeros(batch, dtype=torch.long, device=DEVICE)
     pos = torch.full((1,), 16, dtype=torch.long, device=DEVICE)
     span = torch.arange(ctx, device=DEVICE)
-
-    def rope(t: torch.Tensor) -> torch.Tensor:
-        t1, t2 = t[..., : hd // 2], t[..., hd // 2 :]
-        cs, sn = cos[pos].view(1, 1, -1), sin[pos].view(1, 1, -1)
-        return torch.cat([t1 * cs - t2 * sn, t2 * cs + t1 * sn], dim=-1)
+    scale = hd**-0.5
 
     def step() -> None:
         x = embed[tok]
-        mask = (span <= pos).view(1, 1, 1, ctx)
+        mask = torch.where(span <= pos, 0.0, float("-inf")).half()
+        cs, sn = cos[pos].view(1, 1, hd), sin[pos].view(1, 1, hd)
         for lyr in layers:
-            r = rms_norm(x, ones)
-            q = rope(lyr["q"](r).view(batch, nh, hd))
-            k = rope(lyr["k"](r).view(batch, nkv, hd))
-            lyr["kc"].index_copy_(2, pos, k.unsqueeze(2))
-            lyr["vc"].index_copy_(2, pos, lyr["v"](r).view(batch, nkv, 1, hd))
-            a = F.scaled_dot_product_attention(
-                q.unsqueeze(2), lyr["kc"], lyr["vc"], attn_mask=mask, enable_gqa=True
-            )
-            x = x + lyr["o"](a.reshape(batch, nh * hd))
-            r = rms_norm(x, ones)
-            x = x + lyr["down"](F.silu(lyr["gate"](r)) * lyr["up"](r))
-        logits = F.linear(rms_norm(x, ones), lm_head)
+            qkv = lyr["qkv"](F.rms_norm(x, (h,), ones, 1e-5))
+            qk = qkv[:, : (nh + nkv) * hd].view(batch, nh + nkv, hd)
+            qk = torch.addcmul(qk * cs, torch.roll(qk, hd // 2, -1), sn)
+            v = qkv[:, (nh + nkv) * hd :].view(batch, nkv, 1, hd)
+            lyr["kc"].index_copy_(2, pos, qk[:, nh:].unsqueeze(2))
+            lyr["vc"].index_copy_(2, pos, v)
+            q = qk[:, :nh].reshape(batch, nkv, g, hd)
+            att = torch.softmax(torch.add(mask, q @ lyr["kc"].transpose(-1, -2), alpha=scale), -1)
+            x = x + lyr["o"]((att @ lyr["vc"]).reshape(batch, nh * hd))
+            gu = lyr["gate_up"](F.rms_norm(x, (h,), ones, 1e-5))
+            x = x + lyr["down"](F.silu(gu[:, :ffn]) * gu[:, ffn:])
+        logits = head(F.rms_norm(x, (h,), ones, 1e-5))
         tok.copy_(logits.argmax(-1))
         pos.add_(1)
 
-    return step, pos
+    r = torch.randn(batch, h, device=DEVICE, dtype=torch.float16)
+    f = torch.randn(batch, ffn, device=DEVICE, dtype=torch.float16)
+
+    def linears() -> None:
+        for lyr in layers:
+            lyr["qkv"](r)
+            lyr["o"](r)
+            lyr["gate_up"](r)
+            lyr["down"](f)
+        head(r)
+
+    return step, linears, pos
 
 
-def decode_tps(w4: bool, batch: int, n_layers: int, ctx: int = 512, steps: int = 64) -> float:
-    """Tokens/s of greedy decode steps replayed from a CUDA graph."""
+def decode_tps(
+    w4: bool, batch: int, n_layers: int, ctx: int = 512, steps: int = 64, w4_head: bool = False
+) -> tuple[float, float, float]:
+    """Tokens/s of greedy decode steps replayed from a CUDA graph, us per step, and us per
+    step of the linears alone (also replayed from a graph)."""
     with torch.inference_mode():
-        step, pos = build_step(w4, batch, n_layers, ctx)
-        step()  # warm-up and autotuning outside the graph
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        step, linears, pos = build_step(w4, batch, n_layers, ctx, w4_head)
+        graph = capture(step)
         pos.fill_(16)
-        graph.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            graph.replay()
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    return batch * steps / dt
+        t_step = replay_s(graph, steps)
+        del graph
+        t_lin = replay_s(capture(linears), 16)
+    return batch / t_step, t_step * 1e6, t_lin * 1e6
 
 
 def bench_e2e(n_layers: int) -> None:
     print(f"\n## end to end: random-init Llama-3-8B shapes ({n_layers} layers), decode, CUDA graph")
-    print("| batch | fp16 tok/s | W4 g128 tok/s | W4 x fp16 |")
-    print("|---|---|---|---|")
-    for batch in (1, 16):
-        f16 = decode_tps(False, batch, n_layers)
+    print("| batch | weights | tok/s | x fp16 | step us | linears us | other us |")
+    print("|---|---|---|---|---|---|---|")
+    runs = [(1, False, False), (1, True, False), (1, True, True)]
+    runs += [(16, False, False), (16, True, False)]
+    base = 0.0
+    for batch, w4, w4_head in runs:
+        if over_budget():
+            print("(budget: end to end stopped)")
+            return
+        tps, t_step, t_lin = decode_tps(w4, batch, n_layers, w4_head=w4_head)
         torch.cuda.empty_cache()
-        w4 = decode_tps(True, batch, n_layers)
-        torch.cuda.empty_cache()
-        print(f"| {batch} | {f16:.1f} | {w4:.1f} | {w4 / f16:.2f}x |", flush=True)
+        base = tps if not w4 else base
+        name = "fp16" if not w4 else "W4 g128 + W4 lm_head" if w4_head else "W4 g128 (fp16 lm_head)"
+        print(
+            f"| {batch} | {name} | {tps:.1f} | {tps / base:.2f}x | {t_step:.0f} | {t_lin:.0f} "
+            f"| {t_step - t_lin:.0f} |",
+            flush=True,
+        )
+
+
+def print_tuning() -> None:
+    """Tuned config per (K, N, bits, group, M bucket, dtype) and the time each tuning took."""
+    print("\n## tuned configs (K, N, bits, group, M bucket, dtype): config, tuning s")
+    spent = dict(triton_int.TUNE_LOG)
+    for key, cfg in triton_int._TUNED.items():
+        print(f"- {key}: {tuple(cfg)}, {spent.get(key, 0.0):.1f} s")
+    print(f"total tuning time {sum(spent.values()):.0f} s")
 
 
 def main() -> None:
@@ -362,8 +451,16 @@ def main() -> None:
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--e2e-layers", type=int, default=32)
     ap.add_argument("--ms", default="1,16,64,256,1024", help="M values to check and time")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=float("inf"),
+        help="wall time after which sections stop at their next step (and later ones are skipped)",
+    )
     args = ap.parse_args()
     ms = tuple(int(m) for m in args.ms.split(","))
+    global DEADLINE
+    DEADLINE = time.perf_counter() + args.budget_s
     import triton
 
     props = torch.cuda.get_device_properties(0)
@@ -372,12 +469,15 @@ def main() -> None:
     )
     sections: list[tuple[bool, Callable[[], Any]]] = [
         (args.skip_check, lambda: check_correctness(ms + (300,) if 256 in ms else ms)),
-        (args.skip_e2e, lambda: bench_e2e(args.e2e_layers)),
         (args.skip_layers, lambda: bench_layers(copy_bandwidth(), ms)),
-        (args.skip_layers, lambda: print("\ntuned configs:", triton_int._TUNED)),
+        (args.skip_e2e, lambda: bench_e2e(args.e2e_layers)),
+        (False, print_tuning),
     ]
     for skip, section in sections:
         if skip:
+            continue
+        if over_budget() and section is not print_tuning:
+            print("(budget: section skipped)")
             continue
         t0 = time.perf_counter()
         try:

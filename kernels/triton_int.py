@@ -1,16 +1,39 @@
-"""GPU backend: a Triton fused dequantize-GEMM for QuantLinear (W2/W3/W4/W8, A16).
+"""GPU backend: Triton fused dequantize-GEMM kernels for QuantLinear (W2/W3/W4/W8, A16).
 
 `prepare` repacks once at load into a kernel-friendly layout: codes along K in int32 words
 (32/bits codes per word, K padded to a multiple of 256; 3-bit as a 2-bit and a 1-bit plane, so
-no code straddles a word), scales and zero points unpacked to [G, N]. One kernel serves both
-regimes: small M runs GEMV-style with split-K (partial sums atomically added into a zeroed
-output), large M runs tiled with tensor-core dots. Configs are autotuned per shape, cached.
+no code straddles a word), scales and zero points unpacked to [G, N].
+
+Three kernels, picked per M bucket by a short autotune (cached per shape and bucket):
+
+- `_gemv_kernel` (M = 1, decode): CUDA-core FMAs, split-K over many programs.
+- `_dot_kernel` (M >= 2): tensor-core `tl.dot` tiles, split-K for small M.
+- `_dequant_kernel` + cuBLAS (large M): a dense fp16/bf16 copy of W, then `torch.mm`; the
+  fallback candidate when the fused tiles lose to cuBLAS on compute-bound shapes.
+
+Two tricks keep the integer work per code small (an int->float conversion runs at a quarter of
+the FMA rate): codes become floats by OR-ing them into the mantissa of a float with a fixed
+exponent (`_plane_f32`, `_codes_f32`, `_codes_f16`), and where a K-block lies in one group the
+scale and zero are applied once per block, not per code: sum_k x_k (q_k - z) s =
+s (sum_k x_k (OFF + q_k) - (OFF + z) sum_k x_k).
+
+Split-K partial sums go to a workspace; the program that finishes a tile last (a per-tile
+arrival counter) adds them up in a fixed order, writes the output and re-arms the counter, so
+there is no zero-filled output, no atomics on data and no second kernel (`_finish`). Config
+variants (autotune candidates, so the GPU picks) also try fp32 atomic adds into one zeroed
+slice ("red"), atomic adds into the zeroed output ("atomic", the earlier kernels' finish), the
+dot on exact fp16 q - z ("zsub": no row sums of x) or on FMA-dequantized weights ("fma"), and a
+GEMV that dequantizes and multiplies in fp16 ("h2").
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -23,6 +46,43 @@ K_ALIGN = 256  # K is padded to this, so every BLOCK_K up to 256 tiles it exactl
 BIG_GROUP = 1 << 30  # "group size" of a per-channel layer: every k in group 0
 # Kernels run in Triton's CPU interpreter (tests without a GPU) when this was set at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---- codes -> floats -------------------------------------------------------------------------
+
+
+@triton.jit
+def _shift(w, S: tl.constexpr):
+    """w << S for S >= 0, else w >> -S (arithmetic; callers mask the bits they keep)."""
+    if S >= 0:
+        return w << S
+    else:
+        return w >> (-S)
+
+
+@triton.jit
+def _plane_f32(w, h, J: tl.constexpr, BITS: tl.constexpr):
+    """Code J of every word of `w` as float32 2**BITS + code, exactly, in 2 integer ops: the
+    code is moved to the top of the mantissa of a float whose exponent is BITS. 3-bit: the low
+    two bits are code J of the 2-bit plane `w`, the high bit is bit J of `h`."""
+    if BITS == 3:
+        v = (_shift(w, 20 - 2 * J) & (3 << 20)) | (_shift(h, 22 - J) & (1 << 22)) | (130 << 23)
+    else:
+        mant: tl.constexpr = 23 - BITS
+        v = (_shift(w, mant - J * BITS) & (((1 << BITS) - 1) << mant)) | ((127 + BITS) << 23)
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _codes_f32(q):
+    """Integer codes (0 <= q < 2**23) as float32 without a conversion instruction."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _codes_f16(q):
+    """Integer codes (0 <= q < 1024) as float16 1024 + q without a conversion instruction."""
+    return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -69,166 +129,42 @@ def _load_codes(
     return q
 
 
-@triton.jit
-def _dot_block(
-    acc,
-    x_ptr,
-    qw_ptr,
-    qh_ptr,
-    s_ptr,
-    z_ptr,
-    kb,
-    offs_m,
-    offs_n,
-    mask_m,
-    mask_n,
-    N,
-    K,
-    G,
-    stride_xm,
-    stride_w,
-    stride_h,
-    BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):
-    """acc + x[:, K-block kb] @ dequant(W)[K-block kb, :] with the codes unpacked to 2-D."""
-    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    x = tl.load(
-        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-        mask=mask_m[:, None] & (offs_k < K)[None, :],
-        other=0.0,
-    )
-    q = _load_codes(qw_ptr, qh_ptr, kb, offs_n, mask_n, stride_w, stride_h, BITS, BLOCK_K, BLOCK_N)
-    if BLOCK_K <= GROUP:
-        g = tl.minimum((kb * BLOCK_K) // GROUP, G - 1)
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        w = (q.to(tl.float32) - z[None, :]) * s[None, :]
-    else:
-        g2 = tl.minimum(offs_k // GROUP, G - 1)[:, None] * N + offs_n[None, :]
-        s2 = tl.load(s_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
-        z2 = tl.load(z_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
-        w = (q.to(tl.float32) - z2) * s2
-    if DOT_F32:
-        acc += tl.dot(x.to(tl.float32), w)
-    else:
-        acc += tl.dot(x, w.to(x.dtype))
-    return acc
+# ---- split-K epilogue ------------------------------------------------------------------------
 
 
 @triton.jit
-def _int_matmul_kernel(
-    x_ptr,
-    qw_ptr,
-    qh_ptr,
-    s_ptr,
-    z_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    G,
-    stride_xm,
-    stride_w,
-    stride_h,
-    stride_om,
-    BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    K_BLOCKS,
-    DOT_F32: tl.constexpr,
-    JSPLIT: tl.constexpr,
-):
-    """out[M, N] (+)= x[M, K] @ dequant(W)[K, N]; program (n, m, k-slice of SPLIT_K).
-
-    JSPLIT (at least 16 words per K-block): the word tile is loaded once and split by code
-    position j into per_word dots of x[:, word * per_word + j] with plane j, which keeps every
-    tile in its 2-D layout; otherwise the codes are unpacked and reshaped to [BLOCK_K, BLOCK_N].
-    """
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    per_word: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # 3-bit: the 2-bit plane's words
-    plane_bits: tl.constexpr = 2 if BITS == 3 else BITS
-    words: tl.constexpr = BLOCK_K // per_word
-    for kb in range(pid_k, K_BLOCKS, SPLIT_K):
-        if JSPLIT:
-            word_idx = tl.arange(0, words)
-            rows = kb * words + word_idx
-            wt = tl.load(qw_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=mask_n[None, :])
-            if BITS == 3:
-                rows_hi = kb * (words // 2) + word_idx // 2
-                h = tl.load(
-                    qh_ptr + rows_hi[:, None] * stride_h + offs_n[None, :], mask=mask_n[None, :]
-                )
-                h = h >> ((word_idx % 2) * 16)[:, None]
-            k0 = kb * BLOCK_K + word_idx * per_word
-            if BLOCK_K <= GROUP:
-                g = tl.minimum((kb * BLOCK_K) // GROUP, G - 1)
-                sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                zr = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            for j in tl.static_range(per_word):
-                qj = (wt >> (j * plane_bits)) & ((1 << plane_bits) - 1)
-                if BITS == 3:
-                    qj = qj | (((h >> j) & 1) << 2)
-                if BLOCK_K <= GROUP:
-                    wj = (qj.to(tl.float32) - zr[None, :]) * sc[None, :]
-                else:
-                    gj = tl.minimum((k0 + j) // GROUP, G - 1)[:, None] * N + offs_n[None, :]
-                    sj = tl.load(s_ptr + gj, mask=mask_n[None, :], other=0.0).to(tl.float32)
-                    zj = tl.load(z_ptr + gj, mask=mask_n[None, :], other=0.0).to(tl.float32)
-                    wj = (qj.to(tl.float32) - zj) * sj
-                xj = tl.load(
-                    x_ptr + offs_m[:, None] * stride_xm + (k0 + j)[None, :],
-                    mask=mask_m[:, None] & (k0 + j < K)[None, :],
-                    other=0.0,
-                )
-                if DOT_F32:
-                    acc += tl.dot(xj.to(tl.float32), wj)
-                else:
-                    acc += tl.dot(xj, wj.to(xj.dtype))
+def _finish(acc, out_ptrs, mask, ws_ptrs, ws_stride, cnt_ptr, pid_k, split_k, ATOMIC: tl.constexpr):
+    """Store the tile `acc`. With split-K and ATOMIC 0, slice pid_k goes to the workspace; the
+    program whose arrival makes the tile's counter reach split_k adds the slices (in order:
+    deterministic), stores the output and re-arms the counter to 0 for the next call. ATOMIC 1:
+    the same, but every slice is atomically added (fp32) into one zeroed workspace slice, which
+    the last program reads once. ATOMIC 2: atomic adds straight into the zeroed output (no
+    counter; the caller zeroes `out`, which is float32 where out's dtype has no atomics)."""
+    if split_k == 1:
+        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
+    elif ATOMIC == 2:
+        tl.atomic_add(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask, sem="relaxed")
+    else:
+        if ATOMIC == 1:
+            tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
         else:
-            acc = _dot_block(
-                acc,
-                x_ptr,
-                qw_ptr,
-                qh_ptr,
-                s_ptr,
-                z_ptr,
-                kb,
-                offs_m,
-                offs_n,
-                mask_m,
-                mask_n,
-                N,
-                K,
-                G,
-                stride_xm,
-                stride_w,
-                stride_h,
-                BITS,
-                GROUP,
-                BLOCK_K,
-                BLOCK_N,
-                DOT_F32,
-            )
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(ws_ptrs + pid_k * ws_stride, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == split_k - 1:
+            if ATOMIC == 1:
+                total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            else:
+                total = tl.zeros_like(acc)
+                for p in range(0, split_k):  # .cg: read from L2, never a stale L1 line
+                    total += tl.load(
+                        ws_ptrs + p * ws_stride, mask=mask, other=0.0, cache_modifier=".cg"
+                    )
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr, 0)
+
+
+# ---- kernels ---------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -239,6 +175,181 @@ def _gemv_kernel(
     s_ptr,
     z_ptr,
     out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    N,
+    K,
+    G,
+    stride_w,
+    stride_h,
+    k_blocks,
+    split_k,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    H2: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):
+    """out[N] = x[K] @ dequant(W)[K, N] for one row (decode); program (n-block, k-slice).
+
+    The word tile [words, BLOCK_N] is loaded once; an unrolled loop over the code position j
+    turns plane j into floats 2**BITS + code (`_plane_f32`: shift, mask, FMA per code) and meets
+    it with x[word * per_word + j]. Scales and zeros are applied once per word row and block
+    (every word lies in one group: `_supports` asks for group sizes that are multiples of 32).
+    Everything stays in the tile's 2-D layout; one reduction at the end.
+
+    H2 (fp16 x, BITS 2 or 4): half precision inner loop. Codes j and j + per_word / 2 of a
+    word are masked out together (mask 0x000F000F for 4-bit) and OR-ed with 0x64006400: two
+    fp16 1024 + code in the word's halves, minus 1024 + z (exact: q - z in fp16), times x / 16
+    (the 1/16 keeps the fp16 partial of one word row below 65504 for |x| < 8000), summed in
+    fp16 over the word row, then once per row and block to fp32 with the scale (times 16)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    per_word: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # 3-bit: the 2-bit plane's words
+    words: tl.constexpr = BLOCK_K // per_word
+    off: tl.constexpr = 1 << BITS
+    row = tl.arange(0, words)
+    acc = tl.zeros((words, BLOCK_N), dtype=tl.float32)
+    for kb in range(pid_k, k_blocks, split_k):
+        rows = kb * words + row
+        w = tl.load(
+            qw_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=mask_n[None, :], other=0
+        )
+        h = w
+        if BITS == 3:  # code k = 16 * row + j; its high bit is bit k % 32 of plane word k // 32
+            h = tl.load(
+                qh_ptr + (rows // 2)[:, None] * stride_h + offs_n[None, :],
+                mask=mask_n[None, :],
+                other=0,
+            )
+            h = h >> ((row % 2) * 16)[:, None]
+        k0 = kb * BLOCK_K + row * per_word
+        if BLOCK_K <= GROUP:  # the block lies in one group: one scale row
+            g = tl.minimum((kb * BLOCK_K) // GROUP, G - 1)
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        else:  # a group per word row
+            g2 = tl.minimum(k0 // GROUP, G - 1)[:, None] * N + offs_n[None, :]
+            s = tl.load(s_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        if H2:
+            half: tl.constexpr = per_word // 2
+            pair_mask: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+            zz = (z + 1024.0).to(tl.float16)
+            p16 = tl.zeros((words, BLOCK_N), dtype=tl.float16)
+            for j in tl.static_range(half):
+                v = (_shift(w, -j * BITS) & pair_mask) | 0x64006400
+                lo = v.to(tl.int16).to(tl.float16, bitcast=True) - zz
+                hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True) - zz
+                x_lo = tl.load(x_ptr + k0 + j, mask=k0 + j < K, other=0.0) * 0.0625
+                x_hi = tl.load(x_ptr + k0 + j + half, mask=k0 + j + half < K, other=0.0) * 0.0625
+                p16 += x_lo[:, None] * lo + x_hi[:, None] * hi
+            acc += p16.to(tl.float32) * (s * 16.0)
+        else:
+            xj = tl.load(x_ptr + k0, mask=k0 < K, other=0.0).to(tl.float32)
+            part = xj[:, None] * _plane_f32(w, h, 0, BITS)
+            xsum = xj
+            for j in tl.static_range(1, per_word):
+                xj = tl.load(x_ptr + k0 + j, mask=k0 + j < K, other=0.0).to(tl.float32)
+                part += xj[:, None] * _plane_f32(w, h, j, BITS)
+                xsum += xj
+            acc += tl.fma(part, s, -xsum[:, None] * ((z + off) * s))
+    y = tl.sum(acc, axis=0)
+    _finish(
+        y, out_ptr + offs_n, mask_n, ws_ptr + offs_n, N, cnt_ptr + pid_n, pid_k, split_k, ATOMIC
+    )
+
+
+@triton.jit
+def _dot_kernel(
+    x_ptr,
+    qw_ptr,
+    qh_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    G,
+    stride_xm,
+    stride_w,
+    stride_h,
+    stride_om,
+    k_blocks,
+    split_k,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DEQ: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):
+    """out[M, N] = x[M, K] @ dequant(W)[K, N] with tensor-core dots; program (n, m, k-slice).
+
+    DEQ 0: each code is dequantized to (q - z) * s (one FMA, gathered scales when the block
+    spans groups) in DOT_DTYPE and accumulated by the dot. The others need fp16 x and a block
+    inside one group. DEQ 1 (raw): the dot runs on fp16 1024 + code (`_codes_f16`: no
+    conversion, no per-code scale); the block's scale and zero (with the row sums of x) are
+    applied to the [BLOCK_M, BLOCK_N] result. DEQ 2 (zsub): the dot runs on fp16
+    (1024 + q) - (1024 + z) = q - z, exact (no row sums of x); the scale is applied to the
+    result. ATOMIC: how split-K slices are added up (`_finish`)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(pid_k, k_blocks, split_k):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=mask_m[:, None] & (offs_k < K)[None, :],
+            other=0.0,
+        )
+        q = _load_codes(
+            qw_ptr, qh_ptr, kb, offs_n, mask_n, stride_w, stride_h, BITS, BLOCK_K, BLOCK_N
+        )
+        if BLOCK_K <= GROUP:
+            g = tl.minimum((kb * BLOCK_K) // GROUP, G - 1)
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        else:
+            g2 = tl.minimum(offs_k // GROUP, G - 1)[:, None] * N + offs_n[None, :]
+            s = tl.load(s_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        if DEQ == 1:
+            d = tl.dot(x, _codes_f16(q))
+            xsum = tl.sum(x.to(tl.float32), axis=1)
+            acc += (d - xsum[:, None] * (z + 1024.0)) * s
+        elif DEQ == 2:
+            acc += tl.dot(x, _codes_f16(q) - (z + 1024.0).to(tl.float16)) * s
+        else:
+            w = tl.fma(_codes_f32(q), s, -z * s)
+            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+    mask = mask_m[:, None] & mask_n[None, :]
+    _finish(acc, out_ptrs, mask, ws_ptrs, M * N, cnt, pid_k, split_k, ATOMIC)
+
+
+@triton.jit
+def _dequant_kernel(
+    qw_ptr,
+    qh_ptr,
+    s_ptr,
+    z_ptr,
+    w_ptr,
     N,
     K,
     G,
@@ -248,53 +359,23 @@ def _gemv_kernel(
     GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    K_BLOCKS,
 ):
-    """out[N] (+)= x[K] @ dequant(W)[K, N] for one row (decode). Each word tile [words,
-    BLOCK_N] is loaded once; an unrolled loop over the code position j inside the words takes
-    plane j out with a shift and meets it with x[word * per_word + j]. Everything stays in the
-    tile's own 2-D layout (no reshape, no broadcast loads); one reduction at the end."""
+    """Dense w[K, N] = (q - z) * s in w's dtype, one [BLOCK_K, BLOCK_N] tile per program."""
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    kb = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
-    per_word: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # 3-bit: the 2-bit plane's words
-    plane_bits: tl.constexpr = 2 if BITS == 3 else BITS
-    words: tl.constexpr = BLOCK_K // per_word
-    word_idx = tl.arange(0, words)
-    acc = tl.zeros((words, BLOCK_N), dtype=tl.float32)
-    for kb in range(pid_k, K_BLOCKS, SPLIT_K):
-        rows = kb * words + word_idx
-        w = tl.load(qw_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=mask_n[None, :])
-        if BITS == 3:  # code k = 16 * row + j; its high bit is bit k % 32 of plane word k // 32
-            rows_hi = kb * (words // 2) + word_idx // 2
-            h = tl.load(
-                qh_ptr + rows_hi[:, None] * stride_h + offs_n[None, :], mask=mask_n[None, :]
-            )
-            h = h >> ((word_idx % 2) * 16)[:, None]
-        k0 = kb * BLOCK_K + word_idx * per_word
-        if BLOCK_K <= GROUP:
-            g = tl.minimum((kb * BLOCK_K) // GROUP, G - 1)
-            sc = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zr = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        for j in tl.static_range(per_word):
-            q = (w >> (j * plane_bits)) & ((1 << plane_bits) - 1)
-            if BITS == 3:
-                q = q | (((h >> j) & 1) << 2)
-            xj = tl.load(x_ptr + k0 + j, mask=k0 + j < K, other=0.0).to(tl.float32)
-            if BLOCK_K <= GROUP:
-                acc += xj[:, None] * ((q.to(tl.float32) - zr[None, :]) * sc[None, :])
-            else:
-                g2 = tl.minimum((k0 + j) // GROUP, G - 1)[:, None] * N + offs_n[None, :]
-                s2 = tl.load(s_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
-                z2 = tl.load(z_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
-                acc += xj[:, None] * ((q.to(tl.float32) - z2) * s2)
-    y = tl.sum(acc, axis=0)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.atomic_add(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    q = _load_codes(qw_ptr, qh_ptr, kb, offs_n, mask_n, stride_w, stride_h, BITS, BLOCK_K, BLOCK_N)
+    g2 = tl.minimum(offs_k // GROUP, G - 1)[:, None] * N + offs_n[None, :]
+    s = tl.load(s_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
+    w = (_codes_f32(q) - z) * s
+    mask = (offs_k < K)[:, None] & mask_n[None, :]
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- backend ---------------------------------------------------------------------------------
 
 
 def _supports(layer: QuantLinear) -> str | None:
@@ -302,6 +383,9 @@ def _supports(layer: QuantLinear) -> str | None:
         return f"weights are on {layer.qweight.device.type}, not cuda"
     if layer.bits not in (2, 3, 4, 8):
         return f"{layer.bits}-bit weights are not supported"
+    g, k = layer.group_size, layer.in_features
+    if g != -1 and g < k and g % 32:
+        return f"group size {g} is not a multiple of 32"
     return None
 
 
@@ -313,6 +397,12 @@ def _pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = (torch.arange(per_word, device=q.device) * bits).view(1, per_word, 1)
     words = (q << shifts).sum(dim=1)
     return torch.where(words >= (1 << 31), words - (1 << 32), words).to(torch.int32)
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """Split-K arrival counters, one per output tile: enough for every split-K config (BLOCK_N
+    >= 32, and BLOCK_M >= 16 with M <= 64). Kernels leave them at zero."""
+    return torch.zeros(triton.cdiv(n, 8) + 4, dtype=torch.int32, device=device)
 
 
 def _prepare(layer: QuantLinear) -> None:
@@ -328,143 +418,308 @@ def _prepare(layer: QuantLinear) -> None:
         layer.prepared["qweight"] = _pack_words(codes, layer.bits).contiguous()
     layer.prepared["scales"] = layer.scales.half().contiguous()
     layer.prepared["zeros"] = layer.zero_codes().half().contiguous()
+    layer.prepared["counters"] = _counters(n, layer.qweight.device)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) candidates per M regime.
-SMALL_M = [
-    (1, 64, 256, 8, 4, 1),
-    (1, 128, 256, 4, 4, 1),
-    (1, 128, 256, 8, 4, 1),
-    (1, 64, 256, 16, 4, 1),
-    (1, 128, 128, 16, 4, 1),
-    (1, 64, 128, 32, 2, 1),
-    (1, 256, 256, 4, 8, 1),
-    (1, 256, 128, 8, 4, 1),
-]
-MID_M = [
-    (16, 64, 128, 8, 4, 3),
-    (16, 64, 128, 16, 4, 3),
-    (16, 32, 128, 16, 4, 3),
-    (16, 64, 64, 32, 4, 2),
-    (16, 64, 256, 8, 4, 3),
-    (16, 128, 128, 4, 4, 3),
-    (16, 64, 256, 4, 4, 3),
-    (16, 128, 64, 8, 4, 4),
-    (32, 128, 128, 4, 4, 3),
-    (16, 64, 128, 1, 4, 4),
-    (64, 64, 128, 4, 4, 3),
-]
-LARGE_M = [
-    (64, 128, 64, 1, 4, 4),
-    (128, 128, 256, 1, 8, 2),
-    (64, 128, 256, 1, 4, 2),
-    (128, 128, 64, 1, 8, 3),
-    (128, 256, 64, 1, 8, 3),
-    (64, 256, 64, 1, 8, 3),
-    (128, 128, 128, 1, 8, 3),
-    (64, 128, 128, 1, 4, 3),
-    (64, 64, 128, 2, 4, 3),
-]
-INTERPRET_CONFIGS = {1: (1, 32, 64, 2, 4, 1), 16: (16, 32, 64, 2, 4, 1), 64: (32, 32, 32, 1, 4, 1)}
-_TUNED: dict[tuple[Any, ...], tuple[int, ...]] = {}
+class Config(NamedTuple):
+    """One launch configuration. kind: "gemv" (`_gemv_kernel`, M = 1), "dot" (`_dot_kernel`)
+    or "cublas" (`_dequant_kernel` tiles of BLOCK_K x BLOCK_N, then torch.mm). variant: flags
+    joined by "+": "fma" / "zsub" (the dot's DEQ 0 / 2; default: 1 where it applies), "h2" (the
+    GEMV's half precision loop), "red" / "atomic" (split-K finish ATOMIC 1 / 2; default 0)."""
+
+    kind: str
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    warps: int
+    stages: int
+    variant: str = ""
+
+    def flags(self) -> set[str]:
+        return set(filter(None, self.variant.split("+")))
 
 
-def _regime(m: int) -> int:
-    """1: GEMV (M=1), 16: split-K dots (M <= 32), 64: tiled (larger M)."""
-    return 1 if m == 1 else 16 if m <= 32 else 64
+def _configs(kind: str, block_m: int, rows: list[tuple[Any, ...]]) -> list[Config]:
+    return [Config(kind, block_m, *r) for r in rows]
+
+
+# Candidates per M bucket (the bucket's upper end): (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages).
+# M = 1 streams the weights: the grid (N / BLOCK_N x SPLIT_K programs) must put several
+# programs on each of ~132 SMs for N from 4096 to 28672 and K from 4096 to 14336.
+CANDIDATES: dict[int, list[Config]] = {
+    1: _configs(
+        "gemv",
+        1,
+        [
+            (256, 128, 8, 4, 1),
+            (128, 128, 8, 4, 1),
+            (128, 128, 16, 4, 1),
+            (128, 128, 32, 4, 1),
+            (64, 128, 16, 2, 1),
+            (64, 128, 32, 2, 2),
+            (256, 64, 16, 4, 1),
+            (128, 256, 8, 4, 1),
+            (256, 128, 4, 4, 2),
+            (128, 256, 8, 4, 1, "h2"),
+            (64, 128, 16, 2, 1, "h2"),
+            (256, 64, 16, 4, 1, "h2"),
+            (128, 128, 8, 4, 1, "h2"),
+            (128, 256, 8, 4, 1, "red"),
+        ],
+    ),
+    16: _configs(
+        "dot",
+        16,
+        [
+            (64, 128, 8, 4, 3),
+            (128, 128, 8, 4, 3),
+            (128, 64, 8, 4, 4),
+            (64, 128, 16, 4, 3),
+            (128, 128, 4, 4, 3),
+            (256, 64, 4, 8, 3),
+            (64, 64, 16, 2, 4),
+            (128, 128, 16, 4, 2),
+            (128, 64, 8, 4, 4, "zsub"),
+            (128, 128, 8, 4, 3, "zsub"),
+            (64, 128, 8, 4, 3, "zsub"),
+            (128, 64, 8, 4, 4, "fma+atomic"),
+            (128, 64, 8, 4, 4, "zsub+atomic"),
+            (128, 128, 4, 4, 3, "zsub+red"),
+        ],
+    ),
+    64: [
+        *_configs("dot", 16, [(64, 128, 8, 4, 3), (128, 128, 4, 4, 3)]),
+        *_configs("dot", 16, [(128, 128, 4, 4, 3, "zsub+red")]),
+        *_configs("dot", 32, [(128, 128, 4, 4, 3, "zsub")]),
+        *_configs("dot", 64, [(64, 128, 4, 4, 3, "zsub")]),
+        *_configs("dot", 32, [(64, 128, 8, 4, 3), (128, 128, 4, 4, 3), (128, 64, 8, 4, 4)]),
+        *_configs(
+            "dot",
+            64,
+            [
+                (64, 128, 4, 4, 3),
+                (128, 64, 4, 4, 4),
+                (128, 128, 2, 4, 3),
+                (256, 64, 2, 8, 3),
+                (128, 128, 1, 8, 3),
+            ],
+        ),
+    ],
+    256: [
+        *_configs("dot", 64, [(128, 64, 1, 4, 4), (256, 64, 1, 8, 3), (128, 128, 1, 4, 3)]),
+        *_configs("dot", 64, [(64, 128, 1, 4, 3), (128, 64, 1, 4, 4, "zsub")]),
+        *_configs(
+            "dot",
+            128,
+            [(128, 64, 1, 8, 3), (256, 64, 1, 8, 3), (128, 128, 1, 8, 3), (64, 64, 1, 4, 4)],
+        ),
+        Config("cublas", 0, 128, 64, 1, 4, 1),
+    ],
+    1024: [
+        *_configs(
+            "dot",
+            128,
+            [(128, 64, 1, 8, 3), (256, 64, 1, 8, 3), (128, 128, 1, 8, 3), (128, 64, 1, 4, 4)],
+        ),
+        *_configs("dot", 256, [(128, 64, 1, 8, 3)]),
+        *_configs("dot", 64, [(256, 64, 1, 8, 4)]),
+        *_configs("dot", 128, [(256, 128, 1, 8, 2)]),
+        Config("cublas", 0, 128, 64, 1, 4, 1),
+    ],
+}
+# In the interpreter (CPU tests) every bucket runs one small config of the same kind.
+INTERPRET_CONFIGS = {
+    1: Config("gemv", 1, 32, 64, 2, 4, 1),
+    16: Config("dot", 16, 32, 64, 2, 4, 1),
+    64: Config("dot", 32, 32, 64, 2, 4, 1),
+    256: Config("dot", 32, 32, 32, 1, 4, 1),
+    1024: Config("cublas", 0, 32, 64, 1, 4, 1),
+}
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 20
+_TUNED: dict[tuple[Any, ...], Config] = {}
+
+
+def bucket(m: int) -> int:
+    """The M bucket that a config is tuned for: 1, <=16, <=64, <=256, larger."""
+    return next(b for b in (1, 16, 64, 256) if m <= b) if m <= 256 else 1024
+
+
+def _group(layer: QuantLinear) -> int:
+    g = layer.group_size
+    return BIG_GROUP if g == -1 or g >= layer.in_features else g
 
 
 def _launch(
-    layer: QuantLinear, x: torch.Tensor, out: torch.Tensor, cfg: tuple[int, ...]
+    layer: QuantLinear, x: torch.Tensor, out: torch.Tensor, cfg: Config, warmup: bool = False
 ) -> torch.Tensor:
-    block_m, block_n, block_k, split_k, warps, stages = cfg
+    """Run `cfg` on x [M, K] into out [M, N] (contiguous). warmup: only compile the kernel."""
     m, n, k = x.shape[0], layer.out_features, layer.in_features
-    qw = layer.prepared["qweight"]
-    qh = layer.prepared.get("qhigh", qw)
-    k_blocks = (k + block_k - 1) // block_k
-    result = out
-    if split_k > 1:
-        # Partial sums are atomically added into a zeroed output; the interpreter has no
-        # 16-bit atomics, so there they go through a float32 buffer.
-        out = torch.zeros_like(out, dtype=torch.float32) if INTERPRET else out.zero_()
-    group = BIG_GROUP if layer.group_size == -1 or layer.group_size >= k else layer.group_size
-    if block_m == 1:
-        _gemv_kernel[(triton.cdiv(n, block_n), split_k)](
-            x,
+    p = layer.prepared
+    qw = p["qweight"]
+    qh = p.get("qhigh", qw)
+    group, groups = _group(layer), num_groups(k, layer.group_size)
+    common = dict(BITS=layer.bits, GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+    launch: dict[str, Any] = dict(num_warps=cfg.warps, num_stages=cfg.stages, warmup=warmup)
+    # kernel.run(..., grid=, warmup=) is kernel[grid](...) that can also only compile.
+    if cfg.kind == "cublas":
+        w = torch.empty(k, n, device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))
+        _dequant_kernel.run(
             qw,
             qh,
-            layer.prepared["scales"],
-            layer.prepared["zeros"],
-            out,
+            p["scales"],
+            p["zeros"],
+            w,
             n,
             k,
-            num_groups(k, layer.group_size),
+            groups,
             qw.stride(0),
             qh.stride(0),
-            BITS=layer.bits,
-            GROUP=group,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            SPLIT_K=split_k,
-            K_BLOCKS=k_blocks,
-            num_warps=warps,
-            num_stages=stages,
+            grid=grid,
+            **common,
+            **launch,
         )
-        return result.copy_(out) if out is not result else result
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
-    _int_matmul_kernel[grid](
-        x,
-        qw,
-        qh,
-        layer.prepared["scales"],
-        layer.prepared["zeros"],
-        out,
-        m,
-        n,
-        k,
-        num_groups(k, layer.group_size),
-        x.stride(0),
-        qw.stride(0),
-        qh.stride(0),
-        out.stride(0),
-        BITS=layer.bits,
-        GROUP=group,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        SPLIT_K=split_k,
-        K_BLOCKS=k_blocks,
-        # The interpreter's bf16 dot is wrong (numpy has no bf16): it takes the fp32 dot there.
-        DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
-        JSPLIT=block_k // (16 if layer.bits == 3 else 32 // layer.bits) >= 16,
-        num_warps=warps,
-        num_stages=stages,
+        return out if warmup else torch.mm(x, w, out=out)
+    k_blocks = triton.cdiv(k, cfg.block_k)
+    split_k = min(cfg.split_k, k_blocks)
+    grid_n = triton.cdiv(n, cfg.block_n)
+    grid_m = 1 if cfg.kind == "gemv" else triton.cdiv(m, cfg.block_m)
+    if "counters" not in p:  # layers built without `prepare` (benchmarks): before any capture
+        p["counters"] = _counters(n, x.device)
+    cnt = p["counters"]
+    flags = cfg.flags()
+    atomic = 0 if split_k == 1 else 2 if "atomic" in flags else 1 if "red" in flags else 0
+    if atomic != 2 and split_k > 1 and grid_m * grid_n > cnt.numel():
+        raise ValueError(f"{cfg} needs {grid_m * grid_n} split-K counters, have {cnt.numel()}")
+    f32, dev = torch.float32, x.device
+    ws, target = out, out
+    if warmup:  # only the pointer types (the same as below) matter
+        if split_k > 1 and atomic != 2:
+            ws = torch.empty(1, device=dev, dtype=f32)
+        if atomic == 2 and (INTERPRET or out.dtype == torch.bfloat16):
+            target = torch.empty(1, device=dev, dtype=f32)
+    elif atomic == 0 and split_k > 1:
+        ws = torch.empty(split_k, m, n, device=dev, dtype=f32)
+    elif atomic == 1:
+        ws = torch.zeros(m, n, device=dev, dtype=f32)
+    elif atomic == 2:  # into the zeroed output; no 16-bit atomics in the interpreter, no bf16
+        fp32_sum = INTERPRET or out.dtype == torch.bfloat16
+        target = torch.zeros(m, n, device=dev, dtype=f32) if fp32_sum else out.zero_()
+    args = (x, qw, qh, p["scales"], p["zeros"], target, ws, cnt)
+    if cfg.kind == "gemv":
+        if m != 1:
+            raise ValueError("the GEMV kernel takes one row")
+        _gemv_kernel.run(
+            *args,
+            n,
+            k,
+            groups,
+            qw.stride(0),
+            qh.stride(0),
+            k_blocks,
+            split_k,
+            H2="h2" in flags and layer.bits in (2, 4) and x.dtype == torch.float16,
+            ATOMIC=atomic,
+            grid=(grid_n, split_k),
+            **common,
+            **launch,
+        )
+    else:
+        # The interpreter's bf16 dot is wrong (numpy has no bf16): bf16 takes the fp32 dot.
+        fp32_dot = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
+        dot_dtype = (
+            tl.float32 if fp32_dot else {torch.float16: tl.float16}.get(x.dtype, tl.bfloat16)
+        )
+        fast = x.dtype == torch.float16 and cfg.block_k <= group and cfg.block_m <= 64
+        _dot_kernel.run(
+            *args,
+            m,
+            n,
+            k,
+            groups,
+            x.stride(0),
+            qw.stride(0),
+            qh.stride(0),
+            target.stride(0),
+            k_blocks,
+            split_k,
+            BLOCK_M=cfg.block_m,
+            DEQ=0 if not fast or "fma" in flags else 2 if "zsub" in flags else 1,
+            DOT_DTYPE=dot_dtype,
+            ATOMIC=atomic,
+            grid=(grid_n, grid_m, split_k),
+            **common,
+            **launch,
+        )
+    if target is not out and not warmup:
+        out.copy_(target)
+    return out
+
+
+def _precompile(
+    layer: QuantLinear, x: torch.Tensor, out: torch.Tensor, cands: list[Config]
+) -> None:
+    """Compile all candidates in parallel threads (triton's AsyncCompileMode, where this
+    triton has it); best effort: a candidate that fails here fails again, and is skipped, when
+    timed."""
+    mode = getattr(triton, "AsyncCompileMode", None)
+    if mode is None:
+        return
+    try:
+        pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        with pool, mode(pool, ignore_errors=True):
+            for cfg in cands:
+                try:
+                    _launch(layer, x, out, cfg, warmup=True)
+                except Exception:
+                    continue
+    except Exception:  # an older AsyncCompileMode signature or a failed compile: time serially
+        return
+
+
+def autotune(
+    candidates: list[Config],
+    run: Callable[[Config], Any],
+    timer: Callable[[Callable[[], Any]], float],
+) -> Config:
+    """The candidate with the smallest `timer(lambda: run(cfg))`; a candidate that raises
+    (fails to compile on this card, out of resources) is skipped, never fatal."""
+    best, best_t = None, float("inf")
+    for cfg in candidates:
+        try:
+            t = timer(partial(run, cfg))
+        except Exception:
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        raise RuntimeError(f"no kernel config ran: {candidates}")
+    return best
+
+
+def _do_bench(fn: Callable[[], Any]) -> float:
+    return float(
+        triton.testing.do_bench(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, return_mode="median")
     )
-    return result.copy_(out) if out is not result else result
 
 
-def _config(layer: QuantLinear, x: torch.Tensor, out: torch.Tensor) -> tuple[int, ...]:
-    """The fastest candidate config for this shape and M regime, timed once and cached."""
-    m = x.shape[0]
-    regime = _regime(m)
+TUNE_LOG: list[tuple[tuple[Any, ...], float]] = []  # (key, seconds spent tuning it)
+
+
+def _config(layer: QuantLinear, x: torch.Tensor, out: torch.Tensor) -> Config:
+    """The fastest candidate for this shape and M bucket, tuned once (on the first M seen in the
+    bucket) and cached."""
+    b = bucket(x.shape[0])
     if INTERPRET:
-        return INTERPRET_CONFIGS[regime]
-    bucket = 1 << (m - 1).bit_length()  # tuned per power-of-two M
-    key = (layer.in_features, layer.out_features, layer.bits, layer.group_size, bucket, x.dtype)
+        return INTERPRET_CONFIGS[b]
+    key = (layer.in_features, layer.out_features, layer.bits, layer.group_size, b, x.dtype)
     if key not in _TUNED:
-        candidates = {1: SMALL_M, 16: MID_M, 64: LARGE_M}[regime]
-        if regime == 16 and m > 16:
-            candidates = [(32, *c[1:]) for c in candidates]
-        times = []
-        for cfg in candidates:
-            try:
-                t = triton.testing.do_bench(
-                    lambda c=cfg: _launch(layer, x, out, c), warmup=5, rep=20
-                )
-            except Exception:  # a config out of resources on this card
-                t = float("inf")
-            times.append(t)
-        _TUNED[key] = candidates[min(range(len(times)), key=times.__getitem__)]
+        t0 = time.perf_counter()
+        cands = CANDIDATES[b]
+        _precompile(layer, x, out, cands)
+        _TUNED[key] = autotune(cands, lambda c: _launch(layer, x, out, c), _do_bench)
+        TUNE_LOG.append((key, time.perf_counter() - t0))
     return _TUNED[key]
 
 

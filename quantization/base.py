@@ -45,6 +45,7 @@ class BlockContext:
     inputs: list[BlockCall] = field(default_factory=list)  # empty for data-free methods
     args: dict[str, Any] = field(default_factory=dict)  # method-specific options
     seed: int = 0
+    carry: dict[str, Any] = field(default_factory=dict)  # one run's state shared by its blocks
 
     def run(self, call: BlockCall) -> torch.Tensor:
         """Run the block on one captured call and return its hidden-state output."""

@@ -95,6 +95,7 @@ def quantize_model(
     calls = capture_block_inputs(model, calib_ids) if calib_ids is not None else []
     result: dict[str, Quantized] = {}
     times: dict[str, float] = {}
+    carry: dict[str, Any] = {}
     torch.manual_seed(seed)
     bar = tqdm(
         list(enumerate(blocks)),
@@ -104,7 +105,7 @@ def quantize_model(
     )
     for i, block in bar:
         t0 = time.perf_counter()
-        ctx = BlockContext(i, block, block_linears(block), spec, calls, options, seed)
+        ctx = BlockContext(i, block, block_linears(block), spec, calls, options, seed, carry)
         quantized = method.quantize_block(ctx)
         with torch.no_grad():
             for name, qw in quantized.items():

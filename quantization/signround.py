@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from bitserve.errors import UsageError
-from bitserve.kernels.packing import group_index
 from bitserve.quantization.base import BlockCall, BlockContext, Method, Quantized, register_method
 from bitserve.quantization.grid import QuantizedWeight, QuantSpec, group_range
 
@@ -28,22 +27,20 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 4,  # calibration samples per step (each of the calibration seqlen)
     "targets": "fp",
     "clip_min": 0.5,  # lower bound of the learned min/max clipping factors
+    "amp": True,  # run the block's matmuls in bfloat16 (autocast) while learning, as auto-round
+    "tune_norms": False,  # also learn a factor on each norm gain (see signround_block)
 }
-
-# The fp model's hidden states entering the next block, kept between blocks of one run
-# (targets="fp"); keyed by the run's options dict, which the pipeline shares across blocks.
-_FP_STREAM: dict[str, Any] = {}
 
 
 @dataclass
 class _Params:
     """Learnable state of one linear: rounding offsets and group clipping factors."""
 
-    w: torch.Tensor  # [N, K] fp32, frozen
+    w: torch.Tensor  # [N, G, group] fp32, frozen; a short last group is zero-padded
+    k: int  # input features (w's real width)
     wmin: torch.Tensor  # [N, G]
     wmax: torch.Tensor  # [N, G]
-    gidx: torch.Tensor  # [K] group of each input channel
-    v: torch.Tensor  # [N, K] rounding offset
+    v: torch.Tensor  # [N, G, group] rounding offset
     lo: torch.Tensor  # [N, G] factor on the group minimum
     hi: torch.Tensor  # [N, G] factor on the group maximum
 
@@ -74,37 +71,48 @@ def _grid(p: _Params, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, zero
 
 
+def _codes(p: _Params, spec: QuantSpec, rnd: Any) -> tuple[torch.Tensor, ...]:
+    """Codes, scales and zeros broadcast over the padded groups [N, G, group]; `rnd` rounds.
+    Broadcasting (not indexing by group) keeps the backward pass a cheap sum."""
+    scale, zero = _grid(p, spec)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    return torch.clamp(rnd(p.w / s + p.v) + z, 0, spec.maxq), s, z
+
+
+def _unpad(t: torch.Tensor, k: int) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)[:, :k]
+
+
 def _fake_quant(p: _Params, spec: QuantSpec) -> torch.Tensor:
     """The dequantized weight [N, K] for the current V and clipping, differentiable."""
-    scale, zero = _grid(p, spec)
-    s, z = scale[:, p.gidx], zero[:, p.gidx]
-    q = torch.clamp(_ste_round(p.w / s + p.v) + z, 0, spec.maxq)
-    return (q - z) * s
+    q, s, z = _codes(p, spec, _ste_round)
+    return _unpad((q - z) * s, p.k)
 
 
 @torch.no_grad()
 def _export(p: _Params, spec: QuantSpec) -> QuantizedWeight:
     """Codes, fp16 scales and zeros of the learned rounding, in the shared grid layout."""
-    scale, zero = _grid(p, spec)
-    s, z = scale[:, p.gidx], zero[:, p.gidx]
-    q = torch.clamp(torch.round(p.w / s + p.v) + z, 0, spec.maxq)
+    q, s, z = _codes(p, spec, torch.round)
     return QuantizedWeight(
-        q=q.t().to(torch.uint8).contiguous(),
-        scales=scale.t().half().contiguous(),
-        zeros=zero.t().to(torch.uint8).contiguous(),
+        q=_unpad(q, p.k).t().to(torch.uint8).contiguous(),
+        scales=s.squeeze(-1).t().half().contiguous(),
+        zeros=z.squeeze(-1).t().to(torch.uint8).contiguous(),
         spec=spec,
     )
 
 
 def _init_params(w: torch.Tensor, spec: QuantSpec) -> _Params:
     w = w.detach().float()
+    n, k = w.shape
     wmin, wmax = group_range(w, spec.group_size)
+    size = k if spec.group_size == -1 else min(spec.group_size, k)
+    padded = torch.nn.functional.pad(w, (0, wmin.shape[1] * size - k)).view(n, -1, size)
     return _Params(
-        w=w,
+        w=padded,
+        k=k,
         wmin=wmin,
         wmax=wmax,
-        gidx=group_index(w.shape[1], spec.group_size, w.device),
-        v=torch.zeros_like(w, requires_grad=True),
+        v=torch.zeros_like(padded, requires_grad=True),
         lo=torch.ones_like(wmin, requires_grad=True),
         hi=torch.ones_like(wmax, requires_grad=True),
     )
@@ -143,89 +151,124 @@ def _run(block: nn.Module, call: BlockCall, weights: dict[str, torch.Tensor]) ->
     return out[0] if isinstance(out, tuple) else out
 
 
-def _options(args: dict[str, Any]) -> tuple[int, float, int, str, float]:
+@dataclass(frozen=True)
+class _Options:
+    iters: int
+    lr: float
+    batch: int
+    targets: str
+    clip_min: float
+    amp: bool
+    tune_norms: bool
+
+
+def _flag(value: Any) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
+
+
+def _options(args: dict[str, Any]) -> _Options:
     try:
         iters = int(args["iters"])
-        lr = float(args["lr"]) if args.get("lr") is not None else 1.0 / max(iters, 1)
-        batch = int(args["batch_size"])
-        clip_min = float(args["clip_min"])
+        opts = _Options(
+            iters=iters,
+            lr=float(args["lr"]) if args.get("lr") is not None else 1.0 / max(iters, 1),
+            batch=int(args["batch_size"]),
+            targets=str(args["targets"]),
+            clip_min=float(args["clip_min"]),
+            amp=_flag(args.get("amp", True)),
+            tune_norms=_flag(args.get("tune_norms", False)),
+        )
     except (TypeError, ValueError) as e:
         raise UsageError(f"signround: bad option value ({e})") from None
-    targets = str(args["targets"])
-    if iters < 0 or batch < 1 or not 0.0 < clip_min <= 1.0 or lr <= 0:
+    if iters < 0 or opts.batch < 1 or not 0.0 < opts.clip_min <= 1.0 or opts.lr <= 0:
         raise UsageError("signround: need iters >= 0, batch_size >= 1, lr > 0, 0 < clip_min <= 1")
-    if targets not in ("fp", "quantized"):
-        raise UsageError(f"signround: targets must be 'fp' or 'quantized', got {targets!r}")
-    return iters, lr, batch, targets, clip_min
+    if opts.targets not in ("fp", "quantized"):
+        raise UsageError(f"signround: targets must be 'fp' or 'quantized', got {opts.targets!r}")
+    return opts
 
 
 def _fp_inputs(ctx: BlockContext, targets: str) -> list[BlockCall]:
     """The calls whose fp block outputs are the targets (see the module docstring)."""
-    stream = _FP_STREAM.get("state")
-    if (
-        targets == "fp"
-        and ctx.index > 0
-        and stream is not None
-        and stream["args"] is ctx.args
-        and stream["index"] == ctx.index
-    ):
-        return [_with_hidden(c, h) for c, h in zip(ctx.inputs, stream["hidden"], strict=True)]
+    hidden = ctx.carry.get("signround_fp_hidden")
+    if targets == "fp" and ctx.index > 0 and hidden is not None:
+        return [_with_hidden(c, h) for c, h in zip(ctx.inputs, hidden, strict=True)]
     return ctx.inputs
 
 
+def _norm_weights(ctx: BlockContext) -> dict[str, torch.Tensor]:
+    """The block's 1-D weights outside its linears (RMSNorm gains), by parameter name."""
+    return {
+        n: p
+        for n, p in ctx.block.named_parameters()
+        if p.dim() == 1 and not any(n.startswith(f"{lin}.") for lin in ctx.linears)
+    }
+
+
 def signround_block(ctx: BlockContext, losses: list[float] | None = None) -> dict[str, Quantized]:
-    """Quantize one block's linears with SignRound; append each step's loss to `losses`."""
-    iters, lr, batch, targets, clip_min = _options(ctx.args)
+    """Quantize one block's linears with SignRound; append each step's loss to `losses`.
+
+    With `tune_norms`, a factor in [0.5, 1.5] on each norm gain is learned alongside (a
+    per-input-channel scaling of q/k/v and gate/up, as AWQ's but by gradient) and folded into
+    the block's norm weights, which the checkpoint keeps in 16 bits."""
+    opts = _options(ctx.args)
+    iters, lr, batch, clip_min = opts.iters, opts.lr, opts.batch, opts.clip_min
     spec, block = ctx.spec, ctx.block
     with torch.no_grad():
-        fp_out = [ctx.run(c).detach() for c in _fp_inputs(ctx, targets)]
-    _FP_STREAM.pop("state", None)
-    if targets == "fp":
-        _FP_STREAM["state"] = {"args": ctx.args, "index": ctx.index + 1, "hidden": fp_out}
+        fp_out = [ctx.run(c).detach() for c in _fp_inputs(ctx, opts.targets)]
+    ctx.carry["signround_fp_hidden"] = fp_out if opts.targets == "fp" else None
     params = {name: _init_params(lin.weight, spec) for name, lin in ctx.linears.items()}
     if iters == 0 or not ctx.inputs:
         return {name: _export(p, spec) for name, p in params.items()}
+    norms = _norm_weights(ctx) if opts.tune_norms else {}
+    factors = {n: torch.ones_like(w, requires_grad=True) for n, w in norms.items()}
+    trained = [t for p in params.values() for t in p.tensors()] + list(factors.values())
     sizes = [_hidden(c).shape[0] for c in ctx.inputs]
     gen = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.index)
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     best = math.inf
-    best_state = {name: [t.detach().clone() for t in p.tensors()] for name, p in params.items()}
+    best_state = [t.detach().clone() for t in trained]
     try:
+        autocast = torch.autocast(_hidden(ctx.inputs[0]).device.type, torch.bfloat16, opts.amp)
         with torch.enable_grad():
             for step in range(iters):
                 c = int(torch.randint(len(ctx.inputs), (1,), generator=gen))
                 rows = torch.randperm(sizes[c], generator=gen)[: min(batch, sizes[c])]
                 call = _rows(ctx.inputs[c], rows)
                 weights = {f"{n}.weight": _fake_quant(p, spec) for n, p in params.items()}
-                loss = torch.nn.functional.mse_loss(_run(block, call, weights), fp_out[c][rows])
+                weights.update({n: norms[n] * f for n, f in factors.items()})
+                with autocast:
+                    out = _run(block, call, weights)
+                loss = torch.nn.functional.mse_loss(out.float(), fp_out[c][rows])
                 value = float(loss.detach())
                 if losses is not None:
                     losses.append(value)
                 if value < best:
                     best = value
-                    for n, p in params.items():
-                        for saved, t in zip(best_state[n], p.tensors(), strict=True):
-                            saved.copy_(t.detach())
+                    for saved, t in zip(best_state, trained, strict=True):
+                        saved.copy_(t.detach())
                 loss.backward()
                 step_lr = lr * (1.0 - step / iters)  # linear decay to 0
                 with torch.no_grad():
+                    for t in trained:
+                        assert t.grad is not None
+                        t.sub_(step_lr * torch.sign(t.grad))
+                        t.grad = None
                     for p in params.values():
-                        for t in p.tensors():
-                            assert t.grad is not None
-                            t.sub_(step_lr * torch.sign(t.grad))
-                            t.grad = None
                         p.v.clamp_(-0.5, 0.5)
                         p.lo.clamp_(clip_min, 1.0)
                         p.hi.clamp_(clip_min, 1.0)
+                    for f in factors.values():
+                        f.clamp_(0.5, 1.5)
     finally:
         for p in frozen:
             p.requires_grad_(True)
     with torch.no_grad():
-        for n, p in params.items():
-            for t, saved in zip(p.tensors(), best_state[n], strict=True):
-                t.copy_(saved)
+        for t, saved in zip(trained, best_state, strict=True):
+            t.copy_(saved)
+        for n, f in factors.items():
+            norms[n].mul_(f)
     return {name: _export(p, spec) for name, p in params.items()}
 
 

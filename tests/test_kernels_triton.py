@@ -1,6 +1,7 @@
 """The Triton GPU kernels against the reference backend, run on the CPU by Triton's interpreter
 (small shapes): every bit width, group sizes 32/64/128/per-channel with a short last group,
-sym and asym, the split-K GEMV path (M=1), split-K dots (small M) and tiled dots (larger M)."""
+sym and asym, the split-K GEMV (M=1), split-K dots (small M), tiled dots and the dequantize +
+cuBLAS path (larger M), and every config in the GPU autotune lists."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def test_triton_matches_reference(bits: int, group: int, sym: bool, k: int, n: i
         (1, torch.float16, 2e-3),
         (5, torch.bfloat16, 1e-2),
         (40, torch.float16, 2e-3),
+        (100, torch.float16, 2e-3),
+        (300, torch.bfloat16, 1e-2),
         (3, torch.float32, 1e-5),
     ]:
         x = torch.randn(m, k).to(dtype)  # fresh input per check
@@ -57,22 +60,63 @@ def test_triton_matches_reference(bits: int, group: int, sym: bool, k: int, n: i
         assert err < tol, (bits, group, sym, m, dtype, err)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_plane_split_dot_path(bits: int) -> None:
-    """K-blocks of at least 16 words take the dot-per-code-position path (JSPLIT), with row
-    scales (per-channel) and with gathered scales (g32 is smaller than the K-block)."""
-    per_word = 16 if bits == 3 else 32 // bits
-    block_k = 16 * per_word
-    for group in (-1, 32):
-        torch.manual_seed(bits + group)
-        layer = random_layer(576, 40, bits, group, False)
-        triton_int.BACKEND.prepare(layer)
-        for m, cfg in [(5, (16, 32, block_k, 2, 4, 1)), (33, (32, 32, block_k, 1, 4, 1))]:
-            x = torch.randn(m, 576).half()
-            ref = layer(x.float())
-            out = torch.full((m, 40), float("nan"), dtype=torch.float16)
-            y = triton_int._launch(layer, x, out, cfg)
-            assert float((y.float() - ref).norm() / ref.norm()) < 2e-3, (bits, group, m)
+ALL_CONFIGS = [(b, cfg) for b, cands in triton_int.CANDIDATES.items() for cfg in cands]
+
+
+def _check_config(cfg: triton_int.Config, bits: int, group: int, m: int, k: int, n: int) -> None:
+    torch.manual_seed(bits + m + n)
+    layer = random_layer(k, n, bits, group, False)
+    triton_int.BACKEND.prepare(layer)
+    x = torch.randn(m, k).half()
+    ref = layer(x.float())
+    out = torch.full((m, n), float("nan"), dtype=torch.float16)
+    y = triton_int._launch(layer, x, out, cfg)
+    err = float((y.float() - ref).norm() / ref.norm())
+    assert torch.isfinite(y).all() and err < 2e-3, (cfg, bits, group, m, err)
+    assert not layer.prepared["counters"].any()  # split-K counters are re-armed
+
+
+@pytest.mark.parametrize(("bucket", "cfg"), ALL_CONFIGS, ids=str)
+def test_every_autotune_config(bucket: int, cfg: triton_int.Config) -> None:
+    """Each candidate the GPU autotuner may time, on a small shape of its M bucket (M not a
+    multiple of BLOCK_M, N not of BLOCK_N, two or more K-blocks, so masks and split-K run)."""
+    m = 1 if bucket == 1 else max(1, min(bucket, cfg.block_m or 64) - 3)
+    _check_config(cfg, 4, 128, m, 2 * max(cfg.block_k, 128) + 64, cfg.block_n + 8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("cfg", triton_int.CANDIDATES[1], ids=str)
+def test_gemv_configs_other_bits(bits: int, cfg: triton_int.Config) -> None:
+    """The W2/W3/W8 benchmarks tune the M = 1 candidates too; g64 puts groups inside blocks."""
+    _check_config(cfg, bits, 64, 1, 320, cfg.block_n)
+
+
+def test_autotune_skips_configs_that_fail() -> None:
+    """A config that does not compile (here a BLOCK_N that is not a power of two) is skipped."""
+    layer = random_layer(256, 40, 4, 128, False)
+    triton_int.BACKEND.prepare(layer)
+    x = torch.randn(1, 256).half()
+    out = torch.empty(1, 40, dtype=torch.float16)
+    bad = triton_int.Config("gemv", 1, 48, 64, 2, 4, 1)
+    good = triton_int.Config("gemv", 1, 32, 64, 2, 4, 1)
+    timed = []
+
+    def timer(fn):
+        fn()
+        timed.append(1)
+        return 1.0
+
+    best = triton_int.autotune([bad, good], lambda c: triton_int._launch(layer, x, out, c), timer)
+    assert best == good and len(timed) == 1
+    with pytest.raises(RuntimeError):
+        triton_int.autotune([bad], lambda c: triton_int._launch(layer, x, out, c), timer)
+
+
+def test_buckets() -> None:
+    assert [triton_int.bucket(m) for m in (1, 2, 16, 17, 64, 65, 256, 257, 4096)] == [
+        1, 16, 16, 64, 64, 256, 256, 1024, 1024
+    ]  # fmt: skip
+    assert all(len(c) <= 16 for c in triton_int.CANDIDATES.values())
 
 
 def test_forward_reshapes_and_adds_bias() -> None:

@@ -52,7 +52,14 @@ def test_loss_decreases_and_beats_rtn_on_block_output(tmp_path: Path, bits: int)
     calls = capture_block_inputs(model, _ids())
     block = decoder_blocks(model)[0]
     spec = QuantSpec(bits, 32)
-    args = {"iters": 80, "lr": None, "batch_size": 8, "targets": "quantized", "clip_min": 0.5}
+    args = {
+        "iters": 80,
+        "lr": None,
+        "batch_size": 8,
+        "targets": "quantized",
+        "clip_min": 0.5,
+        "amp": False,
+    }
     ctx = BlockContext(0, block, block_linears(block), spec, calls, args, seed=0)
     with torch.no_grad():
         target = ctx.run(calls[0])
@@ -73,7 +80,8 @@ def test_loss_decreases_and_beats_rtn_on_block_output(tmp_path: Path, bits: int)
 def test_export_reproduces_the_trained_weight(sym: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     spec = QuantSpec(3, 64, sym)
-    p = _init_params(torch.randn(48, 160, generator=gen), spec)
+    w = torch.randn(48, 160, generator=gen)  # 160 = 2.5 groups: a padded short last group
+    p = _init_params(w, spec)
     with torch.no_grad():
         p.v.uniform_(-0.5, 0.5, generator=gen)
         p.lo.uniform_(0.5, 1.0, generator=gen)
@@ -83,8 +91,8 @@ def test_export_reproduces_the_trained_weight(sym: bool) -> None:
     assert int(qw.q.max()) <= spec.maxq
     torch.testing.assert_close(qw.dequantize(), _fake_quant(p, spec).detach(), rtol=0, atol=1e-6)
     # With V = 0 and no clipping the export is exactly round-to-nearest.
-    fresh = _init_params(p.w, spec)
-    rtn = quantize_rtn(p.w, spec)
+    fresh = _init_params(w, spec)
+    rtn = quantize_rtn(w, spec)
     assert torch.equal(_export(fresh, spec).q, rtn.q)
     assert torch.equal(_export(fresh, spec).scales, rtn.scales)
 
@@ -127,7 +135,10 @@ def test_bad_options_are_usage_errors(tmp_path: Path, args: dict) -> None:
         )
 
 
-def test_cli_checkpoint_reloads_to_the_fake_quantized_logits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tune_norms", [False, True])
+def test_cli_checkpoint_reloads_to_the_fake_quantized_logits(
+    tmp_path: Path, tune_norms: bool
+) -> None:
     src = save_tiny_model(tmp_path / "src")
     calib = tmp_path / "calib.txt"
     calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
@@ -152,7 +163,9 @@ def test_cli_checkpoint_reloads_to_the_fake_quantized_logits(tmp_path: Path) -> 
             "--seqlen",
             "32",
             "--method-arg",
-            "iters=5",
+            "iters=30",
+            "--method-arg",
+            f"tune_norms={tune_norms}",
         ],
         check=True,
         capture_output=True,
@@ -160,14 +173,21 @@ def test_cli_checkpoint_reloads_to_the_fake_quantized_logits(tmp_path: Path) -> 
     loaded = load_model(out, backend="reference")
     assert loaded.manifest is not None
     assert loaded.manifest["method"]["name"] == "signround"
-    assert loaded.manifest["method"]["args"]["iters"] == 5
+    assert loaded.manifest["method"]["args"]["iters"] == 30
     # Same seeded run in process: identical codes, and the same logits up to the checkpoint's
     # 16-bit storage of the unquantized tensors.
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     ids, _ = file_calibration(loaded.tokenizer, calib, 8, 32, 0)
+    norm = "model.layers.0.input_layernorm.weight"
+    before = model.get_parameter(norm).detach().clone()
+    args = {"iters": 30, "tune_norms": tune_norms}
     quantized, _ = quantize_model(
-        model, get_method("signround"), QuantSpec(3, 32), ids, {"iters": 5}, progress=False
+        model, get_method("signround"), QuantSpec(3, 32), ids, args, progress=False
     )
+    # Learned norm factors are folded into the norm gains, which the checkpoint keeps.
+    after = model.get_parameter(norm).detach()
+    assert torch.equal(after, before) != tune_norms
+    torch.testing.assert_close(loaded.model.get_parameter(norm).float(), after, rtol=1e-2, atol=0)
     for name, qw in quantized.items():
         layer = loaded.model.get_submodule(name)
         assert isinstance(layer, QuantLinear)
