@@ -163,7 +163,11 @@ class _Options:
 
 
 def _flag(value: Any) -> bool:
-    return str(value).lower() in ("1", "true", "yes")
+    """An on/off option given as a bool or as text; anything else is a ValueError."""
+    text = str(value).lower()
+    if text not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return text in ("1", "true", "yes")
 
 
 def _options(args: dict[str, Any]) -> _Options:

@@ -125,7 +125,15 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "args", [{"iters": -1}, {"batch_size": 0}, {"targets": "bogus"}, {"lr": "fast"}]
+    "args",
+    [
+        {"iters": -1},
+        {"batch_size": 0},
+        {"targets": "bogus"},
+        {"lr": "fast"},
+        {"amp": "maybe"},
+        {"tune_norms": "sometimes"},
+    ],
 )
 def test_bad_options_are_usage_errors(tmp_path: Path, args: dict) -> None:
     model = _model(tmp_path)
