@@ -46,11 +46,23 @@ class BlockContext:
     args: dict[str, Any] = field(default_factory=dict)  # method-specific options
     seed: int = 0
     carry: dict[str, Any] = field(default_factory=dict)  # one run's state shared by its blocks
+    bf16: bool = False  # run block forwards under bfloat16 autocast (the method's bf16_forwards)
+    outputs: list[torch.Tensor] | None = None  # set by a method that already ran the block on
+    # every input with the weights its outputs should come from: the pipeline then skips its pass
 
     def run(self, call: BlockCall) -> torch.Tensor:
         """Run the block on one captured call and return its hidden-state output."""
-        out = self.block(*call[0], **call[1])
+        with torch.autocast(_device(call), torch.bfloat16, enabled=self.bf16):
+            out = self.block(*call[0], **call[1])
         return out[0] if isinstance(out, tuple) else out
+
+
+def _device(call: BlockCall) -> str:
+    """The device type of a call's first tensor argument (for autocast)."""
+    for x in (*call[0], *call[1].values()):
+        if isinstance(x, torch.Tensor):
+            return x.device.type
+    return "cpu"
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "clip_min": 0.5,  # lower bound of the learned min/max clipping factors
     "amp": True,  # run the block's matmuls in bfloat16 (autocast) while learning, as auto-round
     "tune_norms": False,  # also learn a factor on each norm gain (see signround_block)
+    "keep": "best",  # which iterate to export: "best" (lowest minibatch loss) or "last"
 }
 
 
@@ -160,6 +161,7 @@ class _Options:
     clip_min: float
     amp: bool
     tune_norms: bool
+    keep: str
 
 
 def _flag(value: Any) -> bool:
@@ -181,11 +183,14 @@ def _options(args: dict[str, Any]) -> _Options:
             clip_min=float(args["clip_min"]),
             amp=_flag(args.get("amp", True)),
             tune_norms=_flag(args.get("tune_norms", False)),
+            keep=str(args.get("keep", "best")),
         )
     except (TypeError, ValueError) as e:
         raise UsageError(f"signround: bad option value ({e})") from None
     if iters < 0 or opts.batch < 1 or not 0.0 < opts.clip_min <= 1.0 or opts.lr <= 0:
         raise UsageError("signround: need iters >= 0, batch_size >= 1, lr > 0, 0 < clip_min <= 1")
+    if opts.keep not in ("best", "last"):
+        raise UsageError(f"signround: keep must be 'best' or 'last', got {opts.keep!r}")
     if opts.targets not in ("fp", "quantized"):
         raise UsageError(f"signround: targets must be 'fp' or 'quantized', got {opts.targets!r}")
     return opts
@@ -270,7 +275,8 @@ def signround_block(ctx: BlockContext, losses: list[float] | None = None) -> dic
             p.requires_grad_(True)
     with torch.no_grad():
         for t, saved in zip(trained, best_state, strict=True):
-            t.copy_(saved)
+            if opts.keep == "best":
+                t.copy_(saved)
         for n, f in factors.items():
             norms[n].mul_(f)
     return {name: _export(p, spec) for name, p in params.items()}

@@ -23,7 +23,13 @@ from bitserve.quantization.pipeline import (
     decoder_blocks,
     quantize_model,
 )
-from bitserve.quantization.signround import _export, _fake_quant, _init_params, signround_block
+from bitserve.quantization.signround import (
+    DEFAULTS,
+    _export,
+    _fake_quant,
+    _init_params,
+    signround_block,
+)
 
 
 def _model(tmp_path: Path, seed: int = 0) -> torch.nn.Module:
@@ -74,6 +80,30 @@ def test_loss_decreases_and_beats_rtn_on_block_output(tmp_path: Path, bits: int)
     assert _block_error(ctx, target, quantized) == pytest.approx(min(losses), rel=1e-4)
     # The block's own weights are untouched and trainable again afterwards.
     assert all(p.requires_grad for p in block.parameters())
+
+
+def test_keep_last_exports_the_final_iterate(tmp_path: Path) -> None:
+    """keep=last exports the state the schedule ends in (near the last step's loss), not the
+    lowest-loss iterate that keep=best exports; the trajectory itself is the same."""
+    model = _model(tmp_path)
+    calls = capture_block_inputs(model, _ids())
+    block = decoder_blocks(model)[0]
+    spec = QuantSpec(2, 32)
+    errors, runs = {}, {}
+    for keep in ("best", "last"):
+        args = {**DEFAULTS, "iters": 60, "batch_size": 8, "targets": "quantized", "keep": keep}
+        args["amp"] = False
+        ctx = BlockContext(0, block, block_linears(block), spec, calls, args, seed=0)
+        with torch.no_grad():
+            target = ctx.run(calls[0])
+        runs[keep] = []
+        quantized = signround_block(ctx, runs[keep])
+        errors[keep] = _block_error(ctx, target, quantized)
+    assert runs["best"] == runs["last"]
+    losses = runs["last"]
+    assert errors["best"] == pytest.approx(min(losses), rel=1e-4)
+    assert errors["last"] == pytest.approx(losses[-1], rel=0.1)
+    assert errors["last"] < losses[0]  # still better than RTN
 
 
 @pytest.mark.parametrize("sym", [False, True])
@@ -133,6 +163,7 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
         {"lr": "fast"},
         {"amp": "maybe"},
         {"tune_norms": "sometimes"},
+        {"keep": "first"},
     ],
 )
 def test_bad_options_are_usage_errors(tmp_path: Path, args: dict) -> None:
