@@ -108,7 +108,7 @@ def collect_stats(
 def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += X^T X on the diagonal and upper-right blocks of a 2 x 2 split of the columns (the
     lower-left one is the transpose: 3/4 of the products). The product runs in x's dtype
-    (bfloat16 halves the time) and is added to the float32 `acc`."""
+    (bfloat16 or float32) and is added to the float32 `acc`."""
     half = x.shape[1] // 2
     a, b = x[:, :half], x[:, half:]
     for rows, cols, left, right in (
