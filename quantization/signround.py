@@ -29,8 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "clip_min": 0.5,  # lower bound of the learned min/max clipping factors
     "amp": True,  # run the block's matmuls in bfloat16 (autocast) while learning, as auto-round
     "tune_norms": False,  # also learn a factor on each norm gain (see signround_block)
-    "keep": "best",  # iterate exported: "best" (lowest minibatch loss), "last", or "auto"
-    # (whichever of those two has the lower loss on all calibration samples)
+    "keep": "best",  # which iterate to export: "best" (lowest minibatch loss) or "last"
 }
 
 
@@ -190,8 +189,8 @@ def _options(args: dict[str, Any]) -> _Options:
         raise UsageError(f"signround: bad option value ({e})") from None
     if iters < 0 or opts.batch < 1 or not 0.0 < opts.clip_min <= 1.0 or opts.lr <= 0:
         raise UsageError("signround: need iters >= 0, batch_size >= 1, lr > 0, 0 < clip_min <= 1")
-    if opts.keep not in ("best", "last", "auto"):
-        raise UsageError(f"signround: keep must be 'best', 'last' or 'auto', got {opts.keep!r}")
+    if opts.keep not in ("best", "last"):
+        raise UsageError(f"signround: keep must be 'best' or 'last', got {opts.keep!r}")
     if opts.targets not in ("fp", "quantized"):
         raise UsageError(f"signround: targets must be 'fp' or 'quantized', got {opts.targets!r}")
     return opts
@@ -212,33 +211,6 @@ def _norm_weights(ctx: BlockContext) -> dict[str, torch.Tensor]:
         for n, p in ctx.block.named_parameters()
         if p.dim() == 1 and not any(n.startswith(f"{lin}.") for lin in ctx.linears)
     }
-
-
-def _weights(
-    params: dict[str, _Params],
-    spec: QuantSpec,
-    norms: dict[str, torch.Tensor],
-    factors: dict[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """The block's substituted parameters: fake-quantized linears and scaled norm gains."""
-    weights = {f"{n}.weight": _fake_quant(p, spec) for n, p in params.items()}
-    weights.update({n: norms[n] * f for n, f in factors.items()})
-    return weights
-
-
-@torch.no_grad()
-def _calib_loss(
-    ctx: BlockContext, weights: dict[str, torch.Tensor], fp_out: list[torch.Tensor], autocast: Any
-) -> float:
-    """Mean squared error of the block with `weights` against the targets over every
-    calibration sample: the measure keep=auto picks the exported iterate by."""
-    total, count = 0.0, 0
-    for call, target in zip(ctx.inputs, fp_out, strict=True):
-        with autocast:
-            out = _run(ctx.block, call, weights)
-        total += float(torch.nn.functional.mse_loss(out.float(), target, reduction="sum"))
-        count += target.numel()
-    return total / count
 
 
 def signround_block(ctx: BlockContext, losses: list[float] | None = None) -> dict[str, Quantized]:
@@ -266,14 +238,15 @@ def signround_block(ctx: BlockContext, losses: list[float] | None = None) -> dic
         p.requires_grad_(False)
     best = math.inf
     best_state = [t.detach().clone() for t in trained]
-    autocast = torch.autocast(_hidden(ctx.inputs[0]).device.type, torch.bfloat16, opts.amp)
     try:
+        autocast = torch.autocast(_hidden(ctx.inputs[0]).device.type, torch.bfloat16, opts.amp)
         with torch.enable_grad():
             for step in range(iters):
                 c = int(torch.randint(len(ctx.inputs), (1,), generator=gen))
                 rows = torch.randperm(sizes[c], generator=gen)[: min(batch, sizes[c])]
                 call = _rows(ctx.inputs[c], rows)
-                weights = _weights(params, spec, norms, factors)
+                weights = {f"{n}.weight": _fake_quant(p, spec) for n, p in params.items()}
+                weights.update({n: norms[n] * f for n, f in factors.items()})
                 with autocast:
                     out = _run(block, call, weights)
                 loss = torch.nn.functional.mse_loss(out.float(), fp_out[c][rows])
@@ -300,19 +273,10 @@ def signround_block(ctx: BlockContext, losses: list[float] | None = None) -> dic
     finally:
         for p in frozen:
             p.requires_grad_(True)
-
-    def calib_loss(state: list[torch.Tensor]) -> float:
-        for t, saved in zip(trained, state, strict=True):
-            t.copy_(saved)
-        return _calib_loss(ctx, _weights(params, spec, norms, factors), fp_out, autocast)
-
     with torch.no_grad():
-        last_state = [t.detach().clone() for t in trained]
-        keep = opts.keep
-        if keep == "auto":
-            keep = "last" if calib_loss(last_state) < calib_loss(best_state) else "best"
-        for t, saved in zip(trained, last_state if keep == "last" else best_state, strict=True):
-            t.copy_(saved)
+        for t, saved in zip(trained, best_state, strict=True):
+            if opts.keep == "best":
+                t.copy_(saved)
         for n, f in factors.items():
             norms[n].mul_(f)
     return {name: _export(p, spec) for name, p in params.items()}
