@@ -274,8 +274,8 @@ def signround_block(ctx: BlockContext, losses: list[float] | None = None) -> dic
         for p in frozen:
             p.requires_grad_(True)
     with torch.no_grad():
-        for t, saved in zip(trained, best_state, strict=True):
-            if opts.keep == "best":
+        if opts.keep == "best":
+            for t, saved in zip(trained, best_state, strict=True):
                 t.copy_(saved)
         for n, f in factors.items():
             norms[n].mul_(f)
