@@ -11,6 +11,7 @@ quantized inputs instead (no carried state, less memory)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +148,34 @@ def _rows(call: BlockCall, rows: torch.Tensor) -> BlockCall:
     return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
 
 
+def _merge(calls: list[BlockCall]) -> BlockCall:
+    """One call over the samples of all `calls` (the pipeline's chunks): tensors batched like
+    the hidden states are concatenated, everything else is taken from the first call."""
+    n = _hidden(calls[0]).shape[0]
+
+    def cat(xs: list[Any]) -> Any:
+        x = xs[0]
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:
+            return torch.cat(xs)
+        if isinstance(x, tuple):
+            return tuple(cat(list(parts)) for parts in zip(*xs, strict=True))
+        return x
+
+    args = tuple(cat(list(a)) for a in zip(*(c[0] for c in calls), strict=True))
+    return args, {k: cat([c[1][k] for c in calls]) for k in calls[0][1]}
+
+
+def _batches(total: int, batch: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless minibatches of sample indices, as auto-round draws them: each pass over the data
+    is a fresh permutation of all samples cut into batches (a short tail is dropped), so every
+    sample is used equally often and batches mix samples from every calibration chunk."""
+    size = min(batch, total)
+    while True:
+        order = torch.randperm(total, generator=gen)
+        for start in range(0, total - size + 1, size):
+            yield order[start : start + size]
+
+
 def _run(block: nn.Module, call: BlockCall, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     out = torch.func.functional_call(block, weights, call[0], call[1])
     return out[0] if isinstance(out, tuple) else out
@@ -231,8 +260,9 @@ def signround_block(ctx: BlockContext, losses: list[float] | None = None) -> dic
     norms = _norm_weights(ctx) if opts.tune_norms else {}
     factors = {n: torch.ones_like(w, requires_grad=True) for n, w in norms.items()}
     trained = [t for p in params.values() for t in p.tensors()] + list(factors.values())
-    sizes = [_hidden(c).shape[0] for c in ctx.inputs]
+    merged, target = _merge(ctx.inputs), torch.cat(fp_out)
     gen = torch.Generator().manual_seed(ctx.seed * 1000 + ctx.index)
+    batches = _batches(target.shape[0], batch, gen)
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -242,14 +272,13 @@ def signround_block(ctx: BlockContext, losses: list[float] | None = None) -> dic
         autocast = torch.autocast(_hidden(ctx.inputs[0]).device.type, torch.bfloat16, opts.amp)
         with torch.enable_grad():
             for step in range(iters):
-                c = int(torch.randint(len(ctx.inputs), (1,), generator=gen))
-                rows = torch.randperm(sizes[c], generator=gen)[: min(batch, sizes[c])]
-                call = _rows(ctx.inputs[c], rows)
+                rows = next(batches)
+                call = _rows(merged, rows)
                 weights = {f"{n}.weight": _fake_quant(p, spec) for n, p in params.items()}
                 weights.update({n: norms[n] * f for n, f in factors.items()})
                 with autocast:
                     out = _run(block, call, weights)
-                loss = torch.nn.functional.mse_loss(out.float(), fp_out[c][rows])
+                loss = torch.nn.functional.mse_loss(out.float(), target[rows])
                 value = float(loss.detach())
                 if losses is not None:
                     losses.append(value)

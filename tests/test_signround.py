@@ -25,9 +25,14 @@ from bitserve.quantization.pipeline import (
 )
 from bitserve.quantization.signround import (
     DEFAULTS,
+    _batches,
     _export,
     _fake_quant,
+    _hidden,
     _init_params,
+    _merge,
+    _rows,
+    _run,
     signround_block,
 )
 
@@ -104,6 +109,32 @@ def test_keep_last_exports_the_final_iterate(tmp_path: Path) -> None:
     assert errors["best"] == pytest.approx(min(losses), rel=1e-4)
     assert errors["last"] == pytest.approx(losses[-1], rel=0.1)
     assert errors["last"] < losses[0]  # still better than RTN
+
+
+def test_minibatches_mix_chunks_and_use_every_sample_equally(tmp_path: Path) -> None:
+    """The pipeline hands calibration over in chunks of 8; a step's minibatch is drawn from all
+    samples (a fresh permutation per pass), and running the block on rows of the merged call
+    gives the same outputs as running each chunk."""
+    model = _model(tmp_path)
+    calls = capture_block_inputs(model, _ids(n=20), batch_size=8)
+    assert [_hidden(c).shape[0] for c in calls] == [8, 8, 4]
+    block = decoder_blocks(model)[0]
+    merged = _merge(calls)
+    with torch.no_grad():
+        per_chunk = torch.cat([_run(block, c, {}) for c in calls])
+        rows = torch.tensor([19, 0, 9, 3])
+        picked = _run(block, _rows(merged, rows), {})
+    torch.testing.assert_close(picked, per_chunk[rows], rtol=1e-4, atol=1e-5)
+
+    gen = torch.Generator().manual_seed(0)
+    batches = _batches(20, 6, gen)
+    first_pass = [next(batches) for _ in range(3)]  # 3 x 6 of 20: the short tail is dropped
+    drawn = torch.cat(first_pass)
+    assert len(set(drawn.tolist())) == 18
+    assert any(len({int(i) // 8 for i in b}) > 1 for b in first_pass)  # chunks are mixed
+    counts = torch.bincount(torch.cat([next(batches) for _ in range(30)]), minlength=20)
+    assert int(counts.max()) <= 10 and int(counts.min()) >= 6  # 10 passes, none repeats within
+    assert next(_batches(3, 8, gen)).numel() == 3  # fewer samples than a batch: all of them
 
 
 @pytest.mark.parametrize("sym", [False, True])
