@@ -57,6 +57,20 @@ class BlockContext:
         return out[0] if isinstance(out, tuple) else out
 
 
+def call_hidden(call: BlockCall) -> torch.Tensor:
+    """The hidden states a captured call feeds the block (first positional or keyword)."""
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(call: BlockCall, hidden: torch.Tensor) -> BlockCall:
+    """The same call with other hidden states (the next block's input, or fp states)."""
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
 def _device(call: BlockCall) -> str:
     """The device type of a call's first tensor argument (for autocast)."""
     for x in (*call[0], *call[1].values()):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from bitserve.errors import UsageError
-from bitserve.quantization.base import BlockCall, BlockContext, Method, Quantized
+from bitserve.quantization.base import BlockCall, BlockContext, Method, Quantized, with_hidden
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
 
 
@@ -69,13 +69,6 @@ def capture_block_inputs(
     return calls
 
 
-def _with_hidden(call: BlockCall, hidden: torch.Tensor) -> BlockCall:
-    args, kwargs = call
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
 def quantize_model(
     model: PreTrainedModel,
     method: Method,
@@ -120,7 +113,7 @@ def quantize_model(
                 result[f"{prefix}.{i}.{name}"] = qw
             if calls and i + 1 < len(blocks):
                 outs = ctx.outputs if ctx.outputs is not None else [ctx.run(c) for c in calls]
-                calls = [_with_hidden(c, out) for c, out in zip(calls, outs, strict=True)]
+                calls = [with_hidden(c, out) for c, out in zip(calls, outs, strict=True)]
         times[f"{prefix}.{i}"] = time.perf_counter() - t0
     if lm_head:
         head = model.get_output_embeddings()

@@ -19,7 +19,15 @@ import torch
 from torch import nn
 
 from bitserve.errors import UsageError
-from bitserve.quantization.base import BlockCall, BlockContext, Method, Quantized, register_method
+from bitserve.quantization.base import (
+    BlockCall,
+    BlockContext,
+    Method,
+    Quantized,
+    call_hidden,
+    register_method,
+    with_hidden,
+)
 from bitserve.quantization.grid import QuantizedWeight, QuantSpec, group_range
 
 DEFAULTS: dict[str, Any] = {
@@ -120,22 +128,10 @@ def _init_params(w: torch.Tensor, spec: QuantSpec) -> _Params:
     )
 
 
-def _hidden(call: BlockCall) -> torch.Tensor:
-    args, kwargs = call
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(call: BlockCall, hidden: torch.Tensor) -> BlockCall:
-    args, kwargs = call
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
 def _rows(call: BlockCall, rows: torch.Tensor) -> BlockCall:
     """The call restricted to some samples: every tensor batched like the hidden states is
     sliced, the rest (batch-1 position embeddings, None masks, flags) passed as is."""
-    n = _hidden(call).shape[0]
+    n = call_hidden(call).shape[0]
 
     def pick(x: Any) -> Any:
         if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:
@@ -151,7 +147,7 @@ def _rows(call: BlockCall, rows: torch.Tensor) -> BlockCall:
 def _merge(calls: list[BlockCall]) -> BlockCall:
     """One call over the samples of all `calls` (the pipeline's chunks): tensors batched like
     the hidden states are concatenated, everything else is taken from the first call."""
-    n = _hidden(calls[0]).shape[0]
+    n = call_hidden(calls[0]).shape[0]
 
     def cat(xs: list[Any]) -> Any:
         x = xs[0]
@@ -229,7 +225,7 @@ def _fp_inputs(ctx: BlockContext, targets: str) -> list[BlockCall]:
     """The calls whose fp block outputs are the targets (see the module docstring)."""
     hidden = ctx.carry.get("signround_fp_hidden")
     if targets == "fp" and ctx.index > 0 and hidden is not None:
-        return [_with_hidden(c, h) for c, h in zip(ctx.inputs, hidden, strict=True)]
+        return [with_hidden(c, h) for c, h in zip(ctx.inputs, hidden, strict=True)]
     return ctx.inputs
 
 
@@ -269,7 +265,7 @@ def signround_block(ctx: BlockContext, losses: list[float] | None = None) -> dic
     best = math.inf
     best_state = [t.detach().clone() for t in trained]
     try:
-        autocast = torch.autocast(_hidden(ctx.inputs[0]).device.type, torch.bfloat16, opts.amp)
+        autocast = torch.autocast(call_hidden(ctx.inputs[0]).device.type, torch.bfloat16, opts.amp)
         with torch.enable_grad():
             for step in range(iters):
                 rows = next(batches)

@@ -14,7 +14,7 @@ from bitserve.errors import UsageError
 from bitserve.kernels import QuantLinear
 from bitserve.models import load_model
 from bitserve.quantization import get_method
-from bitserve.quantization.base import BlockContext
+from bitserve.quantization.base import BlockContext, call_hidden
 from bitserve.quantization.calibration import file_calibration
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
 from bitserve.quantization.pipeline import (
@@ -28,7 +28,6 @@ from bitserve.quantization.signround import (
     _batches,
     _export,
     _fake_quant,
-    _hidden,
     _init_params,
     _merge,
     _rows,
@@ -117,7 +116,7 @@ def test_minibatches_mix_chunks_and_use_every_sample_equally(tmp_path: Path) -> 
     gives the same outputs as running each chunk."""
     model = _model(tmp_path)
     calls = capture_block_inputs(model, _ids(n=20), batch_size=8)
-    assert [_hidden(c).shape[0] for c in calls] == [8, 8, 4]
+    assert [call_hidden(c).shape[0] for c in calls] == [8, 8, 4]
     block = decoder_blocks(model)[0]
     merged = _merge(calls)
     with torch.no_grad():
