@@ -1,4 +1,5 @@
-"""The `bitserve` command: fetch-default, quantize, eval, generate, inspect, serve, report."""
+"""The `bitserve` command: fetch-default, quantize, tune, eval, generate, inspect, serve,
+report."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         lm_head=args.lm_head,
         method_args=parse_method_args(args.method_arg),
         force=args.force,
+        tune_steps=args.tune_steps,
     )
     print(out)
     return 0
@@ -207,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="method option, repeatable (e.g. damp=0.01, act_order=true, iters=200)",
     )
+    q.add_argument(
+        "--tune-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then tune the scales end to end for N steps against the source model, on the "
+        "calibration windows (as `bitserve tune`; 0 = off, the default; 64 helps most at 2-3 bits)",
+    )
     q.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     q.set_defaults(func=cmd_quantize)
 
@@ -254,11 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugin_modules() -> list[Any]:
-    """Sub-commands that live beside their code (serve in server/, report in quantization/)."""
+    """Sub-commands that live beside their code (serve in server/, report and tune in
+    quantization/)."""
     import importlib
 
     found = []
-    for name in ("bitserve.server.cli", "bitserve.quantization.report"):
+    for name in (
+        "bitserve.server.cli",
+        "bitserve.quantization.report",
+        "bitserve.quantization.tune",
+    ):
         try:
             found.append(importlib.import_module(name))
         except ModuleNotFoundError as e:

@@ -17,6 +17,7 @@ from bitserve.quantization.calibration import file_calibration, generated_calibr
 from bitserve.quantization.checkpoint import save_checkpoint
 from bitserve.quantization.grid import QuantSpec
 from bitserve.quantization.pipeline import quantize_model, swap_in_quant_linears
+from bitserve.quantization.tune import tune_scales
 
 DEFAULT_METHOD = "rtn"
 
@@ -34,9 +35,11 @@ def quantize_to_checkpoint(
     method_args: dict[str, Any] | None = None,
     force: bool = False,
     progress: bool = True,
+    tune_steps: int = 0,
 ) -> Path:
     """Quantize `src` (HF folder, .gguf or 'default') with `method` (W4 g128 unless `spec`) and
-    write the checkpoint."""
+    write the checkpoint; with `tune_steps`, then tune its scales end to end (quantization/tune.py)
+    on the same calibration windows."""
     spec = spec or QuantSpec(4, 128)
     m = get_method(method)
     unknown = sorted(set(method_args or {}) - set(m.defaults))
@@ -49,7 +52,7 @@ def quantize_to_checkpoint(
     loaded = load_model(src)
     model, tokenizer = loaded.model, loaded.tokenizer
     calib_ids, calib_info = None, None
-    if m.needs_calibration:
+    if m.needs_calibration or tune_steps > 0:
         if calib is not None:
             calib_ids, calib_info = file_calibration(tokenizer, calib, nsamples, seqlen, seed)
         else:
@@ -61,6 +64,11 @@ def quantize_to_checkpoint(
         )
         swap_in_quant_linears(model, quantized)
     wall = time.perf_counter() - t0
+    tuned = None
+    if tune_steps > 0:
+        assert calib_ids is not None
+        teacher = load_model(src).model
+        tuned = tune_scales(model, teacher, calib_ids, tune_steps, seed=seed, progress=progress)
     manifest = {
         "method": {
             "name": m.name,
@@ -74,4 +82,6 @@ def quantize_to_checkpoint(
         "source": {"path": str(loaded.path), "sha256": source_hash(loaded.path)},
         "quality": None,
     }
+    if tuned is not None:
+        manifest["tune"] = {**tuned, "calibration": calib_info}
     return save_checkpoint(model, tokenizer, out, manifest, force=force)
