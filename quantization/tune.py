@@ -23,6 +23,7 @@ from bitserve.quantization.pipeline import set_module
 
 DEFAULT_STEPS = 64
 DEFAULT_LR = 2e-3
+PROBE_WINDOWS = 2  # calibration windows whose KL to the source is recorded before and after
 
 
 class _ScaledLinear(nn.Module):
@@ -96,7 +97,15 @@ def tune_scales(
     order = torch.cat([torch.randperm(ids.shape[0], generator=gen) for _ in range(passes)])
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=amp)
-    losses: list[float] = []
+    probe = ids[:PROBE_WINDOWS].to(device)
+    with torch.no_grad(), autocast:
+        probe_target = teacher(input_ids=probe, use_cache=False).logits
+
+    def probe_kl() -> float:
+        with torch.no_grad(), autocast:
+            return float(_kl(probe_target, model(input_ids=probe, use_cache=False).logits))
+
+    kl_before = probe_kl()
     bar = tqdm(range(steps), desc="tune scales", unit="step", disable=not progress)
     try:
         for step in bar:
@@ -110,8 +119,8 @@ def tune_scales(
             opt.step()
             opt.zero_grad(set_to_none=True)
             decay.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(kl=f"{losses[-1]:.4f}")
+            bar.set_postfix(kl=f"{float(loss.detach()):.4f}")
+        kl_after = probe_kl()
     finally:
         with torch.no_grad():
             for n, w in wrapped.items():
@@ -120,15 +129,14 @@ def tune_scales(
                 set_module(model, n, w.layer)
         for n, p in model.named_parameters():
             p.requires_grad_(trainable[n])
-    tail = max(1, steps // 8)
     return {
         "steps": steps,
         "lr": lr,
         "batch_size": batch_size,
         "seed": seed,
         "layers": len(names),
-        "kl_first_steps": round(sum(losses[:tail]) / tail, 5),
-        "kl_last_steps": round(sum(losses[-tail:]) / tail, 5),
+        "kl_before": round(kl_before, 5),
+        "kl_after": round(kl_after, 5),
         "wall_time_s": round(time.perf_counter() - t0, 2),
     }
 
