@@ -48,6 +48,8 @@ def quantize_to_checkpoint(
         raise UsageError(f"method {m.name!r} has no option {unknown[0]!r} (accepted: {accepted})")
     if Path(out).exists() and not force:
         raise UsageError(f"{out} exists (pass --force to overwrite)")
+    if tune_steps < 0:
+        raise UsageError(f"--tune-steps must be >= 0, got {tune_steps}")
     t0 = time.perf_counter()
     loaded = load_model(src)
     model, tokenizer = loaded.model, loaded.tokenizer

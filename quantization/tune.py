@@ -171,10 +171,10 @@ def tune_checkpoint(
     path = calib or (Path(recorded["path"]) if recorded.get("source") == "file" else None)
     if path is None or not Path(path).is_file():
         raise UsageError(f"{ckpt}: its calibration file is not available here; pass --calib FILE")
-    loaded = load_model(ckpt, backend="reference")
     src = source or manifest.get("source", {}).get("path")
-    if not src:
-        raise UsageError(f"{ckpt}: the manifest names no source model; pass --source")
+    if not src or (src != "default" and not Path(src).exists()):
+        raise UsageError(f"{ckpt}: source model {src!r} not found here; pass --source")
+    loaded = load_model(ckpt, backend="reference")
     teacher = load_model(src).model
     seed = recorded.get("seed", 0) if seed is None else seed
     ids, info = file_calibration(

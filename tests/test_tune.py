@@ -100,6 +100,16 @@ def test_cli_tune_rejects_bad_input(tmp_path: Path) -> None:
     assert r.returncode == 2 and "exists" in r.stderr
     r = _run("tune", str(ckpt), "--out", str(tmp_path / "z"), "--calib", str(tmp_path / "none"))
     assert r.returncode == 2 and "no such file" in r.stderr and not (tmp_path / "z").exists()
+    r = _run("quantize", str(src), "--out", str(tmp_path / "q"), "--tune-steps", "-1")
+    assert r.returncode == 2 and "--tune-steps must be >= 0" in r.stderr
+    assert not (tmp_path / "q").exists()
+    moved = tmp_path / "moved-away"
+    src.rename(moved)  # the manifest's source path no longer exists: say how to point at it
+    r = _run("tune", str(ckpt), "--out", str(tmp_path / "w"), "--calib", str(calib))
+    assert r.returncode == 2 and "--source" in r.stderr and "Traceback" not in r.stderr
+    args = ["--calib", str(calib), "--source", str(moved), "--steps", "2", "--nsamples", "4"]
+    r = _run("tune", str(ckpt), "--out", str(tmp_path / "w"), *args, "--seqlen", "16")
+    assert r.returncode == 0, r.stderr
 
 
 def test_quantize_with_tune_steps_tunes_the_fresh_checkpoint(tmp_path: Path) -> None:
