@@ -10,6 +10,8 @@ rows, so no full-precision copy of a whole layer is ever held. Repacking happens
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -27,31 +29,43 @@ def _round_up(x: int, m: int) -> int:
 
 
 def _int4_geometry(layer: QuantLinear) -> tuple[int, int, int]:
-    """(kernel group size, padded K, padded N) for the int4 path.
+    """(kernel group size, padded K, padded N) for the int4 path."""
+    return _geometry(layer.in_features, layer.out_features, layer.group_size)
+
+
+@functools.cache  # called on every forward: the answer depends only on the shape
+def _geometry(k: int, n: int, group_size: int) -> tuple[int, int, int]:
+    """_int4_geometry of a [k -> n] layer with `group_size`.
 
     Our group (or the whole row for per-channel) is split into kernel groups that share its
-    scale; K is padded up to a multiple of the group so a short last group becomes a full one
-    whose padding rows meet zero activations; N is padded to the kernel's multiple of 16.
+    scale. The largest kernel group dividing both the group and K needs no padding (K=576 g128:
+    kernel groups of 64, the short last group is one of them); failing that, K is padded up to a
+    multiple of the group so a short last group becomes a full one whose padding rows meet zero
+    activations. N is padded to the kernel's multiple of 16.
     """
-    k, n = layer.in_features, layer.out_features
-    group = k if layer.group_size == -1 or layer.group_size >= k else layer.group_size
+    group = k if group_size == -1 or group_size >= k else group_size
+    n_pad = _round_up(n, 16)
+    kg = next((g for g in KERNEL_GROUPS if group % g == 0 and k % g == 0), 0)
+    if kg:
+        return kg, k, n_pad
+    if group == k:  # per-channel with K=100: pad the single group to a multiple of 32
+        return 32, _round_up(k, 32), n_pad
     kg = next((g for g in KERNEL_GROUPS if group % g == 0), 0)
-    if kg == 0:  # e.g. per-channel with K=100: pad the single group to a multiple of 32
-        kg = 32 if group == k else 0
-    k_pad = _round_up(k, group) if group != k else _round_up(k, kg if kg else 1)
-    return kg, k_pad, _round_up(n, 16)
-
-
-def _int8_aligned(layer: QuantLinear) -> bool:
-    """The int8 kernel misbehaves on some unaligned shapes in half precision; keep it aligned."""
-    return layer.out_features % 16 == 0 and layer.in_features % 32 == 0
+    return kg, _round_up(k, group), n_pad
 
 
 def _kind(layer: QuantLinear) -> str:
     """Which CPU path runs this layer: "int4", "int8" or "dequant"."""
-    if layer.bits <= 4 and _int4_geometry(layer)[0]:
+    return _path(layer.bits, layer.in_features, layer.out_features, layer.group_size)
+
+
+@functools.cache
+def _path(bits: int, k: int, n: int, group_size: int) -> str:
+    """_kind of a [k -> n] layer of `bits` with `group_size` (-1: per-channel)."""
+    if bits <= 4 and _geometry(k, n, group_size)[0]:
         return "int4"
-    if layer.bits == 8 and layer.scales.shape[0] == 1 and _int8_aligned(layer):
+    per_channel = group_size == -1 or group_size >= k
+    if bits == 8 and per_channel and n % 16 == 0 and k % 32 == 0:
         return "int8"
     return "dequant"
 
@@ -111,7 +125,7 @@ def _matmul_int4(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x.to(KERNEL_DTYPE), layer.prepared["int4_weight"], kg, layer.prepared["int4_sz"]
     )
-    return y[:, : layer.out_features].to(x.dtype)
+    return y if y.shape[1] == layer.out_features else y[:, : layer.out_features]
 
 
 def _matmul_int8(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +133,7 @@ def _matmul_int8(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         x.to(KERNEL_DTYPE), layer.prepared["int8_weight"], layer.prepared["int8_scale"]
     )
     rank1 = x.float().sum(dim=1, keepdim=True) * layer.prepared["int8_offset"]
-    return (y.float() + rank1).to(x.dtype)
+    return y.float() + rank1
 
 
 def _matmul_dequant(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -144,10 +158,10 @@ def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if dtype not in DTYPES:
         x2 = x2.float()
     x2 = x2.contiguous()
-    y = MATMULS[_kind(layer)](layer, x2)
+    y = MATMULS[_kind(layer)](layer, x2).to(dtype)  # the packed kernels answer in bf16
     if layer.bias is not None:
-        y = y + layer.bias.to(y.dtype)
-    return y.to(dtype).reshape(*shape[:-1], layer.out_features)
+        y = y + layer.bias.to(dtype)
+    return y.reshape(*shape[:-1], layer.out_features)
 
 
 BACKEND = register_backend(

@@ -10,7 +10,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from bitserve.kernels.packing import num_groups, packed_rows, unpack_rows
+from bitserve.kernels.packing import num_groups, pack_rows, packed_rows, unpack_rows
 
 
 class QuantLinear(nn.Module):
@@ -108,6 +108,33 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, backend={self.backend}"
         )
+
+
+def concat_outputs(layers: list[QuantLinear]) -> QuantLinear | None:
+    """One QuantLinear whose output is the layers' outputs side by side (fused q/k/v, gate/up:
+    one kernel call instead of several), on the first layer's backend; None when the layers
+    differ in input size, bit width, grouping, symmetry or bias."""
+    first = layers[0]
+    key = (first.in_features, first.bits, first.group_size, first.sym, first.bias is None)
+    if any((m.in_features, m.bits, m.group_size, m.sym, m.bias is None) != key for m in layers):
+        return None
+    fused = QuantLinear(
+        first.in_features,
+        sum(m.out_features for m in layers),
+        first.bits,
+        first.group_size,
+        bias=first.bias is not None,
+        sym=first.sym,
+        device=first.qweight.device,
+    )
+    fused.qweight = torch.cat([m.qweight for m in layers], dim=1)
+    fused.scales = torch.cat([m.scales for m in layers], dim=1)
+    zeros = torch.cat([m.zero_codes() for m in layers], dim=1)  # [G, N], packed along N
+    fused.qzeros = pack_rows(zeros.t().cpu(), first.bits).t().contiguous().to(zeros.device)
+    if first.bias is not None:
+        fused.bias = torch.cat([m.bias for m in layers if m.bias is not None])
+    fused.set_backend(first.backend)
+    return fused
 
 
 @dataclass(frozen=True)

@@ -122,12 +122,7 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
                 f"--kv-cache-mib {settings.kv_cache_mib} holds no sequence of --max-model-len "
                 f"{settings.max_model_len} ({per_slot / 2**20:.1f} MiB each)"
             )
-    runner = LlamaRunner(model, slots, settings.max_model_len, getattr(torch, settings.head_dtype))
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos |= set(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
-    metrics = create_metrics(name)
-    engine = Engine(runner, tok, metrics, name, eos, settings.prefill_chunk, settings.max_waiting)
+    # Counted before the runner fuses q/k/v and gate/up: the checkpoint's layers.
     quant, quality = None, None
     if loaded.manifest is not None:
         layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -140,6 +135,12 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
             "backend": sorted({m.backend for m in layers}),
         }
         quality = loaded.manifest.get("quality")
+    runner = LlamaRunner(model, slots, settings.max_model_len, getattr(torch, settings.head_dtype))
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
+    metrics = create_metrics(name)
+    engine = Engine(runner, tok, metrics, name, eos, settings.prefill_chunk, settings.max_waiting)
     card = ModelCard(
         id=name,
         created=int(time.time()),

@@ -6,6 +6,7 @@ which costs more than the matmuls for a 135M model on CPU."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitserve.errors import UsageError
+from bitserve.kernels.quant_linear import QuantLinear, concat_outputs
 
 SUPPORTED_TYPES = ("llama",)
 
@@ -26,15 +28,61 @@ def kv_bytes_per_slot(config: Any, max_len: int, dtype: torch.dtype) -> int:
     return 2 * layers * kv_heads * max_len * head_dim * torch.finfo(dtype).bits // 8
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as HF llama applies it (rotate_half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as HF llama applies it (rotate_half convention): rotate_half(x) * sin is
+    the half-rolled x times sin with its first half negated."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def _fuse(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> tuple[nn.Module, ...]:
+    """The projections `names` of `parent` as one module computing their outputs side by side,
+    registered as `fused_name` in place of the originals (whose memory is freed); the originals
+    unchanged when they cannot be fused (e.g. BCQ or mixed-precision layers)."""
+    mods = [getattr(parent, n) for n in names]
+    fused: nn.Module | None = None
+    if all(isinstance(m, QuantLinear) for m in mods):
+        fused = concat_outputs(mods)
+    elif all(type(m) is nn.Linear for m in mods) and len({m.bias is None for m in mods}) == 1:
+        fused = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=False)
+        fused.weight = nn.Parameter(torch.cat([m.weight for m in mods]), requires_grad=False)
+        if mods[0].bias is not None:
+            fused.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)
+    if fused is None:
+        return tuple(mods)
+    for n in names:
+        delattr(parent, n)
+    parent.add_module(fused_name, fused)
+    return (fused,)
+
+
+def _project(mods: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
+    """Outputs of a (fused or not) projection group, side by side."""
+    return mods[0](x) if len(mods) == 1 else torch.cat([m(x) for m in mods], dim=-1)
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's weights as the runner uses them."""
+
+    attn_norm: nn.Module
+    qkv: tuple[nn.Module, ...]
+    o: nn.Module
+    mlp_norm: nn.Module
+    gate_up: tuple[nn.Module, ...]
+    down: nn.Module
+    act: nn.Module
+
+
+def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 class LlamaRunner:
-    """Runs [B, T] token blocks of sequences that each own one KV-cache slot."""
+    """Runs [B, T] token blocks of sequences that each own one KV-cache slot.
+
+    It takes the model over: each layer's q/k/v and gate/up projections are fused into one
+    matmul each (one kernel call, one activation cast) and the originals are freed, so the
+    model's own HF forward no longer runs afterwards."""
 
     def __init__(
         self, model: Any, num_slots: int, max_len: int, head_dtype: torch.dtype | None = None
@@ -46,7 +94,18 @@ class LlamaRunner:
             )
         inner = model.model
         self.embed = inner.embed_tokens
-        self.layers = list(inner.layers)
+        self.layers = [
+            _Layer(
+                layer.input_layernorm,
+                _fuse(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                layer.self_attn.o_proj,
+                layer.post_attention_layernorm,
+                _fuse(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj"),
+                layer.mlp.down_proj,
+                layer.mlp.act_fn,
+            )
+            for layer in inner.layers
+        ]
         self.norm = inner.norm
         self.lm_head = model.lm_head
         # The vocabulary projection is the largest matmul; a bf16 copy halves the bytes it reads.
@@ -56,7 +115,7 @@ class LlamaRunner:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.scale = self.layers[0].self_attn.scaling
+        self.scale = inner.layers[0].self_attn.scaling
         self.num_slots, self.max_len = num_slots, max_len
         dtype = self.embed.weight.dtype
         shape = (len(self.layers), num_slots, self.kv_heads, max_len, self.head_dim)
@@ -64,7 +123,9 @@ class LlamaRunner:
         self.v_cache = torch.zeros(shape, dtype=dtype)
         with torch.inference_mode():
             cos, sin = inner.rotary_emb(self.k_cache[0, 0], torch.arange(max_len).unsqueeze(0))
-        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        half = self.head_dim // 2
+        self.cos = cos[0]  # [max_len, head_dim]
+        self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
 
     @torch.inference_mode()
     def forward(
@@ -82,29 +143,35 @@ class LlamaRunner:
         B, T = ids.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         pos = (starts.unsqueeze(1) + torch.arange(T)).clamp_max(self.max_len - 1)  # [B, T]
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # [B, 1, T, D]
+        cos, sin = self.cos[pos].unsqueeze(2), self.signed_sin[pos].unsqueeze(2)  # [B, T, 1, D]
         kv_len = int(pos.max()) + 1
         mask = (torch.arange(kv_len).view(1, 1, kv_len) <= pos.unsqueeze(2)).unsqueeze(1)
         slot_col = slots.unsqueeze(1)
+        # Slots s0, s0+1, ... (the usual case) are read as a view instead of a gathered copy.
+        first = int(slots[0])
+        rows: slice | torch.Tensor = slots
+        if slots.tolist() == list(range(first, first + B)):
+            rows = slice(first, first + B)
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            x = layer.input_layernorm(h)
-            q = _rotate(attn.q_proj(x).view(B, T, H, D).transpose(1, 2), cos, sin)
-            k = _rotate(attn.k_proj(x).view(B, T, Hkv, D).transpose(1, 2), cos, sin)
-            v = attn.v_proj(x).view(B, T, Hkv, D)
-            self.k_cache[i][slot_col, :, pos] = k.transpose(1, 2)
-            self.v_cache[i][slot_col, :, pos] = v
-            keys = self.k_cache[i][slots, :, :kv_len]
-            values = self.v_cache[i][slots, :, :kv_len]
+            x = _rms_norm(layer.attn_norm, h)
+            qkv = _project(layer.qkv, x).view(B, T, H + 2 * Hkv, D)
+            qk = _rotate(qkv[:, :, : H + Hkv], cos, sin)
+            self.k_cache[i][slot_col, :, pos] = qk[:, :, H:]
+            self.v_cache[i][slot_col, :, pos] = qkv[:, :, H + Hkv :]
             o = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+                qk[:, :, :H].transpose(1, 2),
+                self.k_cache[i][rows, :, :kv_len],
+                self.v_cache[i][rows, :, :kv_len],
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=True,
             )
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
-            x = layer.post_attention_layernorm(h)
-            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-        rows = h[:, -1] if last is None else h[torch.arange(B), last]
-        x = self.norm(rows)
+            h = h + layer.o(o.transpose(1, 2).reshape(B, T, H * D))
+            gate, up = _project(layer.gate_up, _rms_norm(layer.mlp_norm, h)).chunk(2, dim=-1)
+            h = h + layer.down(layer.act(gate) * up)
+        rows_out = h[:, -1] if last is None else h[torch.arange(B), last]
+        x = self.norm(rows_out)
         if self.head_weight is None:
             return self.lm_head(x).float()
         return F.linear(x.to(self.head_weight.dtype), self.head_weight).float()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bitserve.kernels import QuantLinear, cpu
+from bitserve.kernels.quant_linear import concat_outputs
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
 
 
@@ -45,7 +46,7 @@ def check(layer: QuantLinear, m: int, dtype: torch.dtype) -> None:
     assert rel_err(y, ref) < tol, (layer.extra_repr(), m, dtype, rel_err(y, ref))
 
 
-SHAPES = [(576, 192), (256, 100), (96, 48)]
+SHAPES = [(576, 192), (256, 100), (96, 48), (100, 48)]  # K=100: the int4 path pads K
 CASES = list(itertools.product((2, 3, 4, 8), (32, 64, 128, -1), (False, True)))
 
 
@@ -118,3 +119,31 @@ def test_default_checkpoint_loads_on_cpu_backend_with_reference_greedy(tmp_path:
         logits = loaded.model(out).logits
     new = out[0, ids.shape[1] :]
     assert torch.equal(logits[0, ids.shape[1] - 1 : -1].argmax(-1), new)
+
+
+@pytest.mark.parametrize(
+    "bits,group,backend", [(4, 128, "cpu"), (3, 64, "cpu"), (2, 32, "reference")]
+)
+def test_concat_outputs_matches_separate_layers(bits: int, group: int, backend: str) -> None:
+    """A fused q/k/v-style layer (output sizes 576, 192, 200: 200 is not a whole word of packed
+    zeros) computes the three layers' outputs side by side, on the first layer's backend."""
+    layers = [random_layer(576, n, bits, group, sym=False, bias=True) for n in (576, 192, 200)]
+    for m in layers:
+        m.set_backend(backend)
+    fused = concat_outputs(layers)
+    assert fused is not None and fused.backend == backend and fused.out_features == 968
+    assert torch.equal(fused.zero_codes(), torch.cat([m.zero_codes() for m in layers], dim=1))
+    x = torch.randn(5, 576)
+    ref = torch.cat([m(x) for m in layers], dim=1)
+    assert rel_err(fused(x), ref) < 1e-6
+    other = random_layer(576, 64, bits, group, sym=True)
+    assert concat_outputs([*layers, other]) is None  # a different grid cannot share the kernel
+
+
+def test_int4_geometry_pads_only_when_it_must() -> None:
+    """K=576 g128 (short last group) runs on kernel groups of 64 without padding x per call;
+    K=100 has no kernel group dividing it and is padded to whole groups."""
+    assert cpu._int4_geometry(random_layer(576, 40, 4, 128, False)) == (64, 576, 48)
+    assert cpu._int4_geometry(random_layer(1536, 64, 4, 128, False)) == (128, 1536, 64)
+    assert cpu._int4_geometry(random_layer(100, 48, 4, 64, False)) == (64, 128, 48)
+    assert cpu._int4_geometry(random_layer(100, 48, 4, -1, False)) == (32, 128, 48)

@@ -19,9 +19,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_runner_matches_hf_forward(server_tiny_checkpoint: Path) -> None:
-    loaded = load_model(server_tiny_checkpoint)
-    model = loaded.model
-    runner = LlamaRunner(model, num_slots=3, max_len=64)
+    model = load_model(server_tiny_checkpoint).model  # the HF forward, the reference
+    runner = LlamaRunner(load_model(server_tiny_checkpoint).model, num_slots=3, max_len=64)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (7, 12, 3)]
     for slot, ids in enumerate(seqs):  # chunked prefill, 5 tokens at a time
@@ -103,7 +102,7 @@ def test_sampling_rules() -> None:
 
 def test_runner_padded_batch_prefill_matches_hf(server_tiny_checkpoint: Path) -> None:
     model = load_model(server_tiny_checkpoint).model
-    runner = LlamaRunner(model, num_slots=4, max_len=32)
+    runner = LlamaRunner(load_model(server_tiny_checkpoint).model, num_slots=4, max_len=32)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (9, 4, 1)]
     width = max(map(len, prompts))
@@ -160,3 +159,41 @@ def test_serve_cli_refuses_bad_sources_in_one_line(tmp_path: Path) -> None:
         last = r.stderr.strip().splitlines()[-1]  # earlier lines: transformers' progress bars
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert last.startswith("bitserve: error:") and expected in last
+
+
+@pytest.mark.parametrize("kind", ["linear", "quant", "unfusable"])
+def test_runner_fuses_projections(server_tiny_checkpoint: Path, kind: str) -> None:
+    """q/k/v and gate/up become one module each (nn.Linear or QuantLinear) and the originals are
+    freed; projections that cannot be fused run side by side. Either way the logits match the
+    HF forward of an untouched copy."""
+    import copy
+
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from bitserve.kernels import QuantLinear
+
+    if kind == "quant":
+        model = load_model(server_tiny_checkpoint).model
+    else:
+        torch.manual_seed(3)
+        model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    if kind == "unfusable":  # a module type the runner does not know how to concatenate
+        for layer in model.model.layers:
+            layer.self_attn.k_proj = torch.nn.Sequential(layer.self_attn.k_proj)
+            layer.mlp.up_proj = torch.nn.Sequential(layer.mlp.up_proj)
+    ref_model = copy.deepcopy(model)
+    runner = LlamaRunner(model, num_slots=2, max_len=32)
+    for layer in model.model.layers:
+        if kind == "unfusable":
+            assert hasattr(layer.self_attn, "q_proj") and not hasattr(layer.self_attn, "qkv_proj")
+            continue
+        fused = QuantLinear if kind == "quant" else torch.nn.Linear
+        assert isinstance(layer.self_attn.qkv_proj, fused)
+        assert isinstance(layer.mlp.gate_up_proj, fused)
+        assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "up_proj")
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(4))
+    logits = runner.forward(ids, torch.tensor([1, 0]), torch.zeros(2, dtype=torch.long))
+    with torch.no_grad():
+        ref = ref_model(ids).logits[:, -1]
+    assert rel_err(logits, ref) < 1e-4
