@@ -1,6 +1,7 @@
 """CPU kernel benchmark: the cpu QuantLinear backend vs an fp32 nn.Linear of the same shape, per
 layer shape of the default model and M, plus greedy decode tokens/s of the default model W4 vs
-the unquantized one. Ratios are against baselines measured in the same run, interleaved.
+the unquantized one (HF generate, and the serving engine's runner). Ratios are against baselines
+measured in the same run, interleaved.
 
     .venv/bin/python bench/kernels_cpu.py [--e2e-tokens 64] [--skip-e2e]
 """
@@ -23,7 +24,9 @@ from bitserve.quantization.grid import QuantSpec, quantize_rtn
 SHAPES = [
     ("q/o_proj", 576, 576),
     ("k/v_proj", 576, 192),
+    ("q/k/v fused", 576, 960),  # the serving runner's fused projections
     ("gate/up", 576, 1536),
+    ("gate/up fused", 576, 3072),
     ("down", 1536, 576),
     ("lm_head", 576, 49152),
 ]
@@ -102,6 +105,27 @@ def decode_tps(src: str, tokens: int, rounds: int = 3) -> float:
     return statistics.median(rates)
 
 
+def runner_tps(src: str, tokens: int, rounds: int = 3) -> float:
+    """Greedy decode tokens/s at batch 1 through the serving engine's runner (fused projections,
+    bf16 lm_head, as `bitserve serve` runs it; median of rounds)."""
+    from bitserve.models import load_model
+    from bitserve.server.runner import LlamaRunner
+
+    loaded = load_model(src)
+    prompt = loaded.tokenizer("The history of the city begins")["input_ids"]
+    runner = LlamaRunner(loaded.model, 1, len(prompt) + tokens, torch.bfloat16)
+    slot = torch.tensor([0])
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        logits = runner.forward(torch.tensor([prompt]), slot, torch.tensor([0]))
+        for i in range(tokens - 1):
+            nxt = logits.argmax(-1, keepdim=True)
+            logits = runner.forward(nxt, slot, torch.tensor([len(prompt) + i]))
+        rates.append(tokens / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--e2e-tokens", type=int, default=64)
@@ -114,6 +138,10 @@ def main() -> None:
         base = decode_tps("default", args.e2e_tokens)
         w4 = decode_tps(args.checkpoint, args.e2e_tokens)
         print(f"\ndecode batch 1, {args.e2e_tokens} new tokens, greedy, HF generate:")
+        print(f"fp32 model {base:.1f} tok/s; {args.checkpoint} {w4:.1f} tok/s ({w4 / base:.2f}x)")
+        base = runner_tps("default", args.e2e_tokens)
+        w4 = runner_tps(args.checkpoint, args.e2e_tokens)
+        print(f"decode batch 1, {args.e2e_tokens} new tokens, greedy, serving runner:")
         print(f"fp32 model {base:.1f} tok/s; {args.checkpoint} {w4:.1f} tok/s ({w4 / base:.2f}x)")
 
 
