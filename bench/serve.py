@@ -236,40 +236,77 @@ def print_table(results: dict[str, Any]) -> None:
             )
 
 
+def _offline_engine(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]]]:
+    """(loaded model, engine over it, prompt ids) for the offline modes."""
+    from bitserve.models import load_model
+    from bitserve.server.cli import build_state, resolve_checkpoint
+    from bitserve.server.settings import Settings
+
+    loaded = load_model(resolve_checkpoint(args.checkpoint))
+    tok = loaded.tokenizer
+    prompts = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(args.requests)]
+    return loaded, build_state(loaded, Settings(max_num_seqs=16, max_model_len=512)).engine, prompts
+
+
+def _engine_run(engine: Any, batch: list[list[int]], params: Any) -> float:
+    """Seconds for the engine, stepped on this thread, to finish one sequence per prompt."""
+    done: list[int] = []
+    seqs = [
+        engine.new_sequence(0, p, params, lambda o: done.append(1) if o.finish_reason else None)
+        for p in batch
+    ]
+    engine.submit(seqs)
+    t0 = time.perf_counter()
+    while len(done) < len(seqs):
+        engine.step()
+    return time.perf_counter() - t0
+
+
+def sampling_cost(args: argparse.Namespace) -> None:
+    """Offline: engine tokens/s with sampled decoding against greedy, in the same run."""
+    from bitserve.server.sampling import SamplingParams
+
+    _, engine, prompts = _offline_engine(args)
+    n = args.max_tokens
+    modes = {
+        "greedy": SamplingParams(n, temperature=0, ignore_eos=True),
+        "temperature 1": SamplingParams(n, temperature=1.0, seed=0, ignore_eos=True),
+        "temperature 0.8, top_p 0.95": SamplingParams(
+            n, temperature=0.8, top_p=0.95, seed=0, ignore_eos=True
+        ),
+        "temperature 0.8, top_k 50": SamplingParams(
+            n, temperature=0.8, top_k=50, seed=0, ignore_eos=True
+        ),
+    }
+    _engine_run(engine, prompts[:1], modes["greedy"])
+    print("| sampling | " + " | ".join(f"c={c} tok/s (x greedy)" for c in args.concurrency) + " |")
+    print("|---|" + "---:|" * len(args.concurrency))
+    rates: dict[str, list[float]] = {}
+    for name, params in modes.items():
+        rates[name] = [c * n / _engine_run(engine, prompts[:c], params) for c in args.concurrency]
+        cells = " | ".join(
+            f"{r:.1f} ({r / g:.2f}x)" for r, g in zip(rates[name], rates["greedy"], strict=True)
+        )
+        print(f"| {name} | {cells} |", flush=True)
+
+
 def engine_compare(args: argparse.Namespace) -> None:
     """Offline: the bitserve engine vs transformers' continuous batching on one loaded model."""
     import torch
     from transformers import GenerationConfig
 
     from bitserve.models import load_model
-    from bitserve.server.cli import build_state, resolve_checkpoint
+    from bitserve.server.cli import resolve_checkpoint
     from bitserve.server.sampling import SamplingParams
-    from bitserve.server.settings import Settings
 
-    loaded = load_model(resolve_checkpoint(args.checkpoint))
-    tok = loaded.tokenizer
-    prompts = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(args.requests)]
+    _, engine, prompts = _offline_engine(args)
+    hf_model = load_model(resolve_checkpoint(args.checkpoint))  # the runner took the first over
+    tok = hf_model.tokenizer
     n_tokens = args.max_tokens
-    state = build_state(loaded, Settings(max_num_seqs=16, max_model_len=512))
-    engine = state.engine
-    done: list[int] = []
+    greedy = SamplingParams(n_tokens, temperature=0, ignore_eos=True)
 
     def run_ours(batch: list[list[int]]) -> float:
-        seqs = [
-            engine.new_sequence(
-                0,
-                p,
-                SamplingParams(n_tokens, temperature=0, ignore_eos=True),
-                lambda o: done.append(1) if o.finish_reason else None,
-            )
-            for p in batch
-        ]
-        done.clear()
-        engine.submit(seqs)
-        t0 = time.perf_counter()
-        while len(done) < len(seqs):
-            engine.step()
-        return time.perf_counter() - t0
+        return _engine_run(engine, batch, greedy)
 
     gc = GenerationConfig(
         max_new_tokens=n_tokens, do_sample=False, eos_token_id=-1, pad_token_id=tok.eos_token_id
@@ -278,7 +315,7 @@ def engine_compare(args: argparse.Namespace) -> None:
     def run_hf(batch: list[list[int]]) -> float:
         t0 = time.perf_counter()
         with torch.no_grad():
-            loaded.model.generate_batch(batch, generation_config=gc, warmup=False)
+            hf_model.model.generate_batch(batch, generation_config=gc, warmup=False)
         return time.perf_counter() - t0
 
     run_ours(prompts[:1])
@@ -361,6 +398,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--servers", nargs="+", default=SERVERS, choices=SERVERS)
     p.add_argument("--engine-compare", action="store_true")
+    p.add_argument(
+        "--sampling", action="store_true", help="offline: sampled vs greedy engine tokens/s"
+    )
     p.add_argument("--profile", action="store_true", help="profile one decode step and exit")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--logdir", default=os.environ.get("TMPDIR", "/tmp"))
@@ -370,6 +410,8 @@ def main() -> None:
         profile_step(args)
     elif args.engine_compare:
         engine_compare(args)
+    elif args.sampling:
+        sampling_cost(args)
     else:
         serve_benchmark(args)
 

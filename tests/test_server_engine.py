@@ -197,3 +197,40 @@ def test_runner_fuses_projections(server_tiny_checkpoint: Path, kind: str) -> No
     with torch.no_grad():
         ref = ref_model(ids).logits[:, -1]
     assert rel_err(logits, ref) < 1e-4
+
+
+def _nucleus(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The target distribution, computed the plain way: sort everything, mask, renormalize."""
+    probs, order = (logits / p.temperature).softmax(-1).sort(descending=True)
+    if p.top_k:
+        probs[p.top_k :] = 0
+        probs = probs / probs.sum()
+    before = probs.cumsum(-1) - probs
+    probs[1:][before[1:] >= p.top_p] = 0
+    return torch.zeros_like(probs).scatter(0, order, probs / probs.sum())
+
+
+@pytest.mark.parametrize(
+    "shape,params",
+    [
+        ("peaked", SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9)),
+        ("flat", SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5)),  # nucleus > 256
+        ("peaked", SamplingParams(max_tokens=1, temperature=1.3, top_k=20, top_p=0.6)),
+        ("peaked", SamplingParams(max_tokens=1, temperature=0.9)),
+    ],
+)
+def test_sampling_draws_from_the_filtered_distribution(shape: str, params: SamplingParams) -> None:
+    """Draws land only inside the top-k/top-p support and follow the target distribution
+    (total variation over 3000 draws), whichever shortcut the sampler takes."""
+    g = torch.Generator().manual_seed(7)
+    scale = 4.0 if shape == "peaked" else 0.05
+    logits = torch.randn(1, 5000, generator=g) * scale
+    target = _nucleus(logits[0], params)
+    gen = make_generator(11)
+    draws = torch.tensor([sample(logits, [params], [gen], [None])[0][0] for _ in range(3000)])
+    assert bool((target[draws] > 0).all())  # never outside the filtered support
+    freq = torch.bincount(draws, minlength=5000).float() / len(draws)
+    if shape == "flat":  # too many tokens for frequencies: check the support's size instead
+        assert int((target > 0).sum()) > 256 and len(set(draws.tolist())) > 256
+    else:
+        assert float((freq - target).abs().sum()) / 2 < 0.06
