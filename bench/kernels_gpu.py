@@ -2,7 +2,8 @@
 backend first, then timing in CUDA graphs over rotating weight copies (weights come from HBM, not
 L2) against fp16 cuBLAS and torch's int4 tinygemm, with the byte limit of each (bytes moved /
 measured copy bandwidth); then decode tokens/s of a random-init Llama-3-8B-shaped model, W4 g128
-vs fp16, at batch 1 and 16 through a minimal static-cache decode step captured in a CUDA graph.
+vs fp16, at batch 1 and 16 through a minimal static-cache decode step captured in a CUDA graph,
+and through bitserve's serving runner (eager).
 
     python bench/kernels_gpu.py [--skip-check] [--skip-layers] [--skip-e2e] [--e2e-layers 32]
                                 [--ms 1,16,64,256,1024] [--budget-s 280]
@@ -435,6 +436,80 @@ def bench_e2e(n_layers: int) -> None:
         )
 
 
+def llama3_shaped(n_layers: int, w4: bool) -> Any:
+    """A random-init HF Llama with Llama-3-8B's shapes in fp16 on the GPU; with `w4`, the
+    projections are W4 g128 QuantLinears already fused the way LlamaRunner fuses them."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    c = LLAMA3_8B
+    config = LlamaConfig(
+        hidden_size=c["hidden"],
+        intermediate_size=c["ffn"],
+        num_hidden_layers=n_layers,
+        num_attention_heads=c["heads"],
+        num_key_value_heads=c["kv_heads"],
+        vocab_size=c["vocab"],
+    )
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    if w4:
+        h, hd, ffn = c["hidden"], c["hidden"] // c["heads"], c["ffn"]
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                delattr(attn, name)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                delattr(mlp, name)
+            qkv = (c["heads"] + 2 * c["kv_heads"]) * hd
+            attn.qkv_proj = synthetic_layer(h, qkv, 4, 128, DEVICE)
+            attn.o_proj = synthetic_layer(h, h, 4, 128, DEVICE)
+            mlp.gate_up_proj = synthetic_layer(h, 2 * ffn, 4, 128, DEVICE)
+            mlp.down_proj = synthetic_layer(ffn, h, 4, 128, DEVICE)
+    return model
+
+
+def runner_tps(model: Any, batch: int, steps: int = 32, ctx: int = 512) -> float:
+    """Greedy-shaped decode tokens/s of bitserve's serving runner (eager, no CUDA graph): one
+    forward per step for `batch` sequences at position 16 onwards, logits back on the CPU."""
+    from bitserve.server.runner import LlamaRunner
+
+    runner = LlamaRunner(model, batch, ctx)
+    ids, slots = torch.zeros(batch, 1, dtype=torch.long), torch.arange(batch)
+    runner.forward(ids, slots, torch.full((batch,), 16))  # warm-up (and Triton tuning)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        runner.forward(ids, slots, torch.full((batch,), 17 + i))
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def bench_engine(n_layers: int) -> None:
+    """The same model shapes through the serving runner, as `bitserve serve --device cuda`
+    decodes (eager: every kernel launched from Python)."""
+    print(f"\n## serving runner (eager), random-init Llama-3-8B shapes ({n_layers} layers)")
+    print("| batch | weights | tok/s | x fp16 |")
+    print("|---|---|---|---|")
+    for w4 in (False, True):
+        if over_budget():
+            print("(budget: serving runner stopped)")
+            return
+        model = llama3_shaped(n_layers, w4)
+        with torch.inference_mode():
+            for batch in (1, 16):
+                tps = runner_tps(model, batch)
+                if not w4:
+                    RUNNER_BASE[batch] = tps
+                name = "W4 g128 (fp16 lm_head)" if w4 else "fp16"
+                ratio = tps / RUNNER_BASE[batch] if batch in RUNNER_BASE else float("nan")
+                print(f"| {batch} | {name} | {tps:.1f} | {ratio:.2f}x |", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
+RUNNER_BASE: dict[int, float] = {}
+
+
 def print_tuning() -> None:
     """Tuned config per (K, N, bits, group, M bucket, dtype) and the time each tuning took."""
     print("\n## tuned configs (K, N, bits, group, M bucket, dtype): config, tuning s")
@@ -471,6 +546,7 @@ def main() -> None:
         (args.skip_check, lambda: check_correctness(ms + (300,) if 256 in ms else ms)),
         (args.skip_layers, lambda: bench_layers(copy_bandwidth(), ms)),
         (args.skip_e2e, lambda: bench_e2e(args.e2e_layers)),
+        (args.skip_e2e, lambda: bench_engine(args.e2e_layers)),
         (False, print_tuning),
     ]
     for skip, section in sections:

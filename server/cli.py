@@ -100,6 +100,15 @@ def quality_gate(ckpt: Path, src: str, text: Path, max_rise_pct: float) -> dict[
     return result
 
 
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without one is a usage error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to torch (use --device cpu)")
+    return device
+
+
 def build_state(loaded: Loaded, settings: Settings) -> Any:
     """The engine (KV cache sized by the settings), metrics and model card of a loaded model."""
     from bitserve.kernels import QuantLinear
@@ -113,11 +122,10 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     name = settings.served_model_name or Path(loaded.path).name
     slots = settings.max_num_seqs
     if settings.kv_cache_mib is not None:
-        per_slot = kv_bytes_per_slot(model.config, settings.max_model_len, torch.float32)
+        dtype = model.get_input_embeddings().weight.dtype  # the KV cache's dtype
+        per_slot = kv_bytes_per_slot(model.config, settings.max_model_len, dtype)
         slots = min(slots, int(settings.kv_cache_mib * 2**20 // per_slot))
         if slots < 1:
-            from bitserve.errors import UsageError
-
             raise UsageError(
                 f"--kv-cache-mib {settings.kv_cache_mib} holds no sequence of --max-model-len "
                 f"{settings.max_model_len} ({per_slot / 2**20:.1f} MiB each)"
@@ -178,7 +186,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(settings.model, settings.quantize, settings.calib)
     if settings.quality_gate is not None and settings.gate_text is not None:
         quality_gate(path, settings.model, settings.gate_text, settings.quality_gate)
-    loaded = load_model(path, backend=settings.backend)
+    device = resolve_device(settings.device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    loaded = load_model(path, device=device, dtype=dtype, backend=settings.backend)
+    logging.getLogger("bitserve").info("serving %s on %s (%s)", path, device, dtype)
     state = build_state(loaded, settings)
     uvicorn.run(
         create_app(state),
@@ -229,6 +240,12 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--kv-cache-mib", type=float, help="cap the KV cache (lowers max-num-seqs)")
     s.add_argument("--prefill-chunk", type=int, help="prompt tokens per step (default 256)")
     s.add_argument("--max-waiting", type=int, help="queue length before 429 (default 64)")
+    s.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs (default auto: cuda with fp16 when a GPU is visible, "
+        "else cpu with fp32)",
+    )
     s.add_argument("--backend", help="QuantLinear backend (default: best available)")
     s.add_argument(
         "--head-dtype",

@@ -38,6 +38,8 @@ def _fuse(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> tuple[n
     """The projections `names` of `parent` as one module computing their outputs side by side,
     registered as `fused_name` in place of the originals (whose memory is freed); the originals
     unchanged when they cannot be fused (e.g. BCQ or mixed-precision layers)."""
+    if hasattr(parent, fused_name):  # a runner already took this model over
+        return (getattr(parent, fused_name),)
     mods = [getattr(parent, n) for n in names]
     fused: nn.Module | None = None
     if all(isinstance(m, QuantLinear) for m in mods):
@@ -110,19 +112,25 @@ class LlamaRunner:
         self.lm_head = model.lm_head
         # The vocabulary projection is the largest matmul; a bf16 copy halves the bytes it reads.
         self.head_weight = None
-        if head_dtype is not None and isinstance(model.lm_head, nn.Linear):
-            self.head_weight = model.lm_head.weight.detach().to(head_dtype)
+        head = model.lm_head
+        if (
+            head_dtype is not None
+            and isinstance(head, nn.Linear)
+            and head_dtype.itemsize < head.weight.dtype.itemsize
+        ):
+            self.head_weight = head.weight.detach().to(head_dtype)
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = inner.layers[0].self_attn.scaling
         self.num_slots, self.max_len = num_slots, max_len
-        dtype = self.embed.weight.dtype
+        dtype, self.device = self.embed.weight.dtype, self.embed.weight.device
         shape = (len(self.layers), num_slots, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype)
-        self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         with torch.inference_mode():
-            cos, sin = inner.rotary_emb(self.k_cache[0, 0], torch.arange(max_len).unsqueeze(0))
+            positions = torch.arange(max_len, device=self.device).unsqueeze(0)
+            cos, sin = inner.rotary_emb(self.k_cache[0, 0], positions)
         half = self.head_dim // 2
         self.cos = cos[0]  # [max_len, head_dim]
         self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
@@ -136,22 +144,26 @@ class LlamaRunner:
         last: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Append `ids` [B, T] at positions starts[b].. of each slot; return the logits [B, V]
-        (float32) at position last[b] of each row (default T - 1).
+        (float32, on the CPU, where sampling runs) at position last[b] of each row (default
+        T - 1). The index tensors may live on the CPU whatever the model's device.
 
         Rows may be right-padded: padding writes K/V past the row's length, which the causal mask
         never shows and the row's next real token overwrites before anything reads it."""
         B, T = ids.shape
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        pos = (starts.unsqueeze(1) + torch.arange(T)).clamp_max(self.max_len - 1)  # [B, T]
+        # Slots s0, s0+1, ... (the usual case) are read as a view instead of a gathered copy.
+        slot_list = slots.tolist()
+        rows: slice | torch.Tensor = slots.to(self.device)
+        if slot_list == list(range(slot_list[0], slot_list[0] + B)):
+            rows = slice(slot_list[0], slot_list[0] + B)
+        ids, starts = ids.to(self.device), starts.to(self.device)
+        steps = torch.arange(T, device=self.device)
+        pos = (starts.unsqueeze(1) + steps).clamp_max(self.max_len - 1)  # [B, T]
         cos, sin = self.cos[pos].unsqueeze(2), self.signed_sin[pos].unsqueeze(2)  # [B, T, 1, D]
         kv_len = int(pos.max()) + 1
-        mask = (torch.arange(kv_len).view(1, 1, kv_len) <= pos.unsqueeze(2)).unsqueeze(1)
-        slot_col = slots.unsqueeze(1)
-        # Slots s0, s0+1, ... (the usual case) are read as a view instead of a gathered copy.
-        first = int(slots[0])
-        rows: slice | torch.Tensor = slots
-        if slots.tolist() == list(range(first, first + B)):
-            rows = slice(first, first + B)
+        keys_at = torch.arange(kv_len, device=self.device).view(1, 1, kv_len)
+        mask = (keys_at <= pos.unsqueeze(2)).unsqueeze(1)
+        slot_col = slots.to(self.device).unsqueeze(1)
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
             x = _rms_norm(layer.attn_norm, h)
@@ -170,8 +182,10 @@ class LlamaRunner:
             h = h + layer.o(o.transpose(1, 2).reshape(B, T, H * D))
             gate, up = _project(layer.gate_up, _rms_norm(layer.mlp_norm, h)).chunk(2, dim=-1)
             h = h + layer.down(layer.act(gate) * up)
-        rows_out = h[:, -1] if last is None else h[torch.arange(B), last]
-        x = self.norm(rows_out)
+        if last is None:
+            x = self.norm(h[:, -1])
+        else:
+            x = self.norm(h[torch.arange(B, device=self.device), last.to(self.device)])
         if self.head_weight is None:
-            return self.lm_head(x).float()
-        return F.linear(x.to(self.head_weight.dtype), self.head_weight).float()
+            return self.lm_head(x).float().cpu()
+        return F.linear(x.to(self.head_weight.dtype), self.head_weight).float().cpu()

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
     max_waiting: int = Field(64, ge=0, description="queued requests before answering 429")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model runs (auto: cuda if available; fp16 there, else fp32)"
+    )
     backend: str = Field("auto", description="QuantLinear backend")
     head_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="dtype of the lm_head matmul (bf16 halves its memory traffic)"

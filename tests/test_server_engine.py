@@ -149,16 +149,24 @@ def test_serve_cli_refuses_bad_sources_in_one_line(tmp_path: Path) -> None:
     from tiny_models import save_tiny_model
 
     qwen = save_tiny_model(tmp_path / "qwen", arch="qwen2")
-    for src, expected in ((tmp_path / "missing", "no such file"), (qwen, "not supported")):
+    llama = save_tiny_model(tmp_path / "llama")
+    cases = [
+        ([str(tmp_path / "missing")], "no such file"),
+        ([str(qwen)], "not supported"),
+        ([str(llama), "--device", "tpu"], "invalid choice"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([str(llama), "--device", "cuda"], "no CUDA GPU"))
+    for args, expected in cases:
         r = subprocess.run(
-            [sys.executable, "-m", "bitserve.cli", "serve", str(src), "--port", "0"],
+            [sys.executable, "-m", "bitserve.cli", "serve", *args, "--port", "0"],
             capture_output=True,
             text=True,
             timeout=300,
         )
         last = r.stderr.strip().splitlines()[-1]  # earlier lines: transformers' progress bars
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert last.startswith("bitserve: error:") and expected in last
+        assert last.startswith(("bitserve: error:", "bitserve serve: error:")) and expected in last
 
 
 @pytest.mark.parametrize("kind", ["linear", "quant", "unfusable"])
@@ -234,3 +242,24 @@ def test_sampling_draws_from_the_filtered_distribution(shape: str, params: Sampl
         assert int((target > 0).sum()) > 256 and len(set(draws.tolist())) > 256
     else:
         assert float((freq - target).abs().sum()) / 2 < 0.06
+
+
+def test_runner_half_precision_model() -> None:
+    """A 16-bit model (as served on a GPU) keeps its dtype: KV cache in bf16, no extra lm_head
+    copy for a head_dtype that is not narrower, float32 logits on the CPU close to HF's."""
+    import copy
+
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval().to(torch.bfloat16)
+    ref_model = copy.deepcopy(model)
+    runner = LlamaRunner(model, num_slots=2, max_len=32, head_dtype=torch.bfloat16)
+    assert runner.k_cache.dtype == torch.bfloat16 and runner.head_weight is None
+    ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(6))
+    logits = runner.forward(ids, torch.tensor([1]), torch.tensor([0]))
+    assert logits.dtype == torch.float32 and logits.device.type == "cpu"
+    with torch.no_grad():
+        ref = ref_model(ids).logits[:, -1].float()
+    assert rel_err(logits, ref) < 3e-2
