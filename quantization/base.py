@@ -82,13 +82,15 @@ def _device(call: BlockCall) -> str:
 @dataclass(frozen=True)
 class Method:
     """A quantization method: its name, whether it needs calibration activations, the function
-    that quantizes one block, and its default method-specific options."""
+    that quantizes one block, its default method-specific options, and whether it writes int
+    layers whose group scales `bitserve tune` can learn."""
 
     name: str
     needs_calibration: bool
     quantize_block: Callable[[BlockContext], dict[str, Quantized]]
     description: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    tunable: bool = True
 
 
 METHODS: dict[str, Method] = {}

@@ -236,6 +236,7 @@ METHOD = register_method(
         quantize_block=quantize_block,
         description="binary-coding quantization fitted by alternating least squares (data-free)",
         defaults={"iters": 10, "offset": True},
+        tunable=False,
     )
 )
 ACT_METHOD = register_method(
@@ -245,5 +246,6 @@ ACT_METHOD = register_method(
         quantize_block=quantize_block,
         description="BCQ whose least squares weigh each input by its calibration E[x²]",
         defaults={"iters": 10, "offset": True},
+        tunable=False,
     )
 )

@@ -50,6 +50,11 @@ def quantize_to_checkpoint(
         raise UsageError(f"{out} exists (pass --force to overwrite)")
     if tune_steps < 0:
         raise UsageError(f"--tune-steps must be >= 0, got {tune_steps}")
+    if tune_steps > 0 and not m.tunable:
+        raise UsageError(
+            f"--tune-steps: method {m.name!r} writes no int (QuantLinear) layers, whose group "
+            "scales are what tuning learns"
+        )
     t0 = time.perf_counter()
     loaded = load_model(src)
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -103,6 +103,10 @@ def test_cli_tune_rejects_bad_input(tmp_path: Path) -> None:
     r = _run("quantize", str(src), "--out", str(tmp_path / "q"), "--tune-steps", "-1")
     assert r.returncode == 2 and "--tune-steps must be >= 0" in r.stderr
     assert not (tmp_path / "q").exists()
+    bcq = ["quantize", str(src), "--out", str(tmp_path / "b"), "--method", "bcq", "--bits", "3"]
+    r = _run(*bcq, "--tune-steps", "4", "--calib", str(calib))
+    assert r.returncode == 2 and "writes no int" in r.stderr and "Traceback" not in r.stderr
+    assert "bcq w3" not in r.stderr  # refused before quantizing: no progress bar
     moved = tmp_path / "moved-away"
     src.rename(moved)  # the manifest's source path no longer exists: say how to point at it
     r = _run("tune", str(ckpt), "--out", str(tmp_path / "w"), "--calib", str(calib))
