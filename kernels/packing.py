@@ -44,6 +44,11 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
             f"packed tensor has {words} words per column, expected {packed_rows(rows, bits)} "
             f"for {rows} rows of {bits} bits"
         )
+    if 32 % bits == 0:  # whole codes per word: shift each out directly (no bit stream)
+        per_word = 32 // bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        codes = (packed.unsqueeze(1) >> shifts.view(1, per_word, 1)) & ((1 << bits) - 1)
+        return codes.reshape(words * per_word, cols)[:rows].to(torch.uint8)
     p = packed.to(torch.int64) & 0xFFFFFFFF
     stream = (p.unsqueeze(1) >> torch.arange(32, device=p.device).view(1, 32, 1)) & 1
     stream = stream.reshape(words * 32, cols)[: rows * bits].view(rows, bits, cols)
