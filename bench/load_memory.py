@@ -1,6 +1,7 @@
 """Peak RSS while loading a packed checkpoint, against the checkpoint's size and the bytes of
 the loaded model's tensors (the runtime buffers), plus the seconds the load and the serving
-runner's start (fusing q/k/v and gate/up) take. Each load runs in a fresh process.
+runner's start (fusing q/k/v and gate/up) take, and the tensors left once the runner has taken
+the model over (KV cache excluded). Each load runs in a fresh process.
 
     python bench/load_memory.py checkpoints/rtn-w4g128 [models/SmolLM2-135M-Instruct]
 """
@@ -30,18 +31,20 @@ loaded = load_model(sys.argv[1])
 load_s = time.perf_counter() - t0
 time.sleep(0.05)
 model = loaded.model
-tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-for m in model.modules():
-    for t in getattr(m, "prepared", {}).values():
-        tensors[id(t)] = t
-runtime = sum(t.numel() * t.element_size() for t in tensors.values())
+def tensor_bytes():
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    for m in model.modules():
+        for t in getattr(m, "prepared", {}).values():
+            tensors[id(t)] = t
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+runtime = tensor_bytes()
 after = proc.memory_info().rss
 from bitserve.server.runner import LlamaRunner
 t0 = time.perf_counter()
 LlamaRunner(model, 1, 64)
 runner_s = time.perf_counter() - t0
 print(json.dumps({"before": before, "peak": peak[0], "after": after, "runtime_bytes": runtime,
-                  "load_s": load_s, "runner_s": runner_s}))
+                  "served_bytes": tensor_bytes(), "load_s": load_s, "runner_s": runner_s}))
 """
 
 
@@ -56,6 +59,7 @@ def measure(path: str) -> dict[str, float]:
     return {
         "file_mib": sum(p.stat().st_size for p in files) / mib,
         "runtime_mib": r["runtime_bytes"] / mib,
+        "served_mib": r["served_bytes"] / mib,
         "peak_delta_mib": (r["peak"] - r["before"]) / mib,
         "after_delta_mib": (r["after"] - r["before"]) / mib,
         "load_s": r["load_s"],
@@ -66,15 +70,15 @@ def measure(path: str) -> dict[str, float]:
 def main() -> None:
     print(
         "| model | safetensors MiB | loaded tensors MiB | peak RSS increase MiB "
-        "| peak / (file + tensors) | load s | runner start s |"
+        "| peak / (file + tensors) | load s | runner start s | tensors once served MiB |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for path in sys.argv[1:]:
         m = measure(path)
         ratio = m["peak_delta_mib"] / (m["file_mib"] + m["runtime_mib"])
         print(
             f"| {path} | {m['file_mib']:.0f} | {m['runtime_mib']:.0f} | {m['peak_delta_mib']:.0f} "
-            f"| {ratio:.2f} | {m['load_s']:.1f} | {m['runner_s']:.1f} |"
+            f"| {ratio:.2f} | {m['load_s']:.1f} | {m['runner_s']:.1f} | {m['served_mib']:.0f} |"
         )
 
 

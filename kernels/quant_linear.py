@@ -94,11 +94,25 @@ class QuantLinear(nn.Module):
 
     def set_backend(self, name: str | None = None) -> str:
         """Pick a backend (the best supported one if `name` is None) and let it prepare once."""
+        if self.qweight.numel() == 0:
+            raise RuntimeError(
+                "this layer's packed codes were released (release_packed); reload the "
+                "checkpoint to change its backend"
+            )
         backend = select_backend(self, name)
         self.prepared = {}
         backend.prepare(self)
         self.backend = backend.name
         return backend.name
+
+    def release_packed(self) -> None:
+        """Free the checkpoint's packed codes and zeros once the backend holds its own repacked
+        copy: a served model needs nothing else, and its int layers then take half the memory.
+        The layer can no longer change backend afterwards."""
+        if self.backend == "reference":
+            raise ValueError("the reference backend reads the packed codes on every call")
+        empty = torch.empty(0, dtype=torch.int32, device=self.qweight.device)
+        self.qweight, self.qzeros = empty, empty.clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return BACKENDS[self.backend].forward(self, x)

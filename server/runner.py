@@ -84,7 +84,8 @@ class LlamaRunner:
 
     It takes the model over: each layer's q/k/v and gate/up projections are fused into one
     matmul each (one kernel call, one activation cast) and the originals are freed, so the
-    model's own HF forward no longer runs afterwards."""
+    model's own HF forward no longer runs afterwards; QuantLinears whose backend keeps its own
+    repacked weights release the checkpoint's packed copy."""
 
     def __init__(
         self, model: Any, num_slots: int, max_len: int, head_dtype: torch.dtype | None = None
@@ -108,6 +109,9 @@ class LlamaRunner:
             )
             for layer in inner.layers
         ]
+        for module in model.modules():
+            if isinstance(module, QuantLinear) and module.backend != "reference":
+                module.release_packed()
         self.norm = inner.norm
         self.lm_head = model.lm_head
         # The vocabulary projection is the largest matmul; a bf16 copy halves the bytes it reads.

@@ -147,3 +147,20 @@ def test_int4_geometry_pads_only_when_it_must() -> None:
     assert cpu._int4_geometry(random_layer(1536, 64, 4, 128, False)) == (128, 1536, 64)
     assert cpu._int4_geometry(random_layer(100, 48, 4, 64, False)) == (64, 128, 48)
     assert cpu._int4_geometry(random_layer(100, 48, 4, -1, False)) == (32, 128, 48)
+
+
+def test_release_packed_keeps_the_backend_running() -> None:
+    """After release_packed the cpu backend answers exactly as before from its own copy; the
+    reference backend (which unpacks on every call) refuses, and so does a later backend
+    change, with messages that say why."""
+    layer = random_layer(576, 96, 4, 128, False)
+    with pytest.raises(ValueError, match="reference backend"):
+        layer.release_packed()
+    layer.set_backend("cpu")
+    x = torch.randn(3, 576)
+    before = layer(x)
+    layer.release_packed()
+    assert layer.qweight.numel() == 0 and layer.qzeros.numel() == 0
+    assert torch.equal(layer(x), before)
+    with pytest.raises(RuntimeError, match="released"):
+        layer.set_backend("reference")

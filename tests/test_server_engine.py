@@ -199,6 +199,9 @@ def test_runner_fuses_projections(server_tiny_checkpoint: Path, kind: str) -> No
         fused = QuantLinear if kind == "quant" else torch.nn.Linear
         assert isinstance(layer.self_attn.qkv_proj, fused)
         assert isinstance(layer.mlp.gate_up_proj, fused)
+        if kind == "quant":  # the cpu backend's repacked copy is all that is left
+            for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+                assert proj.backend == "cpu" and proj.qweight.numel() == 0
         assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "up_proj")
     ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(4))
     logits = runner.forward(ids, torch.tensor([1, 0]), torch.zeros(2, dtype=torch.long))
