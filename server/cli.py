@@ -250,7 +250,8 @@ def add_parser(sub: Any) -> None:
     s.add_argument(
         "--head-dtype",
         choices=["bfloat16", "float32"],
-        help="lm_head matmul dtype (default bfloat16)",
+        help="lm_head matmul dtype when narrower than the model's (default bfloat16; an fp16 "
+        "model on a GPU keeps its own)",
     )
     s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     s.add_argument("--log-level", help="uvicorn/bitserve log level (default info)")

@@ -45,7 +45,8 @@ def _fuse(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> tuple[n
     if all(isinstance(m, QuantLinear) for m in mods):
         fused = concat_outputs(mods)
     elif all(type(m) is nn.Linear for m in mods) and len({m.bias is None for m in mods}) == 1:
-        fused = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=False)
+        out = sum(m.out_features for m in mods)  # built on meta: its own init would be wasted
+        fused = nn.Linear(mods[0].in_features, out, bias=False, device="meta")
         fused.weight = nn.Parameter(torch.cat([m.weight for m in mods]), requires_grad=False)
         if mods[0].bias is not None:
             fused.bias = nn.Parameter(torch.cat([m.bias for m in mods]), requires_grad=False)

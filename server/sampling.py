@@ -59,7 +59,9 @@ NUCLEUS_FIRST_TRY = 256  # top-p looks among this many most likely tokens before
 def _pick(weights: torch.Tensor, generator: torch.Generator) -> int:
     """Index i drawn with probability weights[i] / sum(weights), by inverting the cumulative
     sum with one uniform number (torch.multinomial spends ~1 ms on a 49k vocabulary)."""
-    total = weights.cumsum(dim=-1)
+    total = weights.double().cumsum(dim=-1)
+    if not bool(torch.isfinite(total[-1])) or float(total[-1]) <= 0:
+        raise ValueError("cannot sample: the probabilities are not finite (NaN or inf logits)")
     u = torch.rand(1, generator=generator, dtype=total.dtype) * total[-1]
     return int(torch.searchsorted(total, u, right=True).clamp_max(len(total) - 1))
 
@@ -71,7 +73,10 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -
     top-k takes the k best, and top-p alone first tries the NUCLEUS_FIRST_TRY best, which
     usually already hold top_p of the mass."""
     vocab = logits.shape[-1]
-    probs = (logits / p.temperature).softmax(dim=-1)
+    scaled = logits / p.temperature
+    if not bool(torch.isfinite(scaled).all()) and bool(torch.isfinite(logits).all()):
+        return int(logits.argmax())  # a temperature so small it overflows: its limit, greedy
+    probs = scaled.softmax(dim=-1)
     if 0 < p.top_k < vocab:
         top, ids = probs.topk(p.top_k)  # sorted, most likely first
         top = top / top.sum()

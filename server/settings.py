@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     )
     backend: str = Field("auto", description="QuantLinear backend")
     head_dtype: Literal["bfloat16", "float32"] = Field(
-        "bfloat16", description="dtype of the lm_head matmul (bf16 halves its memory traffic)"
+        "bfloat16",
+        description="dtype of the lm_head matmul when narrower than the model's (bf16 halves "
+        "an fp32 head's memory traffic; a 16-bit model keeps its own)",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     log_level: str = "info"

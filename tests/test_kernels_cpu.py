@@ -125,13 +125,14 @@ def test_default_checkpoint_loads_on_cpu_backend_with_reference_greedy(tmp_path:
     "bits,group,backend", [(4, 128, "cpu"), (3, 64, "cpu"), (2, 32, "reference")]
 )
 def test_concat_outputs_matches_separate_layers(bits: int, group: int, backend: str) -> None:
-    """A fused q/k/v-style layer (output sizes 576, 192, 200: 200 is not a whole word of packed
-    zeros) computes the three layers' outputs side by side, on the first layer's backend."""
-    layers = [random_layer(576, n, bits, group, sym=False, bias=True) for n in (576, 192, 200)]
+    """A fused q/k/v-style layer computes the three layers' outputs side by side, on the first
+    layer's backend. The first layer's 196 zero points do not fill whole packed words at 2, 3 or
+    4 bits, so concatenating packed words instead of codes would shift the others'."""
+    layers = [random_layer(576, n, bits, group, sym=False, bias=True) for n in (196, 576, 192)]
     for m in layers:
         m.set_backend(backend)
     fused = concat_outputs(layers)
-    assert fused is not None and fused.backend == backend and fused.out_features == 968
+    assert fused is not None and fused.backend == backend and fused.out_features == 964
     assert torch.equal(fused.zero_codes(), torch.cat([m.zero_codes() for m in layers], dim=1))
     x = torch.randn(5, 576)
     ref = torch.cat([m(x) for m in layers], dim=1)

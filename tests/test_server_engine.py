@@ -266,3 +266,16 @@ def test_runner_half_precision_model() -> None:
     with torch.no_grad():
         ref = ref_model(ids).logits[:, -1].float()
     assert rel_err(logits, ref) < 3e-2
+
+
+def test_sampling_degenerate_inputs() -> None:
+    """A temperature so small that the scaled logits overflow samples its limit (greedy);
+    NaN logits are an error for the sequence, never a silent token."""
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(8))
+    tiny = SamplingParams(max_tokens=1, temperature=1e-40)
+    assert sample(logits, [tiny], [make_generator(1)], [None])[0] == [int(logits.argmax())]
+    bad = logits.clone()
+    bad[0, 3] = float("nan")
+    hot = SamplingParams(max_tokens=1, temperature=1.0, top_k=5)
+    with pytest.raises(ValueError, match="not finite"):
+        sample(bad, [hot], [make_generator(1)], [None])
