@@ -22,18 +22,25 @@ DEFAULT_QUANTIZE = "w4g128"  # with the default method
 GATE_SEQLEN, GATE_WINDOWS = 512, 40
 
 
-def parse_quantize(text: str) -> tuple[str, QuantSpec]:
-    """'gptq:w4g128' -> ('gptq', W4 g128). The method may be left out (default method); the
-    group may be 32/64/128 or 'ch' (per output channel); '-sym' asks for a symmetric grid."""
+def parse_quantize(text: str) -> tuple[str, QuantSpec, int]:
+    """'gptq:w4g128' -> ('gptq', W4 g128, 0 tuning steps). The method may be left out (default
+    method); the group may be 32/64/128 or 'ch' (per output channel); '-sym' asks for a
+    symmetric grid; '+tune' (64 steps) or '+tuneN' then tunes the scales end to end."""
     from bitserve.quantization.base import get_method
     from bitserve.quantization.quantize import DEFAULT_METHOD
+    from bitserve.quantization.tune import DEFAULT_STEPS
 
-    m = re.fullmatch(r"(?:([a-z0-9-]+):)?w([2348])g(32|64|128|ch)(-sym)?", text)
+    m = re.fullmatch(
+        r"(?:([a-z0-9-]+):)?w([2348])g(32|64|128|ch)(-sym)?(\+tune([1-9][0-9]*)?)?", text
+    )
     if m is None:
-        raise UsageError(f"--quantize {text!r}: expected METHOD:wBITSgGROUP, e.g. gptq:w4g128")
+        raise UsageError(
+            f"--quantize {text!r}: expected METHOD:wBITSgGROUP[-sym][+tune[N]], e.g. gptq:w4g128"
+        )
     method = get_method(m.group(1) or DEFAULT_METHOD).name
     group = -1 if m.group(3) == "ch" else int(m.group(3))
-    return method, QuantSpec(int(m.group(2)), group, m.group(4) is not None)
+    tune = 0 if m.group(5) is None else int(m.group(6) or DEFAULT_STEPS)
+    return method, QuantSpec(int(m.group(2)), group, m.group(4) is not None), tune
 
 
 def resolve_checkpoint(src: str, quantize: str | None = None, calib: Path | None = None) -> Path:
@@ -48,7 +55,7 @@ def resolve_checkpoint(src: str, quantize: str | None = None, calib: Path | None
         if src != "default":
             return Path(src)
         quantize = DEFAULT_QUANTIZE
-    method, spec = parse_quantize(quantize)
+    method, spec, tune_steps = parse_quantize(quantize)
     source = resolve_source(src)
     if is_checkpoint(source):
         raise UsageError(
@@ -59,14 +66,20 @@ def resolve_checkpoint(src: str, quantize: str | None = None, calib: Path | None
     calib_key = (
         "self-generated" if calib is None else hashlib.sha256(calib.read_bytes()).hexdigest()
     )
-    key = hashlib.sha256(f"{source_hash(source)}|{method}|{spec}|{calib_key}".encode()).hexdigest()
+    args = f"{source_hash(source)}|{method}|{spec}|{calib_key}"
+    tuned = f"-tune{tune_steps}" if tune_steps else ""
+    if tune_steps:  # untuned keys stay as they were, so existing caches still match
+        args += f"|tune{tune_steps}"
+    key = hashlib.sha256(args.encode()).hexdigest()
     name = source.stem if source.is_file() else source.name
-    out = models_dir() / "checkpoints" / f"{name}-{method}-{spec.label()}-{key[:12]}"
+    out = models_dir() / "checkpoints" / f"{name}-{method}-{spec.label()}{tuned}-{key[:12]}"
     if not is_checkpoint(out):
         logging.getLogger("bitserve").info(
-            "quantizing %s with %s %s -> %s", source, method, spec.label(), out
+            "quantizing %s with %s %s%s -> %s", source, method, spec.label(), tuned, out
         )
-        quantize_to_checkpoint(source, out, method, spec, calib=calib, force=True)
+        quantize_to_checkpoint(
+            source, out, method, spec, calib=calib, force=True, tune_steps=tune_steps
+        )
     return out
 
 
@@ -218,8 +231,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument(
         "--quantize",
         metavar="METHOD:wBITSgGROUP",
-        help="quantize SRC first (e.g. gptq:w4g128, rtn:w8gch, awq:w3g64-sym), caching the "
-        "checkpoint by source hash and arguments under models/checkpoints/",
+        help="quantize SRC first (e.g. gptq:w4g128, rtn:w8gch, awq:w3g64-sym; append +tune or "
+        "+tuneN to tune the scales end to end for 64 or N steps), caching the checkpoint by "
+        "source hash and arguments under models/checkpoints/",
     )
     s.add_argument(
         "--calib", type=Path, help="calibration text for --quantize (default: data-free)"

@@ -33,12 +33,16 @@ def src(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_parse_quantize() -> None:
-    assert parse_quantize("gptq:w4g128") == ("gptq", parse_quantize("gptq:w4g128")[1])
-    method, spec = parse_quantize("awq:w3g64-sym")
+    method, spec, tune = parse_quantize("gptq:w4g128")
+    assert (method, spec.bits, spec.group_size, spec.sym, tune) == ("gptq", 4, 128, False, 0)
+    method, spec, tune = parse_quantize("awq:w3g64-sym")
     assert (method, spec.bits, spec.group_size, spec.sym) == ("awq", 3, 64, True)
     assert parse_quantize("w8gch")[1].group_size == -1
-    with pytest.raises(UsageError, match="expected METHOD:wBITSgGROUP"):
-        parse_quantize("gptq:4bit")
+    assert parse_quantize("signround:w2g64+tune")[2] == 64
+    assert parse_quantize("rtn:w4g32-sym+tune12")[1:] == (parse_quantize("rtn:w4g32-sym")[1], 12)
+    for bad in ("gptq:4bit", "rtn:w4g128+tune0", "rtn:w4g128+tunes"):
+        with pytest.raises(UsageError, match="expected METHOD:wBITSgGROUP"):
+            parse_quantize(bad)
     with pytest.raises(UsageError, match="unknown method 'nope'"):
         parse_quantize("nope:w4g128")
 
@@ -53,6 +57,19 @@ def test_quantize_once_then_reuse_the_cache(src: Path) -> None:
     assert other != first and read_manifest(other)["quantization"]["bits"] == 8
     with pytest.raises(UsageError, match="already a quantized checkpoint"):
         resolve_checkpoint(str(first), "rtn:w4g64")
+
+
+def test_quantize_and_tune_once(src: Path) -> None:
+    """'+tuneN' quantizes, tunes the scales on the calibration text, and caches the result apart
+    from the untuned checkpoint, whose cache key is unchanged."""
+    calib = src.parent / "text.txt"
+    plain = resolve_checkpoint(str(src), "rtn:w4g32", calib)
+    tuned = resolve_checkpoint(str(src), "rtn:w4g32+tune3", calib)
+    assert tuned != plain and tuned.name.startswith("src-rtn-w4g32-tune3-")
+    assert "tune" not in read_manifest(plain)
+    record = read_manifest(tuned)["tune"]
+    assert record["steps"] == 3 and record["calibration"]["path"].endswith("text.txt")
+    assert resolve_checkpoint(str(src), "rtn:w4g32+tune3", calib) == tuned  # cached
 
 
 def test_quality_gate_passes_and_records(src: Path) -> None:
