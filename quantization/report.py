@@ -18,6 +18,7 @@ from bitserve.quantization.checkpoint import read_manifest
 from bitserve.quantization.eval import perplexity
 from bitserve.quantization.grid import QuantSpec
 from bitserve.quantization.quantize import quantize_to_checkpoint
+from bitserve.quantization.tune import tune_checkpoint
 
 BITS = (2, 3, 4, 8)
 GROUPS = (-1, 32, 64, 128)
@@ -75,8 +76,12 @@ def _evaluate(src: str | Path, args: argparse.Namespace) -> tuple[float, float]:
 def run_report(args: argparse.Namespace) -> dict[str, Any]:
     """Quantize, evaluate and tabulate every method x bits x group size; returns report.json."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        get_method(m)
+    untunable = [m for m in methods if not get_method(m).tunable]
+    if args.tune_steps < 0:
+        raise UsageError(f"--tune-steps must be >= 0, got {args.tune_steps}")
+    if args.tune_steps and (untunable or args.calib is None):
+        why = f"{untunable[0]} writes no int layers" if untunable else "it needs --calib FILE"
+        raise UsageError(f"--tune-steps: {why}")
     bits = _int_list(args.bits, BITS, "--bits")
     groups = _int_list(args.group_size, GROUPS, "--group-size")
     src = resolve_source(args.model)
@@ -115,21 +120,39 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
                     force=True,
                     progress=not args.quiet,
                 )
-                ppl, bpw = _evaluate(ckpt, args)
-                row = {
-                    "method": method,
-                    "bits": b,
-                    "group_size": g,
-                    "perplexity": ppl,
-                    "delta_pct": 100 * (ppl / fp_ppl - 1),
-                    "size_bytes": dir_size(ckpt),
-                    "bits_per_weight": bpw,
-                    "quant_seconds": read_manifest(ckpt)["method"]["wall_time_s"],
-                    "checkpoint": str(ckpt),
-                }
-                report["results"].append(row)
-                if not args.quiet:
-                    print(json.dumps(row))
+                seconds = read_manifest(ckpt)["method"]["wall_time_s"]
+                rows = [(method, ckpt, seconds)]
+                if args.tune_steps:  # the same checkpoint, its scales then tuned end to end
+                    tuned = ckpt.with_name(f"{ckpt.name}-tune{args.tune_steps}")
+                    tune_checkpoint(
+                        ckpt,
+                        tuned,
+                        args.tune_steps,
+                        calib=args.calib,
+                        nsamples=args.nsamples,
+                        seqlen=args.seqlen,
+                        seed=args.seed,
+                        force=True,
+                        progress=not args.quiet,
+                    )
+                    extra = read_manifest(tuned)["tune"]["wall_time_s"]
+                    rows.append((f"{method}+tune{args.tune_steps}", tuned, seconds + extra))
+                for name, path, wall in rows:
+                    ppl, bpw = _evaluate(path, args)
+                    row = {
+                        "method": name,
+                        "bits": b,
+                        "group_size": g,
+                        "perplexity": ppl,
+                        "delta_pct": 100 * (ppl / fp_ppl - 1),
+                        "size_bytes": dir_size(path),
+                        "bits_per_weight": bpw,
+                        "quant_seconds": wall,
+                        "checkpoint": str(path),
+                    }
+                    report["results"].append(row)
+                    if not args.quiet:
+                        print(json.dumps(row))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     plot(report, out / "report.png")
@@ -211,9 +234,10 @@ def add_parser(sub: Any) -> None:
     r = sub.add_parser(
         "report",
         help="quantize with several methods and bit widths and compare their perplexity",
-        description="Quantize SRC with every method x bits x group size, evaluate perplexity on "
-        "--text next to the unquantized model, and write report.json, report.md and report.png "
-        "into --out (the checkpoints go to --out/checkpoints).",
+        description="Quantize SRC with every method x bits x group size (and, with --tune-steps, "
+        "tune each), evaluate perplexity on --text next to the unquantized model, and write "
+        "report.json, report.md and report.png into --out (the checkpoints go to "
+        "--out/checkpoints).",
     )
     r.add_argument("--model", default="default", help="HF folder, .gguf file or 'default'")
     r.add_argument("--methods", default="rtn,gptq,awq", help="comma-separated method names")
@@ -229,6 +253,13 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and eval window")
     r.add_argument("--max-windows", type=int, default=40, help="evaluate the first N windows")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--tune-steps",
+        type=int,
+        default=0,
+        help="also tune each checkpoint's scales end to end for N steps (`bitserve tune`) and "
+        "report it as METHOD+tuneN (needs --calib)",
+    )
     r.add_argument("--out", type=Path, required=True, help="directory for the report files")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_report)

@@ -87,6 +87,8 @@ def test_report_markdown_and_plot(report_dir: Path) -> None:
         ("--bits", "4,5", "--bits '4,5': each value must be one of"),
         ("--methods", "rtn,nope", "unknown method 'nope'"),
         ("--group-size", "x", "--group-size must be comma-separated integers"),
+        ("--tune-steps", "4", "--tune-steps: it needs --calib FILE"),
+        ("--tune-steps", "-1", "--tune-steps must be >= 0"),
     ],
 )
 def test_report_bad_input_is_one_line(
@@ -98,3 +100,32 @@ def test_report_bad_input_is_one_line(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_report_with_tuning(tmp_path: Path) -> None:
+    """--tune-steps adds a METHOD+tuneN row per checkpoint: the same codes with tuned scales,
+    its own perplexity, and the tuning time added to the quantization time."""
+    save_tiny_model(tmp_path / "src", "llama")
+    (tmp_path / "calib.txt").write_text(TEXT)
+    (tmp_path / "eval.txt").write_text(TEXT[::-1])
+    rc = main(
+        [
+            "report", "--model", str(tmp_path / "src"), "--methods", "rtn", "--bits", "3",
+            "--group-size", "32", "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4",
+            "--seqlen", "48", "--max-windows", "6", "--text", str(tmp_path / "eval.txt"),
+            "--out", str(tmp_path / "out"), "--quiet", "--tune-steps", "3",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    plain, tuned = report["results"]
+    assert (plain["method"], tuned["method"]) == ("rtn", "rtn+tune3")
+    assert tuned["perplexity"] != plain["perplexity"]
+    assert tuned["quant_seconds"] > plain["quant_seconds"]
+    assert tuned["bits_per_weight"] == plain["bits_per_weight"]
+    codes = [
+        load_model(r["checkpoint"]).model.model.layers[0].mlp.down_proj for r in (plain, tuned)
+    ]
+    assert torch.equal(codes[0].qweight, codes[1].qweight)
+    assert not torch.equal(codes[0].scales, codes[1].scales)
+    assert "| rtn+tune3 | 3 | 32 |" in (tmp_path / "out" / "report.md").read_text()
