@@ -162,10 +162,13 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     eos |= set(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
     metrics = create_metrics(name)
     engine = Engine(runner, tok, metrics, name, eos, settings.prefill_chunk, settings.max_waiting)
+    weight = model.get_input_embeddings().weight
     card = ModelCard(
         id=name,
         created=int(time.time()),
         max_model_len=settings.max_model_len,
+        device=weight.device.type,
+        dtype=str(weight.dtype).removeprefix("torch."),
         quantization=quant,
         quality=quality,
     )

@@ -149,6 +149,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "bitserve"
     max_model_len: int
+    device: str = "cpu"
+    dtype: str = "float32"
     quantization: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
 
