@@ -232,13 +232,23 @@ class Engine:
         self.m.prefill_step.labels(**self.label).observe(time.perf_counter() - t0)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per sequence from its logits row and append it."""
-        tokens, logprobs = sample(
-            logits,
-            [s.params for s in seqs],
-            [s.generator or torch.default_generator for s in seqs],
-            [s.counts for s in seqs],
-        )
+        """Sample one token per sequence from its logits row and append it. A row that cannot be
+        sampled (NaN logits) fails its own sequence only: the batch is retried row by row."""
+        try:
+            tokens, logprobs = sample(
+                logits,
+                [s.params for s in seqs],
+                [s.generator or torch.default_generator for s in seqs],
+                [s.counts for s in seqs],
+            )
+        except ValueError as e:
+            if len(seqs) > 1:
+                for i, seq in enumerate(seqs):
+                    self._sample([seq], logits[i : i + 1])
+                return
+            log.error("sequence %d failed: %s", seqs[0].index, e)
+            self._finish(seqs[0], "error")
+            return
         now = time.perf_counter()
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             self._append(seq, token, lp, now)

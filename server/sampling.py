@@ -99,7 +99,12 @@ def sample(
     generators: list[torch.Generator],
     counts: list[torch.Tensor | None],
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Pick one token per row of `logits` [B, V] (float32) under each row's parameters."""
+    """Pick one token per row of `logits` [B, V] (float32) under each row's parameters. NaN or
+    +inf logits, or a row with no finite logit (a broken forward), raise ValueError before any
+    generator is used, rather than yield an arbitrary token."""
+    broken = torch.isnan(logits) | (logits == float("inf"))
+    if bool(broken.any()) or not bool(torch.isfinite(logits).any(dim=-1).all()):
+        raise ValueError("cannot sample: the logits contain NaN or +inf, or no finite value")
     raw_logprobs = (
         torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
     )

@@ -277,5 +277,42 @@ def test_sampling_degenerate_inputs() -> None:
     bad = logits.clone()
     bad[0, 3] = float("nan")
     hot = SamplingParams(max_tokens=1, temperature=1.0, top_k=5)
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(ValueError, match="NaN"):
         sample(bad, [hot], [make_generator(1)], [None])
+
+
+def test_a_broken_row_fails_only_its_sequence(server_tiny_checkpoint: Path) -> None:
+    """NaN logits for one sequence finish it with finish_reason 'error'; the other sequence in
+    the same batch decodes on and gives the tokens it gives alone."""
+    from bitserve.server.cli import build_state
+    from bitserve.server.settings import Settings
+
+    def run(prompts: list[list[int]], poison_slot: int | None) -> dict[int, list]:
+        engine = build_state(
+            load_model(server_tiny_checkpoint), Settings(max_num_seqs=4, max_model_len=64)
+        ).engine
+        forward = engine.runner.forward
+
+        def poisoned(ids, slots, starts, last=None):  # type: ignore[no-untyped-def]
+            out = forward(ids, slots, starts, last).clone()  # not an inference-mode tensor
+            out[slots == poison_slot] = float("nan")
+            return out
+
+        engine.runner.forward = poisoned
+        outs: dict[int, list] = {i: [] for i in range(len(prompts))}
+        params = SamplingParams(max_tokens=6, temperature=0.8, seed=5, ignore_eos=True)
+        seqs = [engine.new_sequence(i, p, params, outs[i].append) for i, p in enumerate(prompts)]
+        engine.submit(seqs)
+        for _ in range(20):
+            engine.step()
+        return outs
+
+    both = run([[5, 6, 7], [8, 9, 10, 11]], poison_slot=1)
+    alone = run([[5, 6, 7]], poison_slot=None)
+    assert [o.finish_reason for o in both[1]] == ["error"]
+    assert both[0][-1].finish_reason == "length"
+    assert [t for o in both[0] for t in o.token_ids] == [t for o in alone[0] for t in o.token_ids]
+    with pytest.raises(ValueError, match="NaN"):
+        sample(
+            torch.full((1, 10), float("nan")), [SamplingParams(1, 0)], [make_generator(1)], [None]
+        )
