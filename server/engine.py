@@ -50,14 +50,21 @@ class Detokenizer:
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
+        self.prefix = self.read = 0  # ids[prefix:read] gave the end of text already
 
     def add(self, token: int) -> bool:
-        """Append a token; return True if a stop string now appears (text is cut before it)."""
+        """Append a token; return True if a stop string now appears (text is cut before it).
+
+        Only the ids since the last released text are decoded, with the tokens just before
+        them for context (their own text is cut off the front): a whole-sequence decode per
+        token would cost time quadratic in the output's length."""
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more bytes
-            return False
-        self.text = full
+        seen = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        window = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if window.endswith("\ufffd") or len(window) <= len(seen):
+            return False  # an incomplete multi-byte character, or no new text yet
+        self.text += window[len(seen) :]
+        self.prefix, self.read = self.read, len(self.ids)
         start = max(0, self.sent - self.hold)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:

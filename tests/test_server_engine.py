@@ -61,6 +61,45 @@ def test_detokenizer_never_splits_a_character(server_tiny_checkpoint: Path) -> N
     assert "" in deltas[:-1]  # some token ended inside a multi-byte character and was held back
 
 
+def test_detokenizer_matches_a_full_decode(server_tiny_checkpoint: Path) -> None:
+    """Decoding only a window per token gives, at every step, a prefix of the whole
+    sequence's decode and in the end exactly it: WikiText-style spacing (" , " and " @-@ "),
+    code, several scripts, and special tokens (skipped) in the middle."""
+    tok = load_model(server_tiny_checkpoint).tokenizer
+    texts = [
+        "The game 's development began in 2010 , carrying over a large portion @-@ of the work .",
+        "def f(x):\n    return {'a': x ** 2}  # ok?\n\n\tprint( f ( 3 ) )",
+        "Ελληνικά, русский, 日本語のテキスト — and ümlauts; emoji 👩‍💻 at the end",
+    ]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = ids[:5] + [tok.eos_token_id] + ids[5:]  # a skipped special token mid-stream
+        detok = Detokenizer(tok, stop=[])
+        for i, t in enumerate(ids):
+            detok.add(t)
+            assert tok.decode(ids[: i + 1], skip_special_tokens=True).startswith(detok.text)
+        assert detok.text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_detokenizer_keeps_sentencepiece_spaces() -> None:
+    """With a sentencepiece-style decoder ('▁' marks a space, dropped at the start of a decode)
+    a token decoded alone loses its space; the window's context tokens keep it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["▁the", "▁cat", "▁sat", "▁on", "▁a", "▁mat", ",", "▁again"]
+    vocab = {w: i for i, w in enumerate(["<unk>", *words])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    ids = [vocab[w] for w in ["▁the", "▁cat", "▁sat", ",", "▁again", "▁on", "▁a", "▁mat"]]
+    detok = Detokenizer(tok, stop=[])
+    for t in ids:
+        detok.add(t)
+    assert detok.text == tok.decode(ids) == "the cat sat, again on a mat"
+
+
 def test_detokenizer_stop_string_is_held_back_and_cut(server_tiny_checkpoint: Path) -> None:
     tok = load_model(server_tiny_checkpoint).tokenizer
     ids = tok("alpha beta STOP gamma", add_special_tokens=False)["input_ids"]
