@@ -233,7 +233,7 @@ def add_parser(sub: Any) -> None:
     )
     s.add_argument(
         "--quantize",
-        metavar="METHOD:wBITSgGROUP",
+        metavar="METHOD:wBITSgGROUP[+tune]",
         help="quantize SRC first (e.g. gptq:w4g128, rtn:w8gch, awq:w3g64-sym; append +tune or "
         "+tuneN to tune the scales end to end for 64 or N steps), caching the checkpoint by "
         "source hash and arguments under models/checkpoints/",
