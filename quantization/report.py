@@ -103,38 +103,26 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
         },
         "results": [],
     }
+    # Calibration and output options shared by quantizing and tuning.
+    common: dict[str, Any] = {
+        "calib": args.calib,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "seed": args.seed,
+        "force": True,
+        "progress": not args.quiet,
+    }
     for method in methods:
         for b in bits:
             for g in groups:
                 spec = QuantSpec(b, g)
                 ckpt = out / "checkpoints" / f"{method}-{spec.label()}"
-                quantize_to_checkpoint(
-                    src,
-                    ckpt,
-                    method,
-                    spec,
-                    calib=args.calib,
-                    nsamples=args.nsamples,
-                    seqlen=args.seqlen,
-                    seed=args.seed,
-                    force=True,
-                    progress=not args.quiet,
-                )
+                quantize_to_checkpoint(src, ckpt, method, spec, **common)
                 seconds = read_manifest(ckpt)["method"]["wall_time_s"]
                 rows = [(method, ckpt, seconds)]
                 if args.tune_steps:  # the same checkpoint, its scales then tuned end to end
                     tuned = ckpt.with_name(f"{ckpt.name}-tune{args.tune_steps}")
-                    tune_checkpoint(
-                        ckpt,
-                        tuned,
-                        args.tune_steps,
-                        calib=args.calib,
-                        nsamples=args.nsamples,
-                        seqlen=args.seqlen,
-                        seed=args.seed,
-                        force=True,
-                        progress=not args.quiet,
-                    )
+                    tune_checkpoint(ckpt, tuned, args.tune_steps, **common)
                     extra = read_manifest(tuned)["tune"]["wall_time_s"]
                     rows.append((f"{method}+tune{args.tune_steps}", tuned, seconds + extra))
                 for name, path, wall in rows:
