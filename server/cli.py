@@ -132,11 +132,11 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     from bitserve.server.schemas import ModelCard
 
     model, tok = loaded.model, loaded.tokenizer
+    weight = model.get_input_embeddings().weight  # its device and dtype are the model's
     name = settings.served_model_name or Path(loaded.path).name
     slots = settings.max_num_seqs
     if settings.kv_cache_mib is not None:
-        dtype = model.get_input_embeddings().weight.dtype  # the KV cache's dtype
-        per_slot = kv_bytes_per_slot(model.config, settings.max_model_len, dtype)
+        per_slot = kv_bytes_per_slot(model.config, settings.max_model_len, weight.dtype)
         slots = min(slots, int(settings.kv_cache_mib * 2**20 // per_slot))
         if slots < 1:
             raise UsageError(
@@ -162,7 +162,6 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     eos |= set(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
     metrics = create_metrics(name)
     engine = Engine(runner, tok, metrics, name, eos, settings.prefill_chunk, settings.max_waiting)
-    weight = model.get_input_embeddings().weight
     card = ModelCard(
         id=name,
         created=int(time.time()),

@@ -158,17 +158,17 @@ class LlamaRunner:
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         # Slots s0, s0+1, ... (the usual case) are read as a view instead of a gathered copy.
         slot_list = slots.tolist()
-        rows: slice | torch.Tensor = slots.to(self.device)
+        ids, starts, slots = ids.to(self.device), starts.to(self.device), slots.to(self.device)
+        rows: slice | torch.Tensor = slots
         if slot_list == list(range(slot_list[0], slot_list[0] + B)):
             rows = slice(slot_list[0], slot_list[0] + B)
-        ids, starts = ids.to(self.device), starts.to(self.device)
         steps = torch.arange(T, device=self.device)
         pos = (starts.unsqueeze(1) + steps).clamp_max(self.max_len - 1)  # [B, T]
         cos, sin = self.cos[pos].unsqueeze(2), self.signed_sin[pos].unsqueeze(2)  # [B, T, 1, D]
         kv_len = int(pos.max()) + 1
         keys_at = torch.arange(kv_len, device=self.device).view(1, 1, kv_len)
         mask = (keys_at <= pos.unsqueeze(2)).unsqueeze(1)
-        slot_col = slots.to(self.device).unsqueeze(1)
+        slot_col = slots.unsqueeze(1)
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
             x = _rms_norm(layer.attn_norm, h)

@@ -102,6 +102,17 @@ def test_report_bad_input_is_one_line(
     assert message in err and err.count("\n") == 1
 
 
+def test_report_refuses_tuning_a_method_without_int_layers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = tmp_path / "eval.txt"
+    text.write_text(TEXT)
+    argv = ["report", "--text", str(text), "--out", str(tmp_path / "out"), "--methods", "bcq"]
+    assert main([*argv, "--calib", str(text), "--tune-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--tune-steps: bcq writes no int layers" in err and err.count("\n") == 1
+
+
 def test_report_with_tuning(tmp_path: Path) -> None:
     """--tune-steps adds a METHOD+tuneN row per checkpoint: the same codes with tuned scales,
     its own perplexity, and the tuning time added to the quantization time."""
