@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The one script run on a lent GPU machine (issue 5): device info, then bench/kernels_gpu.py
-# (correctness vs the reference backend, layer timings, end-to-end decode). Output goes to
+# (correctness vs the reference backend, layer timings, end-to-end decode, the serving runner),
+# then bench/gpu_serve_check.py (`bitserve serve --device cuda` over HTTP). Output goes to
 # $OUT/kernels_gpu_run.txt (copied to docs/kernels_gpu_run.txt). Run from the repo root:
 #   OUT=/tmp/out bash bench/gpu_check.sh [--ms 1,16,64,256,1024]
-# Time: KERNELS_TIMEOUT (default 300 s) + LUTGEMM_TIMEOUT (default 90 s, LUTGEMM=0 skips it).
+# Time: KERNELS_TIMEOUT (default 300 s) + SERVE_TIMEOUT (default 150 s, SERVE=0 skips it)
+# + LUTGEMM_TIMEOUT (default 90 s, LUTGEMM=0 skips it). Wheels in .whl/ (the server's
+# dependencies that the GPU image lacks: fastapi, pydantic, uvicorn, ...) are installed first.
 set -uo pipefail
 OUT=${OUT:-/tmp/bitserve-gpu}
 mkdir -p "$OUT"
@@ -14,6 +17,10 @@ PKG=$(mktemp -d)
 cp -r bitserve "$PKG/"
 for sub in kernels quantization server; do ln -s "$PWD/$sub" "$PKG/bitserve/$sub"; done
 export PYTHONPATH="$PKG"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$PKG/site" .whl/*.whl && export PYTHONPATH="$PKG:$PKG/site"
+fi
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -24,6 +31,11 @@ export PYTHONPATH="$PKG"
 KT=${KERNELS_TIMEOUT:-300}
 timeout "$KT" python3 bench/kernels_gpu.py --budget-s $((KT - 25)) "$@" 2>&1 | tee -a "$LOG"
 echo "(kernels_gpu.py exit ${PIPESTATUS[0]}, $SECONDS s since start)" | tee -a "$LOG"
+if [ "${SERVE:-1}" = 1 ]; then
+    echo -e "\n## bitserve serve --device cuda over HTTP (bench/gpu_serve_check.py)" | tee -a "$LOG"
+    timeout "${SERVE_TIMEOUT:-150}" python3 bench/gpu_serve_check.py --timeout 90 2>&1 | tee -a "$LOG"
+    echo "(gpu_serve_check.py exit ${PIPESTATUS[0]}, $SECONDS s since start)" | tee -a "$LOG"
+fi
 # The BCQ LUT-GEMM benchmark (another helper's), when present: same card, same run.
 if [ -f bench/lutgemm_gpu.py ] && [ "${LUTGEMM:-1}" = 1 ]; then
     timeout "${LUTGEMM_TIMEOUT:-90}" python3 bench/lutgemm_gpu.py --json "$OUT/lutgemm_gpu.json" 2>&1 | tee "$OUT/lutgemm_gpu_run.txt"

@@ -67,7 +67,7 @@ def synthetic_layer(k: int, n: int, bits: int, group: int, device: str) -> Quant
 def decode_prepared_w4(layer: QuantLinear) -> torch.Tensor:
     """Weight [N, K] fp16 decoded from the prepared 4-bit layout with plain torch ops."""
     w = layer.prepared["qweight"]
-    shifts = (torch.arange(8, device=w.device) * 4).view(1, 8, 1)
+    shifts = (triton_int._slots(4).to(w.device) * 4).view(1, 8, 1)
     q = ((w[:, None, :] >> shifts) & 15).reshape(-1, w.shape[1])[: layer.in_features]
     g = torch.arange(layer.in_features, device=w.device) // layer.group_size
     s, z = layer.prepared["scales"].float()[g], layer.prepared["zeros"].float()[g]
@@ -228,14 +228,24 @@ def tinygemm_calls(k: int, n: int, x: torch.Tensor) -> list[Callable[[], Any]]:
     return [partial(torch.ops.aten._weight_int4pack_mm, xb, p, 128, s) for p, s in copies]
 
 
+def older_best(layer: QuantLinear, x: torch.Tensor) -> triton_int.Config:
+    """The fastest M = 1 candidate without the packed-pair GEMVs (the baseline they must beat)."""
+    cands = [c for c in triton_int.CANDIDATES[1] if not c.flags() & {"lop3", "pair"}]
+    out = torch.empty(1, layer.out_features, device=DEVICE, dtype=x.dtype)
+    return triton_int.autotune(
+        cands, lambda c: triton_int._launch(layer, x, out, c), triton_int._do_bench
+    )
+
+
 def bench_layers(bw: float, ms: tuple[int, ...] = MS) -> None:
     """The timing table: fp16 cuBLAS, torch int4, Triton W4 g128 (and W3/W8/W2 at M=1)."""
     print(f"\n## timing (CUDA graphs, rotating weight copies); copy bandwidth {bw / 1e12:.2f} TB/s")
     print(
         "| K x N | M | fp16 us | fp16 limit us | torch int4 us (x fp16) | W4g128 us (x fp16) "
-        "| W4 limit us | W4 x limit | W3 us (x fp16) | W8 us (x fp16) | W2 us (x fp16) |"
+        "| W4 limit us | W4 x limit | W3 us (x fp16) | W8 us (x fp16) | W2 us (x fp16) "
+        "| W4 without pair GEMVs us (x fp16) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, n in SHAPES:
         if over_budget():
             print("(budget: timing stopped)")
@@ -269,10 +279,16 @@ def bench_layers(bw: float, ms: tuple[int, ...] = MS) -> None:
                 t = graph_time([partial(triton_int.matmul, q, x) for q in layers[bits]])
                 cells[bits] = (t, f"{t * 1e6:.1f} ({t16 / t:.2f}x)")
             t4 = cells[4][0]
+            before = "-"
+            if m == 1:  # the same run's best config among the GEMVs that came before "lop3"/"pair"
+                cfg = older_best(layers[4][0], x)
+                out = torch.empty(1, n, device=DEVICE, dtype=torch.float16)
+                t = graph_time([partial(triton_int._launch, q, x, out, cfg) for q in layers[4]])
+                before = f"{t * 1e6:.1f} ({t16 / t:.2f}x)"
             print(
                 f"| {k}x{n} | {m} | {t16 * 1e6:.1f} | {lim16 * 1e6:.1f} | {cell_ti4} | {cells[4][1]} "
                 f"| {lim4 * 1e6:.1f} | {lim4 / t4:.2f} | {cells.get(3, (0, '-'))[1]} "
-                f"| {cells.get(8, (0, '-'))[1]} | {cells.get(2, (0, '-'))[1]} |",
+                f"| {cells.get(8, (0, '-'))[1]} | {cells.get(2, (0, '-'))[1]} | {before} |",
                 flush=True,
             )
         del w16s, layers
@@ -468,14 +484,15 @@ def llama3_shaped(n_layers: int, w4: bool) -> Any:
     return model
 
 
-def runner_tps(model: Any, batch: int, steps: int = 32, ctx: int = 512) -> float:
-    """Greedy-shaped decode tokens/s of bitserve's serving runner (eager, no CUDA graph): one
-    forward per step for `batch` sequences at position 16 onwards, logits back on the CPU."""
+def runner_tps(model: Any, batch: int, graphs: bool, steps: int = 32, ctx: int = 512) -> float:
+    """Greedy-shaped decode tokens/s of bitserve's serving runner (decode steps from CUDA graphs,
+    or eager): one forward per step for `batch` sequences at position 16 onwards, logits back
+    on the CPU."""
     from bitserve.server.runner import LlamaRunner
 
-    runner = LlamaRunner(model, batch, ctx)
+    runner = LlamaRunner(model, batch, ctx, decode_graphs=graphs)
     ids, slots = torch.zeros(batch, 1, dtype=torch.long), torch.arange(batch)
-    runner.forward(ids, slots, torch.full((batch,), 16))  # warm-up (and Triton tuning)
+    runner.forward(ids, slots, torch.full((batch,), 16))  # warm-up: Triton tuning, capture
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(steps):
@@ -486,10 +503,11 @@ def runner_tps(model: Any, batch: int, steps: int = 32, ctx: int = 512) -> float
 
 def bench_engine(n_layers: int) -> None:
     """The same model shapes through the serving runner, as `bitserve serve --device cuda`
-    decodes (eager: every kernel launched from Python)."""
-    print(f"\n## serving runner (eager), random-init Llama-3-8B shapes ({n_layers} layers)")
-    print("| batch | weights | tok/s | x fp16 |")
-    print("|---|---|---|---|")
+    decodes: decode steps replayed from CUDA graphs (the default), and eager."""
+    print(f"\n## serving runner, random-init Llama-3-8B shapes ({n_layers} layers)")
+    print("| batch | weights | graphs tok/s | x fp16 | eager tok/s | x fp16 |")
+    print("|---|---|---|---|---|---|")
+    base: dict[tuple[int, bool], float] = {}
     for w4 in (False, True):
         if over_budget():
             print("(budget: serving runner stopped)")
@@ -497,17 +515,88 @@ def bench_engine(n_layers: int) -> None:
         model = llama3_shaped(n_layers, w4)
         with torch.inference_mode():
             for batch in (1, 16):
-                tps = runner_tps(model, batch)
-                if not w4:
-                    RUNNER_BASE[batch] = tps
+                cells = []
+                for graphs in (True, False):
+                    tps = runner_tps(model, batch, graphs)
+                    base.setdefault((batch, graphs), tps)
+                    cells.append(f"{tps:.1f} | {tps / base[batch, graphs]:.2f}x")
+                    torch.cuda.empty_cache()
                 name = "W4 g128 (fp16 lm_head)" if w4 else "fp16"
-                ratio = tps / RUNNER_BASE[batch] if batch in RUNNER_BASE else float("nan")
-                print(f"| {batch} | {name} | {tps:.1f} | {ratio:.2f}x |", flush=True)
+                print(f"| {batch} | {name} | {' | '.join(cells)} |", flush=True)
         del model
         torch.cuda.empty_cache()
 
 
-RUNNER_BASE: dict[int, float] = {}
+SMOLLM2: dict[str, Any] = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, vocab_size=49152
+)
+
+
+def smollm2_w4(backend: str) -> Any:
+    """A random-init llama with SmolLM2-135M's shapes (K = 576: a short last g128 group) in fp16
+    on the GPU, every projection RTN W4 g128 on `backend` (the same weights for every call)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from bitserve.quantization.grid import QuantSpec, quantize_rtn
+    from bitserve.quantization.pipeline import set_module
+
+    config = LlamaConfig(
+        **SMOLLM2, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            set_module(model, name, quantize_rtn(mod.weight.data, QuantSpec(4, 128)).to_module())
+    model = model.half().to(DEVICE)
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            mod.set_backend(backend)
+    return model
+
+
+def bench_runner_backends(steps: int = 16) -> None:
+    """The serving runner on the GPU with the Triton backend against the reference backend:
+    logits of a 32-token prefill and `steps` decode steps fed the same tokens (relative error,
+    argmax agreement), then eager decode tokens/s of each at batch 1 and 16."""
+    from bitserve.server.runner import LlamaRunner
+
+    print(
+        "\n## serving runner on the GPU: triton vs reference backend, SmolLM2-135M shapes, W4 g128"
+    )
+    logits: dict[str, list[torch.Tensor]] = {}
+    speed: dict[str, dict[int, float]] = {}
+    for backend in ("reference", "triton"):
+        runner = LlamaRunner(smollm2_w4(backend), 16, 256)
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, SMOLLM2["vocab_size"], (1, 32 + steps), generator=gen)
+        slot = torch.tensor([0])
+        out = [runner.forward(ids[:, :32], slot, torch.tensor([0]))]
+        for i in range(steps):
+            out.append(runner.forward(ids[:, 32 + i : 33 + i], slot, torch.tensor([32 + i])))
+        logits[backend] = out
+        speed[backend] = {}
+        for batch in (1, 16):
+            ids1, slots = torch.zeros(batch, 1, dtype=torch.long), torch.arange(batch)
+            runner.forward(ids1, slots, torch.full((batch,), 64))
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(32):
+                runner.forward(ids1, slots, torch.full((batch,), 65 + i))
+            torch.cuda.synchronize()
+            speed[backend][batch] = batch * 32 / (time.perf_counter() - t0)
+        del runner
+        torch.cuda.empty_cache()
+    pairs = list(zip(logits["triton"], logits["reference"], strict=True))
+    errs = [rel_err(t, r) for t, r in pairs]
+    agree = [bool(t.argmax() == r.argmax()) for t, r in pairs]
+    print(f"logits rel err: prefill {errs[0]:.1e}, decode max {max(errs[1:]):.1e}")
+    print(f"argmax agreement: {sum(agree)}/{len(agree)} positions")
+    print("| batch | reference tok/s | triton tok/s | x reference |")
+    print("|---|---|---|---|")
+    for batch in (1, 16):
+        ref, tri = speed["reference"][batch], speed["triton"][batch]
+        print(f"| {batch} | {ref:.1f} | {tri:.1f} | {tri / ref:.2f}x |", flush=True)
 
 
 def print_tuning() -> None:
@@ -547,6 +636,7 @@ def main() -> None:
         (args.skip_layers, lambda: bench_layers(copy_bandwidth(), ms)),
         (args.skip_e2e, lambda: bench_e2e(args.e2e_layers)),
         (args.skip_e2e, lambda: bench_engine(args.e2e_layers)),
+        (args.skip_e2e, bench_runner_backends),
         (False, print_tuning),
     ]
     for skip, section in sections:

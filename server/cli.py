@@ -135,9 +135,11 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     weight = model.get_input_embeddings().weight  # its device and dtype are the model's
     name = settings.served_model_name or Path(loaded.path).name
     slots = settings.max_num_seqs
+    graphs = settings.cuda_graphs and weight.device.type == "cuda"
     if settings.kv_cache_mib is not None:
         per_slot = kv_bytes_per_slot(model.config, settings.max_model_len, weight.dtype)
-        slots = min(slots, int(settings.kv_cache_mib * 2**20 // per_slot))
+        # With decode graphs the runner keeps one spare slot (padded rows write there).
+        slots = min(slots, int(settings.kv_cache_mib * 2**20 // per_slot) - int(graphs))
         if slots < 1:
             raise UsageError(
                 f"--kv-cache-mib {settings.kv_cache_mib} holds no sequence of --max-model-len "
@@ -156,7 +158,8 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
             "backend": sorted({m.backend for m in layers}),
         }
         quality = loaded.manifest.get("quality")
-    runner = LlamaRunner(model, slots, settings.max_model_len, getattr(torch, settings.head_dtype))
+    head = getattr(torch, settings.head_dtype)
+    runner = LlamaRunner(model, slots, settings.max_model_len, head, decode_graphs=graphs)
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos |= set(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
@@ -263,6 +266,13 @@ def add_parser(sub: Any) -> None:
         "else cpu with fp32)",
     )
     s.add_argument("--backend", help="QuantLinear backend (default: best available)")
+    s.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on CUDA, replay decode steps from CUDA graphs captured per padded batch size and "
+        "attention length (default on; --no-cuda-graphs launches every kernel from Python)",
+    )
     s.add_argument(
         "--head-dtype",
         choices=["bfloat16", "float32"],

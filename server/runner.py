@@ -6,17 +6,28 @@ which costs more than the matmuls for a 135M model on CPU."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bitserve.errors import UsageError
 from bitserve.kernels.quant_linear import QuantLinear, concat_outputs
 
 SUPPORTED_TYPES = ("llama",)
+# Decode batches are padded up to one of these sizes, so that a few captured graphs serve any
+# batch; attention reads the cache up to a power-of-two length of at least GRAPH_MIN_KV.
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GRAPH_MIN_KV = 256
+# Eager CUDA steps leave out cuDNN attention: it plans anew for every new shape (about 14 ms on
+# an H200, measured), and an eager step's attention length changes every token.
+EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+log = logging.getLogger("bitserve.runner")
 
 
 def kv_bytes_per_slot(config: Any, max_len: int, dtype: torch.dtype) -> int:
@@ -80,16 +91,38 @@ def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
+@dataclass
+class _Decode:
+    """Static inputs and output of a decode step of `batch` rows attending to `kv_len` cache
+    positions, and how to run it: a CUDA graph replay, or (on the CPU) the step itself."""
+
+    ids: torch.Tensor
+    slots: torch.Tensor
+    pos: torch.Tensor
+    run: Any = None
+    logits: torch.Tensor | None = None
+
+
 class LlamaRunner:
     """Runs [B, T] token blocks of sequences that each own one KV-cache slot.
 
     It takes the model over: each layer's q/k/v and gate/up projections are fused into one
     matmul each (one kernel call, one activation cast) and the originals are freed, so the
     model's own HF forward no longer runs afterwards; QuantLinears whose backend keeps its own
-    repacked weights release the checkpoint's packed copy."""
+    repacked weights release the checkpoint's packed copy.
+
+    decode_graphs (default: on CUDA): one-token decode steps run from CUDA graphs captured per
+    (padded batch, attention length) on first use, since launching a step's few hundred kernels
+    from Python costs more than the step itself; padded rows write to a spare cache slot. On
+    the CPU the same static step runs without capture (tests)."""
 
     def __init__(
-        self, model: Any, num_slots: int, max_len: int, head_dtype: torch.dtype | None = None
+        self,
+        model: Any,
+        num_slots: int,
+        max_len: int,
+        head_dtype: torch.dtype | None = None,
+        decode_graphs: bool | None = None,
     ) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_TYPES:
@@ -130,7 +163,10 @@ class LlamaRunner:
         self.scale = inner.layers[0].self_attn.scaling
         self.num_slots, self.max_len = num_slots, max_len
         dtype, self.device = self.embed.weight.dtype, self.embed.weight.device
-        shape = (len(self.layers), num_slots, self.kv_heads, max_len, self.head_dim)
+        self.decode_graphs = self.device.type == "cuda" if decode_graphs is None else decode_graphs
+        # With decode graphs, one spare slot past the last: padded rows write there.
+        spare = int(self.decode_graphs)
+        shape = (len(self.layers), num_slots + spare, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         with torch.inference_mode():
@@ -139,6 +175,8 @@ class LlamaRunner:
         half = self.head_dim // 2
         self.cos = cos[0]  # [max_len, head_dim]
         self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        self._decodes: dict[tuple[int, int], _Decode] = {}
+        self._pool: Any = None  # one CUDA graph memory pool for every captured step
 
     @torch.inference_mode()
     def forward(
@@ -155,7 +193,8 @@ class LlamaRunner:
         Rows may be right-padded: padding writes K/V past the row's length, which the causal mask
         never shows and the row's next real token overwrites before anything reads it."""
         B, T = ids.shape
-        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        if T == 1 and last is None and self.decode_graphs:
+            return self._decode(ids, slots, starts)
         # Slots s0, s0+1, ... (the usual case) are read as a view instead of a gathered copy.
         slot_list = slots.tolist()
         ids, starts, slots = ids.to(self.device), starts.to(self.device), slots.to(self.device)
@@ -164,8 +203,72 @@ class LlamaRunner:
             rows = slice(slot_list[0], slot_list[0] + B)
         steps = torch.arange(T, device=self.device)
         pos = (starts.unsqueeze(1) + steps).clamp_max(self.max_len - 1)  # [B, T]
-        cos, sin = self.cos[pos].unsqueeze(2), self.signed_sin[pos].unsqueeze(2)  # [B, T, 1, D]
         kv_len = int(pos.max()) + 1
+        cuda = self.device.type == "cuda"
+        with sdpa_kernel(EAGER_SDPA) if cuda else contextlib.nullcontext():
+            return self._step(ids, slots, pos, rows, kv_len, last).float().cpu()
+
+    def _decode(self, ids: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """A one-token step of B rows through the static step for (padded batch, attention
+        length); the lengths come from the CPU index tensors, so nothing waits on the GPU."""
+        B = ids.shape[0]
+        batch = next((b for b in GRAPH_BATCHES if b >= B), B)
+        need = int(starts.max()) + 1
+        kv_len = min(self.max_len, max(GRAPH_MIN_KV, 1 << (need - 1).bit_length()))
+        step = self._decodes.get((batch, kv_len)) or self._capture(batch, kv_len)
+        pad = batch - B
+        step.ids.copy_(F.pad(ids, (0, 0, 0, pad)))
+        step.slots.copy_(F.pad(slots, (0, pad), value=self.num_slots))
+        step.pos.copy_(F.pad(starts.clamp_max(self.max_len - 1).unsqueeze(1), (0, 0, 0, pad)))
+        step.run()
+        assert step.logits is not None
+        return step.logits[:B].float().cpu()
+
+    def _capture(self, batch: int, kv_len: int) -> _Decode:
+        """The static decode step for (batch, kv_len): run once (Triton tuning, workspaces), then
+        captured into a CUDA graph on CUDA. Its inputs point at the spare slot meanwhile, so the
+        warm-up writes nothing that a sequence reads. A failed capture falls back to eager."""
+        dev = self.device
+        step = _Decode(
+            ids=torch.zeros(batch, 1, dtype=torch.long, device=dev),
+            slots=torch.full((batch,), self.num_slots, dtype=torch.long, device=dev),
+            pos=torch.zeros(batch, 1, dtype=torch.long, device=dev),
+        )
+
+        def run() -> None:
+            step.logits = self._step(step.ids, step.slots, step.pos, step.slots, kv_len, None)
+
+        run()
+        step.run = run
+        if dev.type == "cuda":
+            try:
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    run()
+                self._pool = graph.pool()
+                step.run = graph.replay
+            except Exception as e:  # e.g. a kernel that syncs: serve on, uncaptured
+                log.warning("decode step not captured in a CUDA graph (%s): running eager", e)
+                self.decode_graphs = False
+                run()
+        self._decodes[(batch, kv_len)] = step
+        return step
+
+    def _step(
+        self,
+        ids: torch.Tensor,
+        slots: torch.Tensor,
+        pos: torch.Tensor,
+        rows: slice | torch.Tensor,
+        kv_len: int,
+        last: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The forward on device tensors (ids, slots, positions pos [B, T]; cache rows `rows`
+        read up to kv_len): logits [B, V] in the head's dtype, without a host sync."""
+        B, T = ids.shape
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        cos, sin = self.cos[pos].unsqueeze(2), self.signed_sin[pos].unsqueeze(2)  # [B, T, 1, D]
         keys_at = torch.arange(kv_len, device=self.device).view(1, 1, kv_len)
         mask = (keys_at <= pos.unsqueeze(2)).unsqueeze(1)
         slot_col = slots.unsqueeze(1)
@@ -192,5 +295,5 @@ class LlamaRunner:
         else:
             x = self.norm(h[torch.arange(B, device=self.device), last.to(self.device)])
         if self.head_weight is None:
-            return self.lm_head(x).float().cpu()
-        return F.linear(x.to(self.head_weight.dtype), self.head_weight).float().cpu()
+            return self.lm_head(x)
+        return F.linear(x.to(self.head_weight.dtype), self.head_weight)

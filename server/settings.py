@@ -34,6 +34,7 @@ class Settings(BaseSettings):
         "auto", description="where the model runs (auto: cuda if available; fp16 there, else fp32)"
     )
     backend: str = Field("auto", description="QuantLinear backend")
+    cuda_graphs: bool = Field(True, description="replay CUDA decode steps from captured graphs")
     head_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16",
         description="dtype of the lm_head matmul when narrower than the model's (bf16 halves "

@@ -355,3 +355,31 @@ def test_a_broken_row_fails_only_its_sequence(server_tiny_checkpoint: Path) -> N
         sample(
             torch.full((1, 10), float("nan")), [SamplingParams(1, 0)], [make_generator(1)], [None]
         )
+
+
+def test_static_decode_steps_match_eager(server_tiny_checkpoint: Path) -> None:
+    """The decode step that CUDA graphs capture (batch padded to 4 rows writing to a spare slot,
+    attention over a fixed cache length, inputs copied into static buffers) gives the eager
+    runner's logits, step after step, for slots in any order; prefill stays eager."""
+    eager = LlamaRunner(load_model(server_tiny_checkpoint).model, num_slots=3, max_len=64)
+    static = LlamaRunner(
+        load_model(server_tiny_checkpoint).model, num_slots=3, max_len=64, decode_graphs=True
+    )
+    assert static.k_cache.shape[1] == 4 and eager.k_cache.shape[1] == 3  # the spare slot
+    g = torch.Generator().manual_seed(2)
+    lens = [9, 3, 14]
+    for r in (eager, static):
+        for slot, n in enumerate(lens):
+            ids = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(slot))
+            r.forward(ids, torch.tensor([slot]), torch.tensor([0]))
+    for step in range(5):
+        slots = [2, 0, 1] if step % 2 else [1, 2]  # 3 rows pad to 4, 2 rows are a bucket
+        ids = torch.randint(0, 1000, (len(slots), 1), generator=g)
+        starts = torch.tensor([lens[s] for s in slots])
+        a = eager.forward(ids, torch.tensor(slots), starts)
+        b = static.forward(ids, torch.tensor(slots), starts)
+        assert b.shape == a.shape and rel_err(b, a) < 1e-5, step
+        for s in slots:
+            lens[s] += 1
+    assert set(static._decodes) == {(4, 64), (2, 64)}  # kv length: the cache's, below 256
+    assert rel_err(static.k_cache[:, :3], eager.k_cache) < 1e-5  # padded rows wrote elsewhere

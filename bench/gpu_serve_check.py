@@ -1,0 +1,130 @@
+"""`bitserve serve --device cuda` over real HTTP on 127.0.0.1, for the lent GPU machine: a tiny
+random-init llama (tests/tiny_models.py) quantized W4 g64 by `bitserve quantize`, served once with
+the automatic backend (Triton on CUDA) and once with the reference backend. Checks: /v1/models
+reports cuda, float16 and the backend; greedy completions (plain and streamed as SSE) of both
+servers are the same text; prints what it saw and exits non-zero on a mismatch.
+
+    python bench/gpu_serve_check.py [--timeout 240]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["Hello world", "The quick brown fox", "0123456789"]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bitserve.cli", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(
+    ckpt: Path, device: str, backend: str, log: Path, timeout: float
+) -> tuple[subprocess.Popen, str]:
+    """Start `bitserve serve` and wait (bounded) for /ready."""
+    port = free_port()
+    cmd = cli("serve", str(ckpt), "--device", device, "--backend", backend, "--port", str(port))
+    env = {**os.environ, "BITSERVE_HOST": "127.0.0.1"}
+    out = log.open("wb")  # cwd outside the repo: its bitserve/ folder is not the package
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError(f"not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def completions(url: str, model: str) -> tuple[list[str], str]:
+    """Greedy completions of PROMPTS, and the first one again streamed (SSE deltas joined)."""
+    texts = []
+    for prompt in PROMPTS:
+        body = {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        r.raise_for_status()
+        texts.append(r.json()["choices"][0]["text"])
+    body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0}
+    streamed = []
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=120
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                streamed.append(json.loads(line[6:])["choices"][0]["text"])
+    return texts, "".join(streamed)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--timeout", type=float, default=240, help="seconds to wait for each server")
+    ap.add_argument("--device", default="cuda", help="cpu tries the script without a GPU")
+    args = ap.parse_args()
+    fast, dtype = ("triton", "float16") if args.device == "cuda" else ("cpu", "float32")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import save_tiny_model
+
+    tmp = Path(tempfile.mkdtemp())
+    src = save_tiny_model(tmp / "src")
+    ckpt = tmp / "ckpt"
+    q = cli("quantize", str(src), "--out", str(ckpt), "--method", "rtn", "--bits", "4")
+    done = subprocess.run([*q, "--group-size", "64"], capture_output=True, text=True, cwd=tmp)
+    if done.returncode:
+        print(f"quantize failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
+        return 1
+    seen: dict[str, tuple[list[str], str]] = {}
+    ok = True
+    for backend in ("auto", "reference"):
+        t0 = time.perf_counter()
+        proc, url = serve(ckpt, args.device, backend, tmp / f"serve-{backend}.log", args.timeout)
+        try:
+            card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+            texts, streamed = completions(url, card["id"])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        quant = card.get("quantization") or {}
+        print(
+            f"--backend {backend}: device={card.get('device')} dtype={card.get('dtype')} "
+            f"backend={quant.get('backend')} ({time.perf_counter() - t0:.0f} s)"
+        )
+        for prompt, text in zip(PROMPTS, texts, strict=True):
+            print(f"  {prompt!r} -> {text!r}")
+        print(f"  streamed: {streamed!r}")
+        ok &= card.get("device") == args.device and card.get("dtype") == dtype
+        ok &= streamed == texts[0] and all(texts)
+        want = [fast] if backend == "auto" else ["reference"]
+        ok &= quant.get("backend") == want
+        seen[backend] = (texts, streamed)
+    same = seen["auto"][0] == seen["reference"][0]
+    print(f"greedy text, {fast} vs reference backend: {'same' if same else 'DIFFERENT'}")
+    ok &= same
+    print("serve check:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

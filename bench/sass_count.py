@@ -1,0 +1,98 @@
+"""Instructions per packed weight word in the M = 1 GEMV's main loop, per variant, without a GPU:
+compiles `_gemv_kernel` for sm_90 with Triton's own ptxas (integer arguments marked divisible by
+16, as Triton specializes them at launch), disassembles it with nvdisasm and counts the SASS
+instructions of the loop over K-blocks. Decode at M = 1 is bound by instruction issue as much as
+by memory: at the 4.2 TB/s measured on an H200 an SM has about 31 issue slots per 4-byte word.
+
+    python bench/sass_count.py [--variants plain h2 pair lop3] [--tiles 128x128 256x128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from bitserve.kernels import triton_int
+
+POINTERS = ("x_ptr", "qw_ptr", "qh_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "cnt_ptr")
+TYPES = dict(zip(POINTERS, ("*fp16", "*i32", "*i32", "*fp16", "*fp16", "*fp16", "*fp32", "*i32")))
+INTS = ("N", "K", "G", "stride_w", "stride_h", "k_blocks", "split_k")
+
+
+def compile_gemv(variant: str, block_n: int, block_k: int, warps: int) -> bytes:
+    """The cubin of `_gemv_kernel` for W4 g128 fp16 with this variant's flags."""
+    fn = triton_int._gemv_kernel
+    names = fn.arg_names
+    consts = dict(
+        BITS=4,
+        GROUP=128,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        H2=int(variant == "h2"),
+        LOP3={"lop3": 2, "pair": 1}.get(variant, 0),
+        ATOMIC=0,
+    )
+    sig = {n: TYPES.get(n, "i32" if n in INTS else "constexpr") for n in names}
+    aligned = (*POINTERS, "stride_w", "stride_h", "N", "K")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    target = GPUTarget("cuda", 90, 32)
+    return triton.compile(src, target=target, options=dict(num_warps=warps)).asm["cubin"]
+
+
+def loop_counts(cubin: bytes) -> collections.Counter[str]:
+    """Opcode counts of the largest backward-branch loop in the disassembly."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+    labels: dict[str, int] = {}
+    code: list[tuple[int, str]] = []
+    pending = None
+    for line in sass.splitlines():
+        if m := re.match(r"\s*\.L_x_(\d+):", line):
+            pending = m.group(1)
+        elif m := re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*?);", line):
+            addr = int(m.group(1), 16)
+            code.append((addr, m.group(2)))
+            if pending is not None:
+                labels[pending], pending = addr, None
+    loops = []
+    for addr, ins in code:
+        m = re.search(r"BRA\s+`\(\.L_x_(\d+)\)", ins)
+        if m and labels.get(m.group(1), addr) < addr:
+            loops.append((labels[m.group(1)], addr))
+    start, end = max(loops, key=lambda se: se[1] - se[0])
+    ops = (re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0] for a, ins in code if start <= a <= end)
+    return collections.Counter(op.split(".")[0] for op in ops)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["plain", "h2", "pair", "lop3"])
+    ap.add_argument("--tiles", nargs="+", default=["128x128", "256x128"], help="BLOCK_NxBLOCK_K")
+    ap.add_argument("--warps", type=int, default=4)
+    args = ap.parse_args()
+    print("| variant | tile (N x K) | loop instructions | words per thread | per word | top opcodes |")
+    print("|---|---|---|---|---|---|")
+    for tile in args.tiles:
+        block_n, block_k = (int(v) for v in tile.split("x"))
+        words = block_n * block_k // 8 // (32 * args.warps)
+        for variant in args.variants:
+            ops = loop_counts(compile_gemv(variant, block_n, block_k, args.warps))
+            total = sum(ops.values())
+            top = ", ".join(f"{op} {n}" for op, n in ops.most_common(5))
+            print(f"| {variant} | {tile} | {total} | {words} | {total / words:.1f} | {top} |")
+
+
+if __name__ == "__main__":
+    main()
