@@ -22,8 +22,16 @@ from triton.compiler import ASTSource
 
 from bitserve.kernels import triton_int
 
-POINTERS = ("x_ptr", "qw_ptr", "qh_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "cnt_ptr")
-TYPES = dict(zip(POINTERS, ("*fp16", "*i32", "*i32", "*fp16", "*fp16", "*fp16", "*fp32", "*i32")))
+TYPES = dict(
+    x_ptr="*fp16",
+    qw_ptr="*i32",
+    qh_ptr="*i32",
+    s_ptr="*fp16",
+    z_ptr="*fp16",
+    out_ptr="*fp16",
+    ws_ptr="*fp32",
+    cnt_ptr="*i32",
+)
 INTS = ("N", "K", "G", "stride_w", "stride_h", "k_blocks", "split_k")
 
 
@@ -41,7 +49,7 @@ def compile_gemv(variant: str, block_n: int, block_k: int, warps: int) -> bytes:
         ATOMIC=0,
     )
     sig = {n: TYPES.get(n, "i32" if n in INTS else "constexpr") for n in names}
-    aligned = (*POINTERS, "stride_w", "stride_h", "N", "K")
+    aligned = (*TYPES, "stride_w", "stride_h", "N", "K")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     target = GPUTarget("cuda", 90, 32)
@@ -82,7 +90,9 @@ def main() -> None:
     ap.add_argument("--tiles", nargs="+", default=["128x128", "256x128"], help="BLOCK_NxBLOCK_K")
     ap.add_argument("--warps", type=int, default=4)
     args = ap.parse_args()
-    print("| variant | tile (N x K) | loop instructions | words per thread | per word | top opcodes |")
+    print(
+        "| variant | tile (N x K) | loop instructions | words per thread | per word | top opcodes |"
+    )
     print("|---|---|---|---|---|---|")
     for tile in args.tiles:
         block_n, block_k = (int(v) for v in tile.split("x"))
