@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+from serve import free_port, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Hello world", "The quick brown fox", "0123456789"]
@@ -29,34 +28,18 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "bitserve.cli", *args]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def serve(
     ckpt: Path, device: str, backend: str, log: Path, timeout: float
 ) -> tuple[subprocess.Popen, str]:
-    """Start `bitserve serve` and wait (bounded) for /ready."""
+    """Start `bitserve serve` and wait (bounded) for /ready; the log's end if it never is."""
     port = free_port()
     cmd = cli("serve", str(ckpt), "--device", device, "--backend", backend, "--port", str(port))
-    env = {**os.environ, "BITSERVE_HOST": "127.0.0.1"}
-    out = log.open("wb")  # cwd outside the repo: its bitserve/ folder is not the package
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError(f"not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+    try:  # cwd outside the repo: its bitserve/ folder is not the package (nothing installed)
+        proc = start_server(cmd, port, "/ready", log, timeout, cwd=log.parent)
+    except (RuntimeError, TimeoutError):
+        print(log.read_text()[-3000:])
+        raise
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def completions(url: str, model: str) -> tuple[list[str], str]:

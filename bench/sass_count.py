@@ -1,8 +1,9 @@
-"""Instructions per packed weight word in the M = 1 GEMV's main loop, per variant, without a GPU:
-compiles `_gemv_kernel` for sm_90 with Triton's own ptxas (integer arguments marked divisible by
-16, as Triton specializes them at launch), disassembles it with nvdisasm and counts the SASS
-instructions of the loop over K-blocks. Decode at M = 1 is bound by instruction issue as much as
-by memory: at the 4.2 TB/s measured on an H200 an SM has about 31 issue slots per 4-byte word.
+"""Instructions per packed weight word in the main loop of the M = 1 GEMV's variants and of the
+M = 16 dot kernel's, without a GPU: compiles `_gemv_kernel` / `_dot_kernel` for sm_90 with
+Triton's own ptxas (integer arguments marked divisible by 16, as Triton specializes them at
+launch), disassembles them with nvdisasm and counts the SASS of the loop over K-blocks. Small-M
+matmuls are bound by instruction issue as much as by memory: at the 4.2 TB/s measured on an
+H200 an SM has about 31 issue slots per 4-byte word.
 
     python bench/sass_count.py [--variants plain h2 pair lop3] [--tiles 128x128 256x128]
 """
@@ -35,25 +36,32 @@ TYPES = dict(
 INTS = ("N", "K", "G", "stride_w", "stride_h", "k_blocks", "split_k")
 
 
+DOT_VARIANTS = {"dot-fma": 0, "dot-raw": 1, "dot-zsub": 2}
+
+
 def compile_gemv(variant: str, block_n: int, block_k: int, warps: int) -> bytes:
-    """The cubin of `_gemv_kernel` for W4 g128 fp16 with this variant's flags."""
-    fn = triton_int._gemv_kernel
+    """The cubin of `_gemv_kernel` (or, for a dot-* variant, `_dot_kernel` with BLOCK_M = 16)
+    for W4 g128 fp16 with this variant's flags."""
+    common = dict(BITS=4, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=0)
+    if variant in DOT_VARIANTS:
+        fn = triton_int._dot_kernel
+        consts = dict(
+            common, BLOCK_M=16, DEQ=DOT_VARIANTS[variant], DOT_DTYPE=triton_int.tl.float16
+        )
+    else:
+        fn = triton_int._gemv_kernel
+        lop3 = {"lop3": 2, "pair": 1}.get(variant, 0)
+        consts = dict(common, H2=int(variant == "h2"), LOP3=lop3)
     names = fn.arg_names
-    consts = dict(
-        BITS=4,
-        GROUP=128,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        H2=int(variant == "h2"),
-        LOP3={"lop3": 2, "pair": 1}.get(variant, 0),
-        ATOMIC=0,
-    )
-    sig = {n: TYPES.get(n, "i32" if n in INTS else "constexpr") for n in names}
-    aligned = (*TYPES, "stride_w", "stride_h", "N", "K")
+    ints = (*INTS, "M", "stride_xm", "stride_om")
+    sig = {n: TYPES.get(n, "i32" if n in ints else "constexpr") for n in names}
+    aligned = (*TYPES, "stride_w", "stride_h", "stride_xm", "stride_om", "N", "K")
+    aligned = tuple(n for n in aligned if n in names)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    target = GPUTarget("cuda", 90, 32)
-    return triton.compile(src, target=target, options=dict(num_warps=warps)).asm["cubin"]
+    stages = 3 if variant in DOT_VARIANTS else 1
+    options = dict(num_warps=warps, num_stages=stages)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
 def loop_counts(cubin: bytes) -> collections.Counter[str]:
@@ -86,7 +94,12 @@ def loop_counts(cubin: bytes) -> collections.Counter[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", nargs="+", default=["plain", "h2", "pair", "lop3"])
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=["plain", "h2", "pair", "lop3", "dot-zsub"],
+        help=f"GEMV variants, or the dot kernel at M = 16 as {', '.join(DOT_VARIANTS)}",
+    )
     ap.add_argument("--tiles", nargs="+", default=["128x128", "256x128"], help="BLOCK_NxBLOCK_K")
     ap.add_argument("--warps", type=int, default=4)
     args = ap.parse_args()

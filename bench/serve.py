@@ -43,9 +43,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(cmd: list[str], port: int, ready_path: str, log: Path, timeout: float) -> Any:
+def start_server(
+    cmd: list[str], port: int, ready_path: str, log: Path, timeout: float, cwd: Path = ROOT
+) -> Any:
     """Start a server process and wait (bounded) until `ready_path` answers 200."""
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=cwd)  # noqa: SIM115
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -24,8 +24,9 @@ SUPPORTED_TYPES = ("llama",)
 # batch; attention reads the cache up to a power-of-two length of at least GRAPH_MIN_KV.
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GRAPH_MIN_KV = 256
-# Eager CUDA steps leave out cuDNN attention: it plans anew for every new shape (about 14 ms on
-# an H200, measured), and an eager step's attention length changes every token.
+# Eager CUDA steps leave out cuDNN attention: it plans anew for every new shape, and an eager
+# step's attention length changes every token (on an H200 leaving it out took eager fp16 decode
+# from 8.5 to 30.0 tok/s at batch 1: docs/kernels.md).
 EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 log = logging.getLogger("bitserve.runner")
 
@@ -222,6 +223,8 @@ class LlamaRunner:
         step.pos.copy_(F.pad(starts.clamp_max(self.max_len - 1).unsqueeze(1), (0, 0, 0, pad)))
         step.run()
         assert step.logits is not None
+        # Copied out before any other replay: the graphs share one memory pool, so another
+        # graph's temporaries may live where these logits are.
         return step.logits[:B].float().cpu()
 
     def _capture(self, batch: int, kv_len: int) -> _Decode:
