@@ -36,7 +36,7 @@ PROMPTS = [
 SERVERS = ["bitserve-w4", "bitserve-fp32", "transformers-serve"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,7 +178,7 @@ def serve_benchmark(args: argparse.Namespace) -> None:
     common = ["--max-num-seqs", "16", "--max-model-len", "512", "--log-level", "warning"]
     servers: dict[str, tuple[list[str], str, dict, str, int]] = {}
     for name, src in (("bitserve-w4", args.checkpoint), ("bitserve-fp32", args.unquantized)):
-        port = _free_port()
+        port = free_port()
         servers[name] = (
             [*bitserve, src, "--port", str(port), "--served-model-name", "m", *common],
             "m",
@@ -187,7 +187,7 @@ def serve_benchmark(args: argparse.Namespace) -> None:
             port,
         )
     if "transformers-serve" in args.servers:
-        port = _free_port()
+        port = free_port()
         servers["transformers-serve"] = (
             [
                 str(Path(sys.executable).parent / "transformers"),
