@@ -558,7 +558,8 @@ def smollm2_w4(backend: str) -> Any:
 def bench_runner_backends(steps: int = 16) -> None:
     """The serving runner on the GPU with the Triton backend against the reference backend:
     logits of a 32-token prefill and `steps` decode steps fed the same tokens (relative error,
-    argmax agreement), then eager decode tokens/s of each at batch 1 and 16."""
+    argmax agreement), then decode tokens/s of each at batch 1 and 16 (decode steps from CUDA
+    graphs, the runner's default on CUDA)."""
     from bitserve.server.runner import LlamaRunner
 
     print(

@@ -29,6 +29,7 @@ codes ("lop3" in PTX, "pair" in Triton ops; 4-bit words interleave their codes f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -91,7 +92,7 @@ def _codes_f16(q):
 @triton.jit
 def _unpack(w, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Words [BLOCK_K * BITS / 32, BLOCK_N] -> codes [BLOCK_K, BLOCK_N]; each word is loaded once
-    and split into its 32/BITS codes (row k = word * 32/BITS + position in word)."""
+    and split into its 32/BITS codes (row k = word * 32/BITS + j, code j at slot `_slots`[j])."""
     per_word: tl.constexpr = 32 // BITS
     j = tl.arange(0, per_word)
     slot = (j % 2) * 4 + j // 2 if BITS == 4 else j  # see _slots
@@ -186,7 +187,9 @@ def _pairs_dot(w, x0, x1, x2, x3, nz_lo, nz_hi, MODE: tl.constexpr):
     float32. x_i: x[2i], x[2i + 1] as the fp16 halves of an int32; nz_lo, nz_hi: -(64 + z / 16)
     and -(4 + z / 16) as fp16 pairs. (1024 + q) / 16 - (64 + z / 16) = (q - z) / 16 exactly in
     fp16, as is (1024 + 16 q) / 256 - (4 + z / 16); the / 16 keeps an fp16 word partial below
-    65504 for |x| < 8000. MODE 2: inline PTX (GPU only); 1: the same with Triton ops."""
+    65504 for |x| < 8000. MODE 2: inline PTX (GPU only); 1: the same codes and zeros in Triton
+    ops, with fp32 products and sums (what the interpreter runs: its tests check the layout and
+    the exact (q - z) / 16, not the PTX's fp16 rounding, which the GPU run checks)."""
     if MODE == 2 and not INTERPRET_JIT:
         out = tl.inline_asm_elementwise(
             _PAIRS_PTX,
@@ -282,14 +285,15 @@ def _gemv_kernel(
     (every word lies in one group: `_supports` asks for group sizes that are multiples of 32).
     Everything stays in the tile's 2-D layout; one reduction at the end.
 
-    H2 (fp16 x, BITS 2 or 4): half precision inner loop. Codes j and j + per_word / 2 of a
-    word are masked out together (mask 0x000F000F for 4-bit) and OR-ed with 0x64006400: two
+    H2 (fp16 x, BITS 2 or 4): half precision inner loop. The codes in slots j and
+    j + per_word / 2 of a word (k = 2j, 2j + 1 at 4 bits, `_slots`) are masked out together (mask 0x000F000F for 4-bit) and OR-ed with 0x64006400: two
     fp16 1024 + code in the word's halves, minus 1024 + z (exact: q - z in fp16), times x / 16
     (the 1/16 keeps the fp16 partial of one word row below 65504 for |x| < 8000), summed in
     fp16 over the word row, then once per row and block to fp32 with the scale (times 16).
 
-    LOP3 (fp16 x, BITS 4, K a multiple of 8): the same in packed fp16 pairs, 5 integer ops per
-    word instead of 16 (`_pairs_dot`; 1: Triton ops, 2: inline PTX)."""
+    LOP3 (fp16 x, BITS 4, K a multiple of 8): packed fp16 pairs, 5 integer ops per word
+    instead of 16 (`_pairs_dot`; 2: inline PTX, products and sums in fp16; 1: the same
+    dequantization in Triton ops, products and sums in fp32)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -662,18 +666,26 @@ def _group(layer: QuantLinear) -> int:
     return BIG_GROUP if g == -1 or g >= layer.in_features else g
 
 
-def _applies(cfg: Config, layer: QuantLinear, x: torch.Tensor) -> bool:
-    """Whether cfg's GEMV variant runs as itself for this layer and x (else it runs as the plain
-    GEMV): "h2" needs fp16 x and 2- or 4-bit codes; "lop3" and "pair" fp16 x, 4-bit codes, K a
-    multiple of 8 and x 4-byte aligned (x is read as int32 pairs)."""
+def _applies(cfg: Config, layer: QuantLinear, dtype: torch.dtype) -> bool:
+    """Whether cfg's GEMV variant runs as itself for this layer and activation dtype (else it
+    runs as the plain GEMV): "h2" needs fp16 and 2- or 4-bit codes; "lop3" and "pair" fp16,
+    4-bit codes and K a multiple of 8 (and, at launch, x 4-byte aligned: `_pairs_mode`)."""
     flags = cfg.flags()
-    fp16 = x.dtype == torch.float16
+    fp16 = dtype == torch.float16
     if flags & {"lop3", "pair"}:
-        aligned = layer.in_features % 8 == 0 and x.data_ptr() % 4 == 0
-        return fp16 and layer.bits == 4 and aligned
+        return fp16 and layer.bits == 4 and layer.in_features % 8 == 0
     if "h2" in flags:
         return fp16 and layer.bits in (2, 4)
     return True
+
+
+def _pairs_mode(cfg: Config, layer: QuantLinear, x: torch.Tensor) -> int:
+    """The GEMV's LOP3 constant: 2 for "lop3", 1 for "pair", 0 where it does not apply (x is
+    read as int32 pairs, so it must also start on a 4-byte boundary)."""
+    flags = cfg.flags()
+    if not _applies(cfg, layer, x.dtype) or x.data_ptr() % 4:
+        return 0
+    return 2 if "lop3" in flags else 1 if "pair" in flags else 0
 
 
 def _launch(
@@ -745,10 +757,8 @@ def _launch(
             qh.stride(0),
             k_blocks,
             split_k,
-            H2="h2" in flags and _applies(cfg, layer, x),
-            LOP3=(2 if "lop3" in flags else 1 if "pair" in flags else 0)
-            if _applies(cfg, layer, x)
-            else 0,
+            H2="h2" in flags and _applies(cfg, layer, x.dtype),
+            LOP3=_pairs_mode(cfg, layer, x),
             ATOMIC=atomic,
             grid=(grid_n, split_k),
             **common,
@@ -816,8 +826,8 @@ def autotune(
     """The candidate with the smallest `timer(lambda: run(cfg))`; a candidate that raises
     (fails to compile on this card, out of resources) is skipped, never fatal. The fastest
     `finalists` are timed once more and keep their better time: one timing of a 10-20 us kernel
-    can be off by more than the configs differ (GPU runs 6 and 7 tuned the same shape to
-    configs 1.3x apart)."""
+    can be off by more than the configs differ (GPU runs 6 and 7 picked different configs for
+    the same layers, docs/kernels.md)."""
     times: dict[Config, float] = {}
     for cfg in candidates:
         try:
@@ -829,7 +839,8 @@ def autotune(
     best = sorted(times, key=times.__getitem__)[:finalists]
     if len(best) > 1:
         for cfg in best:
-            times[cfg] = min(times[cfg], timer(partial(run, cfg)))
+            with contextlib.suppress(Exception):  # its first time stands
+                times[cfg] = min(times[cfg], timer(partial(run, cfg)))
     return min(best, key=times.__getitem__)
 
 
@@ -851,7 +862,7 @@ def _config(layer: QuantLinear, x: torch.Tensor, out: torch.Tensor) -> Config:
     key = (layer.in_features, layer.out_features, layer.bits, layer.group_size, b, x.dtype)
     if key not in _TUNED:
         t0 = time.perf_counter()
-        cands = [c for c in CANDIDATES[b] if _applies(c, layer, x)]  # no plain GEMV twice
+        cands = [c for c in CANDIDATES[b] if _applies(c, layer, x.dtype)]  # no plain GEMV twice
         _precompile(layer, x, out, cands)
         _TUNED[key] = autotune(cands, lambda c: _launch(layer, x, out, c), _do_bench)
         TUNE_LOG.append((key, time.perf_counter() - t0))

@@ -207,7 +207,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     device = resolve_device(settings.device)
     dtype = torch.float16 if device == "cuda" else torch.float32
     loaded = load_model(path, device=device, dtype=dtype, backend=settings.backend)
-    logging.getLogger("bitserve").info("serving %s on %s (%s)", path, device, dtype)
+    graphs = "CUDA graphs" if device == "cuda" and settings.cuda_graphs else "eager"
+    logging.getLogger("bitserve").info(
+        "serving %s on %s (%s, decode %s)", path, device, dtype, graphs
+    )
     state = build_state(loaded, settings)
     uvicorn.run(
         create_app(state),

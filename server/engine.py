@@ -297,9 +297,12 @@ class Engine:
         )
 
     def _finish(self, seq: Sequence, reason: str, emitted: bool = False) -> None:
-        """Free the sequence's slot and account for it."""
+        """Free the sequence's slot and account for it. A failed sequence's slot is cleared: its
+        cache may hold NaN/inf, which masked attention does not hide from the next occupant."""
         if not emitted:
             seq.emit(self._output(seq, [], [], reason))
+        if reason == "error":
+            self.runner.clear_slot(seq.slot)
         self.running.remove(seq)
         with self.lock:
             self.free_slots.append(seq.slot)

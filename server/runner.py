@@ -21,7 +21,8 @@ from bitserve.kernels.quant_linear import QuantLinear, concat_outputs
 
 SUPPORTED_TYPES = ("llama",)
 # Decode batches are padded up to one of these sizes, so that a few captured graphs serve any
-# batch; attention reads the cache up to a power-of-two length of at least GRAPH_MIN_KV.
+# batch (larger batches run eager); attention reads the cache up to a power-of-two length of at
+# least GRAPH_MIN_KV.
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GRAPH_MIN_KV = 256
 # Eager CUDA steps leave out cuDNN attention: it plans anew for every new shape, and an eager
@@ -194,7 +195,7 @@ class LlamaRunner:
         Rows may be right-padded: padding writes K/V past the row's length, which the causal mask
         never shows and the row's next real token overwrites before anything reads it."""
         B, T = ids.shape
-        if T == 1 and last is None and self.decode_graphs:
+        if T == 1 and last is None and self.decode_graphs and GRAPH_BATCHES[-1] >= B:
             return self._decode(ids, slots, starts)
         # Slots s0, s0+1, ... (the usual case) are read as a view instead of a gathered copy.
         slot_list = slots.tolist()
@@ -209,11 +210,19 @@ class LlamaRunner:
         with sdpa_kernel(EAGER_SDPA) if cuda else contextlib.nullcontext():
             return self._step(ids, slots, pos, rows, kv_len, last).float().cpu()
 
+    @torch.inference_mode()
+    def clear_slot(self, slot: int) -> None:
+        """Zero a slot's K/V: attention masks stale positions past a sequence's length, but a
+        NaN or inf left there by an earlier occupant still turns the masked softmax into NaN
+        (graphed steps always read at least GRAPH_MIN_KV positions)."""
+        self.k_cache[:, slot].zero_()
+        self.v_cache[:, slot].zero_()
+
     def _decode(self, ids: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """A one-token step of B rows through the static step for (padded batch, attention
         length); the lengths come from the CPU index tensors, so nothing waits on the GPU."""
         B = ids.shape[0]
-        batch = next((b for b in GRAPH_BATCHES if b >= B), B)
+        batch = next(b for b in GRAPH_BATCHES if b >= B)
         need = int(starts.max()) + 1
         kv_len = min(self.max_len, max(GRAPH_MIN_KV, 1 << (need - 1).bit_length()))
         step = self._decodes.get((batch, kv_len)) or self._capture(batch, kv_len)

@@ -4,6 +4,7 @@ detokenization, and per-request sampling."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -321,12 +322,12 @@ def test_sampling_degenerate_inputs() -> None:
 
 
 def test_a_broken_row_fails_only_its_sequence(server_tiny_checkpoint: Path) -> None:
-    """NaN logits for one sequence finish it with finish_reason 'error'; the other sequence in
-    the same batch decodes on and gives the tokens it gives alone."""
+    """NaN logits for one sequence finish it with finish_reason 'error' and clear its KV slot;
+    the other sequence in the same batch decodes on and gives the tokens it gives alone."""
     from bitserve.server.cli import build_state
     from bitserve.server.settings import Settings
 
-    def run(prompts: list[list[int]], poison_slot: int | None) -> dict[int, list]:
+    def run(prompts: list[list[int]], poison_slot: int | None) -> tuple[dict[int, list], Any]:
         engine = build_state(
             load_model(server_tiny_checkpoint), Settings(max_num_seqs=4, max_model_len=64)
         ).engine
@@ -344,10 +345,11 @@ def test_a_broken_row_fails_only_its_sequence(server_tiny_checkpoint: Path) -> N
         engine.submit(seqs)
         for _ in range(20):
             engine.step()
-        return outs
+        return outs, engine.runner
 
-    both = run([[5, 6, 7], [8, 9, 10, 11]], poison_slot=1)
-    alone = run([[5, 6, 7]], poison_slot=None)
+    both, runner = run([[5, 6, 7], [8, 9, 10, 11]], poison_slot=1)
+    assert not runner.k_cache[:, 1].any() and runner.k_cache[:, 0].any()  # slot 1 cleared
+    alone, _ = run([[5, 6, 7]], poison_slot=None)
     assert [o.finish_reason for o in both[1]] == ["error"]
     assert both[0][-1].finish_reason == "length"
     assert [t for o in both[0] for t in o.token_ids] == [t for o in alone[0] for t in o.token_ids]
@@ -383,3 +385,35 @@ def test_static_decode_steps_match_eager(server_tiny_checkpoint: Path) -> None:
             lens[s] += 1
     assert set(static._decodes) == {(4, 64), (2, 64)}  # kv length: the cache's, below 256
     assert rel_err(static.k_cache[:, :3], eager.k_cache) < 1e-5  # padded rows wrote elsewhere
+
+
+def test_cleared_slot_hides_what_a_broken_sequence_left(server_tiny_checkpoint: Path) -> None:
+    """NaN left in a slot's cache past the next occupant's length poisons its (masked) attention
+    in a graphed decode step, which reads a fixed length; clear_slot, which the engine calls
+    when a sequence fails, removes it."""
+    runner = LlamaRunner(
+        load_model(server_tiny_checkpoint).model, num_slots=2, max_len=64, decode_graphs=True
+    )
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+
+    def decode() -> torch.Tensor:
+        runner.forward(prompt, torch.tensor([0]), torch.tensor([0]))
+        return runner.forward(torch.tensor([[10]]), torch.tensor([0]), torch.tensor([5]))
+
+    runner.k_cache[:, 0, :, 40:] = float("nan")  # an earlier occupant overflowed there
+    assert torch.isnan(decode()).all()
+    runner.clear_slot(0)
+    assert torch.isfinite(decode()).all()
+
+
+def test_batches_past_the_largest_graph_bucket_run_eager(server_tiny_checkpoint: Path) -> None:
+    from bitserve.server.runner import GRAPH_BATCHES
+
+    n = GRAPH_BATCHES[-1] + 1
+    model = load_model(server_tiny_checkpoint).model
+    runner = LlamaRunner(model, num_slots=n, max_len=8, decode_graphs=True)
+    ids = torch.randint(0, 1000, (n, 1), generator=torch.Generator().manual_seed(3))
+    logits = runner.forward(ids, torch.arange(n), torch.zeros(n, dtype=torch.long))
+    assert logits.shape[0] == n and not runner._decodes  # nothing captured for 257 rows
+    few = runner.forward(ids[:3], torch.arange(3), torch.ones(3, dtype=torch.long))
+    assert few.shape[0] == 3 and set(runner._decodes) == {(4, 8)}
