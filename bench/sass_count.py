@@ -36,7 +36,7 @@ TYPES = dict(
 INTS = ("N", "K", "G", "stride_w", "stride_h", "k_blocks", "split_k")
 
 
-DOT_VARIANTS = {"dot-fma": 0, "dot-raw": 1, "dot-zsub": 2}
+DOT_VARIANTS = {"dot-fma": (0, 0), "dot-raw": (1, 0), "dot-zsub": (2, 0), "dot-kjoin": (2, 1)}
 
 
 def compile_gemv(variant: str, block_n: int, block_k: int, warps: int) -> bytes:
@@ -45,9 +45,9 @@ def compile_gemv(variant: str, block_n: int, block_k: int, warps: int) -> bytes:
     common = dict(BITS=4, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=0)
     if variant in DOT_VARIANTS:
         fn = triton_int._dot_kernel
-        consts = dict(
-            common, BLOCK_M=16, DEQ=DOT_VARIANTS[variant], DOT_DTYPE=triton_int.tl.float16
-        )
+        deq, kjoin = DOT_VARIANTS[variant]
+        dot = dict(BLOCK_M=16, DEQ=deq, KJOIN=kjoin, DOT_DTYPE=triton_int.tl.float16)
+        consts = dict(common, **dot)
     else:
         fn = triton_int._gemv_kernel
         lop3 = {"lop3": 2, "pair": 1}.get(variant, 0)
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         nargs="+",
-        default=["plain", "h2", "pair", "lop3", "dot-zsub"],
+        default=["plain", "h2", "pair", "lop3", "dot-zsub", "dot-kjoin"],
         help=f"GEMV variants, or the dot kernel at M = 16 as {', '.join(DOT_VARIANTS)}",
     )
     ap.add_argument("--tiles", nargs="+", default=["128x128", "256x128"], help="BLOCK_NxBLOCK_K")

@@ -214,6 +214,30 @@ def _pairs_dot(w, x0, x1, x2, x3, nz_lo, nz_hi, MODE: tl.constexpr):
         return part
 
 
+@triton.jit
+def _codes_kmajor(qw_ptr, kb, offs_n, mask_n, stride_w, zz, BLOCK_K: tl.constexpr, BLOCK_N):
+    """fp16 q - z of 4-bit K-block kb as a K-major [BLOCK_N, BLOCK_K] tile (zz: 1024 + z, fp16
+    [BLOCK_N, 1]). Each of a word's 8 codes becomes fp16 while the tile is still [N, words];
+    joining the 8 planes (in k order) as the minor dimension keeps a word's codes in one thread,
+    so the tile reaches shared memory in 16-byte stores: `bench/sass_count.py` counts 8 STS per
+    8 words per thread here against 64 for the [words, 8, N] unpack of `_load_codes`."""
+    rows = kb * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    w = tl.load(qw_ptr + rows[None, :] * stride_w + offs_n[:, None], mask=mask_n[:, None], other=0)
+    p0 = _codes_f16((w >> 0) & 15) - zz  # code j of a word sits in slot (j % 2) * 4 + j // 2
+    p1 = _codes_f16((w >> 16) & 15) - zz
+    p2 = _codes_f16((w >> 4) & 15) - zz
+    p3 = _codes_f16((w >> 20) & 15) - zz
+    p4 = _codes_f16((w >> 8) & 15) - zz
+    p5 = _codes_f16((w >> 24) & 15) - zz
+    p6 = _codes_f16((w >> 12) & 15) - zz
+    p7 = _codes_f16((w >> 28) & 15) - zz
+    # Nested joins index [.., a, b, c] as p[4a + 2b + c]: flattened, k order.
+    b = tl.join(
+        tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7))
+    )
+    return tl.reshape(b, (BLOCK_N, BLOCK_K))
+
+
 # ---- split-K epilogue ------------------------------------------------------------------------
 
 
@@ -397,6 +421,7 @@ def _dot_kernel(
     DEQ: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     ATOMIC: tl.constexpr,
+    KJOIN: tl.constexpr,
 ):
     """out[M, N] = x[M, K] @ dequant(W)[K, N] with tensor-core dots; program (n, m, k-slice).
 
@@ -406,7 +431,8 @@ def _dot_kernel(
     conversion, no per-code scale); the block's scale and zero (with the row sums of x) are
     applied to the [BLOCK_M, BLOCK_N] result. DEQ 2 (zsub): the dot runs on fp16
     (1024 + q) - (1024 + z) = q - z, exact (no row sums of x); the scale is applied to the
-    result. ATOMIC: how split-K slices are added up (`_finish`)."""
+    result. KJOIN (with DEQ 2, 4-bit): the same on a K-major tile (`_codes_kmajor`).
+    ATOMIC: how split-K slices are added up (`_finish`)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -422,9 +448,6 @@ def _dot_kernel(
             mask=mask_m[:, None] & (offs_k < K)[None, :],
             other=0.0,
         )
-        q = _load_codes(
-            qw_ptr, qh_ptr, kb, offs_n, mask_n, stride_w, stride_h, BITS, BLOCK_K, BLOCK_N
-        )
         if BLOCK_K <= GROUP:
             g = tl.minimum((kb * BLOCK_K) // GROUP, G - 1)
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -433,15 +456,23 @@ def _dot_kernel(
             g2 = tl.minimum(offs_k // GROUP, G - 1)[:, None] * N + offs_n[None, :]
             s = tl.load(s_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
-        if DEQ == 1:
-            d = tl.dot(x, _codes_f16(q))
-            xsum = tl.sum(x.to(tl.float32), axis=1)
-            acc += (d - xsum[:, None] * (z + 1024.0)) * s
-        elif DEQ == 2:
-            acc += tl.dot(x, _codes_f16(q) - (z + 1024.0).to(tl.float16)) * s
+        if KJOIN:  # DEQ 2 on a K-major tile (4-bit, the block inside one group)
+            zz = tl.trans((z + 1024.0).to(tl.float16))  # [BLOCK_N, 1]
+            b = _codes_kmajor(qw_ptr, kb, offs_n, mask_n, stride_w, zz, BLOCK_K, BLOCK_N)
+            acc += tl.dot(x, tl.trans(b)) * s
         else:
-            w = tl.fma(_codes_f32(q), s, -z * s)
-            acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
+            q = _load_codes(
+                qw_ptr, qh_ptr, kb, offs_n, mask_n, stride_w, stride_h, BITS, BLOCK_K, BLOCK_N
+            )
+            if DEQ == 1:
+                d = tl.dot(x, _codes_f16(q))
+                xsum = tl.sum(x.to(tl.float32), axis=1)
+                acc += (d - xsum[:, None] * (z + 1024.0)) * s
+            elif DEQ == 2:
+                acc += tl.dot(x, _codes_f16(q) - (z + 1024.0).to(tl.float16)) * s
+            else:
+                w = tl.fma(_codes_f32(q), s, -z * s)
+                acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
     cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
@@ -541,7 +572,8 @@ class Config(NamedTuple):
     or "cublas" (`_dequant_kernel` tiles of BLOCK_K x BLOCK_N, then torch.mm). variant: flags
     joined by "+": "fma" / "zsub" (the dot's DEQ 0 / 2; default: 1 where it applies), "h2" (the
     GEMV's half precision loop), "lop3" / "pair" (the GEMV's packed-pair loop, PTX / Triton
-    ops), "red" / "atomic" (split-K finish ATOMIC 1 / 2; default 0)."""
+    ops), "kjoin" (zsub on a K-major tile), "red" / "atomic" (split-K finish ATOMIC 1 / 2;
+    default 0)."""
 
     kind: str
     block_m: int
@@ -602,13 +634,16 @@ CANDIDATES: dict[int, list[Config]] = {
             (128, 64, 8, 4, 4, "fma+atomic"),
             (128, 64, 8, 4, 4, "zsub+atomic"),
             (128, 128, 4, 4, 3, "zsub+red"),
+            (64, 128, 8, 4, 3, "zsub+kjoin"),
+            (128, 128, 8, 4, 3, "zsub+kjoin"),
         ],
     ),
     64: [
         *_configs("dot", 16, [(64, 128, 8, 4, 3), (128, 128, 4, 4, 3)]),
         *_configs("dot", 16, [(128, 128, 4, 4, 3, "zsub+red")]),
         *_configs("dot", 32, [(128, 128, 4, 4, 3, "zsub")]),
-        *_configs("dot", 64, [(64, 128, 4, 4, 3, "zsub")]),
+        *_configs("dot", 64, [(64, 128, 4, 4, 3, "zsub"), (64, 128, 4, 4, 3, "zsub+kjoin")]),
+        *_configs("dot", 32, [(128, 128, 4, 4, 3, "zsub+kjoin")]),
         *_configs("dot", 32, [(64, 128, 8, 4, 3), (128, 128, 4, 4, 3), (128, 64, 8, 4, 4)]),
         *_configs(
             "dot",
@@ -667,15 +702,18 @@ def _group(layer: QuantLinear) -> int:
 
 
 def _applies(cfg: Config, layer: QuantLinear, dtype: torch.dtype) -> bool:
-    """Whether cfg's GEMV variant runs as itself for this layer and activation dtype (else it
-    runs as the plain GEMV): "h2" needs fp16 and 2- or 4-bit codes; "lop3" and "pair" fp16,
-    4-bit codes and K a multiple of 8 (and, at launch, x 4-byte aligned: `_pairs_mode`)."""
+    """Whether cfg's variant runs as itself for this layer and activation dtype (else it runs
+    as the plain kernel): "h2" needs fp16 and 2- or 4-bit codes; "lop3" and "pair" fp16,
+    4-bit codes and K a multiple of 8 (and, at launch, x 4-byte aligned: `_pairs_mode`);
+    "kjoin" fp16 and 4-bit codes."""
     flags = cfg.flags()
     fp16 = dtype == torch.float16
     if flags & {"lop3", "pair"}:
         return fp16 and layer.bits == 4 and layer.in_features % 8 == 0
     if "h2" in flags:
         return fp16 and layer.bits in (2, 4)
+    if "kjoin" in flags:
+        return fp16 and layer.bits == 4
     return True
 
 
@@ -787,6 +825,7 @@ def _launch(
             DEQ=0 if not fast or "fma" in flags else 2 if "zsub" in flags else 1,
             DOT_DTYPE=dot_dtype,
             ATOMIC=atomic,
+            KJOIN=int(fast and "zsub" in flags and "kjoin" in flags and layer.bits == 4),
             grid=(grid_n, grid_m, split_k),
             **common,
             **launch,

@@ -132,9 +132,9 @@ def test_autotune_times_the_fastest_again() -> None:
 
 
 def test_gemv_variants_apply_only_where_they_run() -> None:
-    """The tuner skips a GEMV variant that would silently run as the plain GEMV (timing the same
-    kernel twice): lop3/pair need fp16 and 4-bit codes, h2 2 or 4 bits; a launch on x that is
-    not 4-byte aligned runs lop3 as the plain GEMV (x is read as int32 pairs)."""
+    """The tuner skips a variant that would silently run as the plain kernel (timing the same
+    kernel twice): lop3/pair/kjoin need fp16 and 4-bit codes, h2 2 or 4 bits; a launch on x
+    that is not 4-byte aligned runs lop3 as the plain GEMV (x is read as int32 pairs)."""
     lop3, pair, h2 = (
         triton_int.Config("gemv", 1, 32, 64, 2, 4, 1, v) for v in ("lop3", "pair", "h2")
     )
@@ -143,6 +143,9 @@ def test_gemv_variants_apply_only_where_they_run() -> None:
     assert triton_int._applies(lop3, w4, f16) and triton_int._applies(h2, w4, f16)
     assert not triton_int._applies(lop3, w3, f16) and not triton_int._applies(h2, w3, f16)
     assert not triton_int._applies(lop3, w4, torch.bfloat16)
+    kjoin = triton_int.Config("dot", 16, 32, 64, 2, 4, 1, "zsub+kjoin")
+    assert triton_int._applies(kjoin, w4, f16) and not triton_int._applies(kjoin, w3, f16)
+    assert not triton_int._applies(kjoin, w4, torch.bfloat16)
     x = torch.randn(2, 256).half()
     shifted = x.view(-1)[1:257].view(1, 256)  # contiguous, but 2 bytes off a 4-byte boundary
     assert triton_int._pairs_mode(lop3, w4, x[:1]) == 2
