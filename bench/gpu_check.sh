@@ -6,7 +6,10 @@
 #   OUT=/tmp/out bash bench/gpu_check.sh [--ms 1,16,64,256,1024]
 # Time: KERNELS_TIMEOUT (default 300 s) + SERVE_TIMEOUT (default 150 s, SERVE=0 skips it)
 # + LUTGEMM_TIMEOUT (default 90 s, LUTGEMM=0 skips it). Wheels in .whl/ (the server's
-# dependencies that the GPU image lacks: fastapi, pydantic, uvicorn, ...) are installed first.
+# dependencies that a bare GPU image may lack) are installed first; to fetch them for Python 3.12:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     -d .whl fastapi starlette pydantic pydantic-core pydantic-settings uvicorn annotated-types \
+#     annotated-doc typing-inspection typing-extensions python-dotenv opentelemetry-api
 set -uo pipefail
 OUT=${OUT:-/tmp/bitserve-gpu}
 mkdir -p "$OUT"

@@ -310,8 +310,9 @@ def _gemv_kernel(
     Everything stays in the tile's 2-D layout; one reduction at the end.
 
     H2 (fp16 x, BITS 2 or 4): half precision inner loop. The codes in slots j and
-    j + per_word / 2 of a word (k = 2j, 2j + 1 at 4 bits, `_slots`) are masked out together (mask 0x000F000F for 4-bit) and OR-ed with 0x64006400: two
-    fp16 1024 + code in the word's halves, minus 1024 + z (exact: q - z in fp16), times x / 16
+    j + per_word / 2 of a word (k = 2j, 2j + 1 at 4 bits, `_slots`) are masked out together
+    (mask 0x000F000F for 4-bit) and OR-ed with 0x64006400: two fp16 1024 + code in the word's
+    halves, minus 1024 + z (exact: q - z in fp16), times x / 16
     (the 1/16 keeps the fp16 partial of one word row below 65504 for |x| < 8000), summed in
     fp16 over the word row, then once per row and block to fp32 with the scale (times 16).
 

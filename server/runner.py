@@ -26,8 +26,7 @@ SUPPORTED_TYPES = ("llama",)
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GRAPH_MIN_KV = 256
 # Eager CUDA steps leave out cuDNN attention: it plans anew for every new shape, and an eager
-# step's attention length changes every token (on an H200 leaving it out took eager fp16 decode
-# from 8.5 to 30.0 tok/s at batch 1: docs/kernels.md).
+# step's attention length changes every token (docs/kernels.md, GPU runs 6 and 7).
 EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 log = logging.getLogger("bitserve.runner")
 
@@ -177,6 +176,7 @@ class LlamaRunner:
         half = self.head_dim // 2
         self.cos = cos[0]  # [max_len, head_dim]
         self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        self._graphable = self.device.type == "cuda"  # capture decode steps (else run them)
         self._decodes: dict[tuple[int, int], _Decode] = {}
         self._pool: Any = None  # one CUDA graph memory pool for every captured step
 
@@ -252,7 +252,7 @@ class LlamaRunner:
 
         run()
         step.run = run
-        if dev.type == "cuda":
+        if self._graphable:
             try:
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()

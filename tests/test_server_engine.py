@@ -417,3 +417,22 @@ def test_batches_past_the_largest_graph_bucket_run_eager(server_tiny_checkpoint:
     assert logits.shape[0] == n and not runner._decodes  # nothing captured for 257 rows
     few = runner.forward(ids[:3], torch.arange(3), torch.ones(3, dtype=torch.long))
     assert few.shape[0] == 3 and set(runner._decodes) == {(4, 8)}
+
+
+def test_failed_capture_falls_back_to_eager(
+    server_tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decode step that cannot be captured (here: capture is attempted on the CPU, where
+    CUDA calls fail) logs a warning, and the runner serves on eager with the same logits."""
+    eager = LlamaRunner(load_model(server_tiny_checkpoint).model, num_slots=2, max_len=32)
+    runner = LlamaRunner(
+        load_model(server_tiny_checkpoint).model, num_slots=2, max_len=32, decode_graphs=True
+    )
+    runner._graphable = True  # as on CUDA
+    ids, slots = torch.tensor([[5], [9]]), torch.tensor([0, 1])
+    with caplog.at_level("WARNING", logger="bitserve.runner"):
+        got = runner.forward(ids, slots, torch.tensor([0, 0]))
+    assert "not captured in a CUDA graph" in caplog.text and not runner.decode_graphs
+    assert rel_err(got, eager.forward(ids, slots, torch.tensor([0, 0]))) < 1e-5
+    later = runner.forward(ids, slots, torch.tensor([1, 1]))  # eager from now on
+    assert rel_err(later, eager.forward(ids, slots, torch.tensor([1, 1]))) < 1e-5
