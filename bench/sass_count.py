@@ -36,17 +36,23 @@ TYPES = dict(
 INTS = ("N", "K", "G", "stride_w", "stride_h", "k_blocks", "split_k")
 
 
-DOT_VARIANTS = {"dot-fma": (0, 0), "dot-raw": (1, 0), "dot-zsub": (2, 0), "dot-kjoin": (2, 1)}
+DOT_VARIANTS = {
+    "dot-fma": (0, 0),
+    "dot-raw": (1, 0),
+    "dot-zsub": (2, 0),
+    "dot-kjoin": (2, 1),
+    "dot-kjoin-lop3": (2, 2),
+}
 
 
-def compile_gemv(variant: str, block_n: int, block_k: int, warps: int) -> bytes:
-    """The cubin of `_gemv_kernel` (or, for a dot-* variant, `_dot_kernel` with BLOCK_M = 16)
+def compile_gemv(variant: str, block_n: int, block_k: int, warps: int, block_m: int = 16) -> bytes:
+    """The cubin of `_gemv_kernel` (or, for a dot-* variant, `_dot_kernel` with this BLOCK_M)
     for W4 g128 fp16 with this variant's flags."""
     common = dict(BITS=4, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=0)
     if variant in DOT_VARIANTS:
         fn = triton_int._dot_kernel
         deq, kjoin = DOT_VARIANTS[variant]
-        dot = dict(BLOCK_M=16, DEQ=deq, KJOIN=kjoin, DOT_DTYPE=triton_int.tl.float16)
+        dot = dict(BLOCK_M=block_m, DEQ=deq, KJOIN=kjoin, DOT_DTYPE=triton_int.tl.float16)
         consts = dict(common, **dot)
     else:
         fn = triton_int._gemv_kernel
@@ -97,11 +103,12 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         nargs="+",
-        default=["plain", "h2", "pair", "lop3", "dot-zsub", "dot-kjoin"],
+        default=["plain", "h2", "pair", "lop3", "dot-zsub", "dot-kjoin", "dot-kjoin-lop3"],
         help=f"GEMV variants, or the dot kernel at M = 16 as {', '.join(DOT_VARIANTS)}",
     )
     ap.add_argument("--tiles", nargs="+", default=["128x128", "256x128"], help="BLOCK_NxBLOCK_K")
     ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--block-m", type=int, default=16, help="BLOCK_M of the dot-* variants")
     args = ap.parse_args()
     print(
         "| variant | tile (N x K) | loop instructions | words per thread | per word | top opcodes |"
@@ -111,7 +118,7 @@ def main() -> None:
         block_n, block_k = (int(v) for v in tile.split("x"))
         words = block_n * block_k // 8 // (32 * args.warps)
         for variant in args.variants:
-            ops = loop_counts(compile_gemv(variant, block_n, block_k, args.warps))
+            ops = loop_counts(compile_gemv(variant, block_n, block_k, args.warps, args.block_m))
             total = sum(ops.values())
             top = ", ".join(f"{op} {n}" for op, n in ops.most_common(5))
             print(f"| {variant} | {tile} | {total} | {words} | {total / words:.1f} | {top} |")

@@ -135,9 +135,9 @@ def _load_codes(
 
 
 @triton.jit
-def _neg_h2(v):
-    """-v (fp32, exact in fp16) as an fp16 pair in both halves of an int32."""
-    h = (-v).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+def _h2(v):
+    """v (exact in fp16) as an fp16 pair in both halves of an int32."""
+    h = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     return h | (h << 16)
 
 
@@ -214,23 +214,62 @@ def _pairs_dot(w, x0, x1, x2, x3, nz_lo, nz_hi, MODE: tl.constexpr):
         return part
 
 
+# A 4-bit word's 8 codes as fp16 q - z in PTX, 9 instructions: the `_PAIRS_PTX` masks put the
+# codes 2i, 2i + 1 into the halves of a register as 1024 + q (or 1024 + 16 q); one f16x2
+# subtraction of 1024 + z (or FMA by 1/16 with -(64 + z)) per pair leaves q - z, exact.
+_CODES_PTX = tl.constexpr("""
+{
+.reg .b32 w8, p, d0, d1, d2, d3, c;
+mov.b32 c, 0x2C002C00;
+lop3.b32 p, $8, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 d0, p, $9;
+lop3.b32 p, $8, 0x00F000F0, 0x64006400, 0xEA;
+fma.rn.f16x2 d1, p, c, $10;
+shr.u32 w8, $8, 8;
+lop3.b32 p, w8, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 d2, p, $9;
+lop3.b32 p, w8, 0x00F000F0, 0x64006400, 0xEA;
+fma.rn.f16x2 d3, p, c, $10;
+mov.b32 {$0, $1}, d0;
+mov.b32 {$2, $3}, d1;
+mov.b32 {$4, $5}, d2;
+mov.b32 {$6, $7}, d3;
+}
+""")
+
+
 @triton.jit
-def _codes_kmajor(qw_ptr, kb, offs_n, mask_n, stride_w, zz, BLOCK_K: tl.constexpr, BLOCK_N):
-    """fp16 q - z of 4-bit K-block kb as a K-major [BLOCK_N, BLOCK_K] tile (zz: 1024 + z, fp16
+def _codes_kmajor(
+    qw_ptr, kb, offs_n, mask_n, stride_w, z, BLOCK_K: tl.constexpr, BLOCK_N, MODE: tl.constexpr
+):
+    """fp16 q - z of 4-bit K-block kb as a K-major [BLOCK_N, BLOCK_K] tile (z: fp16 zero codes
     [BLOCK_N, 1]). Each of a word's 8 codes becomes fp16 while the tile is still [N, words];
     joining the 8 planes (in k order) as the minor dimension keeps a word's codes in one thread,
     so the tile reaches shared memory in 16-byte stores: `bench/sass_count.py` counts 8 STS per
-    8 words per thread here against 64 for the [words, 8, N] unpack of `_load_codes`."""
+    8 words per thread here against 64 for the [words, 8, N] unpack of `_load_codes`. MODE 2:
+    the codes come from `_CODES_PTX` (GPU only; the interpreter runs MODE 1, the same values
+    from Triton ops)."""
     rows = kb * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     w = tl.load(qw_ptr + rows[None, :] * stride_w + offs_n[:, None], mask=mask_n[:, None], other=0)
-    p0 = _codes_f16((w >> 0) & 15) - zz  # code j of a word sits in slot (j % 2) * 4 + j // 2
-    p1 = _codes_f16((w >> 16) & 15) - zz
-    p2 = _codes_f16((w >> 4) & 15) - zz
-    p3 = _codes_f16((w >> 20) & 15) - zz
-    p4 = _codes_f16((w >> 8) & 15) - zz
-    p5 = _codes_f16((w >> 24) & 15) - zz
-    p6 = _codes_f16((w >> 12) & 15) - zz
-    p7 = _codes_f16((w >> 28) & 15) - zz
+    if MODE == 2 and not INTERPRET_JIT:
+        p0, p1, p2, p3, p4, p5, p6, p7 = tl.inline_asm_elementwise(
+            _CODES_PTX,
+            "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r",
+            [w, _h2(z + 1024.0), _h2(-(z + 64.0))],
+            dtype=(tl.float16,) * 8,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        zz = z + 1024.0  # code j of a word sits in slot (j % 2) * 4 + j // 2
+        p0 = _codes_f16((w >> 0) & 15) - zz
+        p1 = _codes_f16((w >> 16) & 15) - zz
+        p2 = _codes_f16((w >> 4) & 15) - zz
+        p3 = _codes_f16((w >> 20) & 15) - zz
+        p4 = _codes_f16((w >> 8) & 15) - zz
+        p5 = _codes_f16((w >> 24) & 15) - zz
+        p6 = _codes_f16((w >> 12) & 15) - zz
+        p7 = _codes_f16((w >> 28) & 15) - zz
     # Nested joins index [.., a, b, c] as p[4a + 2b + c]: flattened, k order.
     b = tl.join(
         tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7))
@@ -374,8 +413,8 @@ def _gemv_kernel(
                 tl.load(xw + 1, mask=xm, other=0)[:, None],
                 tl.load(xw + 2, mask=xm, other=0)[:, None],
                 tl.load(xw + 3, mask=xm, other=0)[:, None],
-                _neg_h2(z * 0.0625 + 64.0),
-                _neg_h2(z * 0.0625 + 4.0),
+                _h2(-(z * 0.0625 + 64.0)),
+                _h2(-(z * 0.0625 + 4.0)),
                 LOP3,
             )
             acc += part * (s * 16.0)
@@ -432,8 +471,8 @@ def _dot_kernel(
     conversion, no per-code scale); the block's scale and zero (with the row sums of x) are
     applied to the [BLOCK_M, BLOCK_N] result. DEQ 2 (zsub): the dot runs on fp16
     (1024 + q) - (1024 + z) = q - z, exact (no row sums of x); the scale is applied to the
-    result. KJOIN (with DEQ 2, 4-bit): the same on a K-major tile (`_codes_kmajor`).
-    ATOMIC: how split-K slices are added up (`_finish`)."""
+    result. KJOIN (with DEQ 2, 4-bit): the same on a K-major tile (`_codes_kmajor`; 2: its
+    codes from PTX). ATOMIC: how split-K slices are added up (`_finish`)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -458,8 +497,8 @@ def _dot_kernel(
             s = tl.load(s_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g2, mask=mask_n[None, :], other=0.0).to(tl.float32)
         if KJOIN:  # DEQ 2 on a K-major tile (4-bit, the block inside one group)
-            zz = tl.trans((z + 1024.0).to(tl.float16))  # [BLOCK_N, 1]
-            b = _codes_kmajor(qw_ptr, kb, offs_n, mask_n, stride_w, zz, BLOCK_K, BLOCK_N)
+            zt = tl.trans(z.to(tl.float16))  # [BLOCK_N, 1]
+            b = _codes_kmajor(qw_ptr, kb, offs_n, mask_n, stride_w, zt, BLOCK_K, BLOCK_N, KJOIN)
             acc += tl.dot(x, tl.trans(b)) * s
         else:
             q = _load_codes(
@@ -573,8 +612,8 @@ class Config(NamedTuple):
     or "cublas" (`_dequant_kernel` tiles of BLOCK_K x BLOCK_N, then torch.mm). variant: flags
     joined by "+": "fma" / "zsub" (the dot's DEQ 0 / 2; default: 1 where it applies), "h2" (the
     GEMV's half precision loop), "lop3" / "pair" (the GEMV's packed-pair loop, PTX / Triton
-    ops), "kjoin" (zsub on a K-major tile), "red" / "atomic" (split-K finish ATOMIC 1 / 2;
-    default 0)."""
+    ops), "kjoin" (zsub on a K-major tile; with "lop3" its codes from PTX), "red" / "atomic"
+    (split-K finish ATOMIC 1 / 2; default 0)."""
 
     kind: str
     block_m: int
@@ -626,8 +665,6 @@ CANDIDATES: dict[int, list[Config]] = {
             (128, 64, 8, 4, 4),
             (64, 128, 16, 4, 3),
             (128, 128, 4, 4, 3),
-            (256, 64, 4, 8, 3),
-            (64, 64, 16, 2, 4),
             (128, 128, 16, 4, 2),
             (128, 64, 8, 4, 4, "zsub"),
             (128, 128, 8, 4, 3, "zsub"),
@@ -636,16 +673,22 @@ CANDIDATES: dict[int, list[Config]] = {
             (128, 64, 8, 4, 4, "zsub+atomic"),
             (128, 128, 4, 4, 3, "zsub+red"),
             (64, 128, 8, 4, 3, "zsub+kjoin"),
-            (128, 128, 8, 4, 3, "zsub+kjoin"),
+            (64, 128, 8, 4, 3, "zsub+kjoin+lop3"),
+            (128, 128, 8, 4, 3, "zsub+kjoin+lop3"),
         ],
     ),
     64: [
         *_configs("dot", 16, [(64, 128, 8, 4, 3), (128, 128, 4, 4, 3)]),
-        *_configs("dot", 16, [(128, 128, 4, 4, 3, "zsub+red")]),
         *_configs("dot", 32, [(128, 128, 4, 4, 3, "zsub")]),
         *_configs("dot", 64, [(64, 128, 4, 4, 3, "zsub"), (64, 128, 4, 4, 3, "zsub+kjoin")]),
         *_configs("dot", 32, [(128, 128, 4, 4, 3, "zsub+kjoin")]),
-        *_configs("dot", 32, [(64, 128, 8, 4, 3), (128, 128, 4, 4, 3), (128, 64, 8, 4, 4)]),
+        *_configs("dot", 32, [(128, 128, 4, 4, 3, "zsub+kjoin+lop3")]),
+        *_configs(
+            "dot",
+            64,
+            [(64, 128, 4, 4, 3, "zsub+kjoin+lop3"), (128, 128, 4, 4, 3, "zsub+kjoin+lop3")],
+        ),
+        *_configs("dot", 32, [(64, 128, 8, 4, 3), (128, 128, 4, 4, 3)]),
         *_configs(
             "dot",
             64,
@@ -661,6 +704,8 @@ CANDIDATES: dict[int, list[Config]] = {
     256: [
         *_configs("dot", 64, [(128, 64, 1, 4, 4), (256, 64, 1, 8, 3), (128, 128, 1, 4, 3)]),
         *_configs("dot", 64, [(64, 128, 1, 4, 3), (128, 64, 1, 4, 4, "zsub")]),
+        *_configs("dot", 64, [(128, 128, 1, 4, 3, "zsub+kjoin+lop3")]),
+        *_configs("dot", 128, [(128, 128, 1, 8, 3, "zsub+kjoin+lop3")]),
         *_configs(
             "dot",
             128,
@@ -677,6 +722,11 @@ CANDIDATES: dict[int, list[Config]] = {
         *_configs("dot", 256, [(128, 64, 1, 8, 3)]),
         *_configs("dot", 64, [(256, 64, 1, 8, 4)]),
         *_configs("dot", 128, [(256, 128, 1, 8, 2)]),
+        *_configs(
+            "dot",
+            128,
+            [(128, 128, 1, 8, 3, "zsub+kjoin+lop3"), (256, 64, 1, 8, 3, "zsub+kjoin+lop3")],
+        ),
         Config("cublas", 0, 128, 64, 1, 4, 1),
     ],
 }
@@ -709,13 +759,21 @@ def _applies(cfg: Config, layer: QuantLinear, dtype: torch.dtype) -> bool:
     "kjoin" fp16 and 4-bit codes."""
     flags = cfg.flags()
     fp16 = dtype == torch.float16
+    if "kjoin" in flags:
+        return fp16 and layer.bits == 4
     if flags & {"lop3", "pair"}:
         return fp16 and layer.bits == 4 and layer.in_features % 8 == 0
     if "h2" in flags:
         return fp16 and layer.bits in (2, 4)
-    if "kjoin" in flags:
-        return fp16 and layer.bits == 4
     return True
+
+
+def _kjoin_mode(cfg: Config, layer: QuantLinear, dtype: torch.dtype) -> int:
+    """The dot's KJOIN constant: 2 for "zsub+kjoin+lop3", 1 for "zsub+kjoin", else 0."""
+    flags = cfg.flags()
+    if not {"zsub", "kjoin"} <= flags or not _applies(cfg, layer, dtype):
+        return 0
+    return 2 if "lop3" in flags else 1
 
 
 def _pairs_mode(cfg: Config, layer: QuantLinear, x: torch.Tensor) -> int:
@@ -809,7 +867,10 @@ def _launch(
         dot_dtype = (
             tl.float32 if fp32_dot else {torch.float16: tl.float16}.get(x.dtype, tl.bfloat16)
         )
-        fast = x.dtype == torch.float16 and cfg.block_k <= group and cfg.block_m <= 64
+        # DEQ 1 and 2 need fp16 x and a block inside one group; the default variant takes DEQ 1
+        # up to BLOCK_M 64 only (larger tiles keep DEQ 0 unless a flag asks for zsub / kjoin).
+        one_group = x.dtype == torch.float16 and cfg.block_k <= group
+        deq = 0 if not one_group or "fma" in flags else 2 if "zsub" in flags else 1
         _dot_kernel.run(
             *args,
             m,
@@ -823,10 +884,10 @@ def _launch(
             k_blocks,
             split_k,
             BLOCK_M=cfg.block_m,
-            DEQ=0 if not fast or "fma" in flags else 2 if "zsub" in flags else 1,
+            DEQ=0 if deq == 1 and cfg.block_m > 64 else deq,
             DOT_DTYPE=dot_dtype,
             ATOMIC=atomic,
-            KJOIN=int(fast and "zsub" in flags and "kjoin" in flags and layer.bits == 4),
+            KJOIN=_kjoin_mode(cfg, layer, x.dtype) if one_group else 0,
             grid=(grid_n, grid_m, split_k),
             **common,
             **launch,

@@ -146,6 +146,13 @@ def test_gemv_variants_apply_only_where_they_run() -> None:
     kjoin = triton_int.Config("dot", 16, 32, 64, 2, 4, 1, "zsub+kjoin")
     assert triton_int._applies(kjoin, w4, f16) and not triton_int._applies(kjoin, w3, f16)
     assert not triton_int._applies(kjoin, w4, torch.bfloat16)
+    kjoin_ptx = triton_int.Config("dot", 16, 32, 64, 2, 4, 1, "zsub+kjoin+lop3")
+    assert triton_int._kjoin_mode(kjoin_ptx, w4, f16) == 2
+    assert triton_int._kjoin_mode(kjoin, w4, f16) == 1
+    assert triton_int._kjoin_mode(kjoin_ptx, w3, f16) == 0
+    assert triton_int._kjoin_mode(kjoin_ptx, w4, torch.bfloat16) == 0
+    zsub = triton_int.Config("dot", 16, 32, 64, 2, 4, 1, "zsub")
+    assert triton_int._kjoin_mode(zsub, w4, f16) == 0
     x = torch.randn(2, 256).half()
     shifted = x.view(-1)[1:257].view(1, 256)  # contiguous, but 2 bytes off a 4-byte boundary
     assert triton_int._pairs_mode(lop3, w4, x[:1]) == 2
