@@ -1,8 +1,9 @@
 """`bitserve serve --device cuda` over real HTTP on 127.0.0.1, for the lent GPU machine: a tiny
 random-init llama (tests/tiny_models.py) quantized W4 g64 by `bitserve quantize`, served once with
-the automatic backend (Triton on CUDA) and once with the reference backend. Checks: /v1/models
-reports cuda, float16 and the backend; greedy completions (plain and streamed as SSE) of both
-servers are the same text; prints what it saw and exits non-zero on a mismatch.
+the automatic backend (Triton on CUDA, fused decode kernels) and once with the reference backend
+and `--no-fused-decode`. Checks: /v1/models reports cuda, float16, the backend and how decode
+steps run; greedy completions (plain and streamed as SSE) of both servers are the same text;
+prints what it saw and exits non-zero on a mismatch.
 
     python bench/gpu_serve_check.py [--timeout 240]
 """
@@ -34,6 +35,8 @@ def serve(
     """Start `bitserve serve` and wait (bounded) for /ready; the log's end if it never is."""
     port = free_port()
     cmd = cli("serve", str(ckpt), "--device", device, "--backend", backend, "--port", str(port))
+    if backend == "reference":  # the slow path throughout: torch's ops between the matmuls
+        cmd.append("--no-fused-decode")
     try:  # cwd outside the repo: its bitserve/ folder is not the package (nothing installed)
         proc = start_server(cmd, port, "/ready", log, timeout, cwd=log.parent)
     except (RuntimeError, TimeoutError):
@@ -92,7 +95,8 @@ def main() -> int:
         quant = card.get("quantization") or {}
         print(
             f"--backend {backend}: device={card.get('device')} dtype={card.get('dtype')} "
-            f"backend={quant.get('backend')} ({time.perf_counter() - t0:.0f} s)"
+            f"backend={quant.get('backend')} decode={card.get('decode')} "
+            f"({time.perf_counter() - t0:.0f} s)"
         )
         for prompt, text in zip(PROMPTS, texts, strict=True):
             print(f"  {prompt!r} -> {text!r}")
@@ -101,6 +105,9 @@ def main() -> int:
         ok &= streamed == texts[0] and all(texts)
         want = [fast] if backend == "auto" else ["reference"]
         ok &= quant.get("backend") == want
+        gpu = args.device == "cuda"
+        want_decode = {"cuda_graphs": gpu, "fused_kernels": gpu and backend == "auto"}
+        ok &= card.get("decode") == want_decode
         seen[backend] = (texts, streamed)
     same = seen["auto"][0] == seen["reference"][0]
     print(f"greedy text, {fast} vs reference backend: {'same' if same else 'DIFFERENT'}")

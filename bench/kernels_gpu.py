@@ -484,13 +484,15 @@ def llama3_shaped(n_layers: int, w4: bool) -> Any:
     return model
 
 
-def runner_tps(model: Any, batch: int, graphs: bool, steps: int = 32, ctx: int = 512) -> float:
+def runner_tps(
+    model: Any, batch: int, graphs: bool, fused: bool, steps: int = 32, ctx: int = 512
+) -> float:
     """Greedy-shaped decode tokens/s of bitserve's serving runner (decode steps from CUDA graphs,
-    or eager): one forward per step for `batch` sequences at position 16 onwards, logits back
-    on the CPU."""
+    or eager; the ops between matmuls fused or torch's): one forward per step for `batch`
+    sequences at position 16 onwards, logits back on the CPU."""
     from bitserve.server.runner import LlamaRunner
 
-    runner = LlamaRunner(model, batch, ctx, decode_graphs=graphs)
+    runner = LlamaRunner(model, batch, ctx, decode_graphs=graphs, fused_decode=fused)
     ids, slots = torch.zeros(batch, 1, dtype=torch.long), torch.arange(batch)
     runner.forward(ids, slots, torch.full((batch,), 16))  # warm-up: Triton tuning, capture
     torch.cuda.synchronize()
@@ -503,11 +505,14 @@ def runner_tps(model: Any, batch: int, graphs: bool, steps: int = 32, ctx: int =
 
 def bench_engine(n_layers: int) -> None:
     """The same model shapes through the serving runner, as `bitserve serve --device cuda`
-    decodes: decode steps replayed from CUDA graphs (the default), and eager."""
+    decodes: decode steps replayed from CUDA graphs with the fused decode kernels (the
+    default), from graphs with torch's ops between the matmuls, and eager (fused)."""
+    modes = {"graphs, fused": (True, True), "graphs, torch ops": (True, False)}
+    modes["eager, fused"] = (False, True)
     print(f"\n## serving runner, random-init Llama-3-8B shapes ({n_layers} layers)")
-    print("| batch | weights | graphs tok/s | x fp16 | eager tok/s | x fp16 |")
-    print("|---|---|---|---|---|---|")
-    base: dict[tuple[int, bool], float] = {}
+    print(f"| batch | weights | {' | '.join(f'{m} tok/s | x fp16' for m in modes)} |")
+    print(f"|---|---|{'---|---|' * len(modes)}")
+    base: dict[tuple[int, str], float] = {}
     for w4 in (False, True):
         if over_budget():
             print("(budget: serving runner stopped)")
@@ -516,10 +521,10 @@ def bench_engine(n_layers: int) -> None:
         with torch.inference_mode():
             for batch in (1, 16):
                 cells = []
-                for graphs in (True, False):
-                    tps = runner_tps(model, batch, graphs)
-                    base.setdefault((batch, graphs), tps)
-                    cells.append(f"{tps:.1f} | {tps / base[batch, graphs]:.2f}x")
+                for mode, (graphs, fused) in modes.items():
+                    tps = runner_tps(model, batch, graphs, fused)
+                    base.setdefault((batch, mode), tps)
+                    cells.append(f"{tps:.1f} | {tps / base[batch, mode]:.2f}x")
                     torch.cuda.empty_cache()
                 name = "W4 g128 (fp16 lm_head)" if w4 else "fp16"
                 print(f"| {batch} | {name} | {' | '.join(cells)} |", flush=True)
@@ -556,27 +561,31 @@ def smollm2_w4(backend: str) -> Any:
 
 
 def bench_runner_backends(steps: int = 16) -> None:
-    """The serving runner on the GPU with the Triton backend against the reference backend:
-    logits of a 32-token prefill and `steps` decode steps fed the same tokens (relative error,
-    argmax agreement), then decode tokens/s of each at batch 1 and 16 (decode steps from CUDA
-    graphs, the runner's default on CUDA)."""
+    """The serving runner on the GPU: the reference backend with torch's ops between the
+    matmuls, against the Triton backend with torch's ops and with the fused decode kernels (the
+    default on CUDA). Logits of a 32-token prefill and `steps` decode steps fed the same tokens
+    (relative error, argmax agreement), then decode tokens/s at batch 1 and 16 (decode steps
+    from CUDA graphs)."""
     from bitserve.server.runner import LlamaRunner
 
     print(
-        "\n## serving runner on the GPU: triton vs reference backend, SmolLM2-135M shapes, W4 g128"
+        "\n## serving runner on the GPU: triton backend (torch ops / fused decode kernels) vs "
+        "reference backend, SmolLM2-135M shapes (9 heads, 3 kv heads), W4 g128"
     )
+    variants = {"reference": ("reference", False), "triton": ("triton", False)}
+    variants["triton + fused"] = ("triton", True)
     logits: dict[str, list[torch.Tensor]] = {}
     speed: dict[str, dict[int, float]] = {}
-    for backend in ("reference", "triton"):
-        runner = LlamaRunner(smollm2_w4(backend), 16, 256)
+    for name, (backend, fused) in variants.items():
+        runner = LlamaRunner(smollm2_w4(backend), 16, 256, fused_decode=fused)
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, SMOLLM2["vocab_size"], (1, 32 + steps), generator=gen)
         slot = torch.tensor([0])
         out = [runner.forward(ids[:, :32], slot, torch.tensor([0]))]
         for i in range(steps):
             out.append(runner.forward(ids[:, 32 + i : 33 + i], slot, torch.tensor([32 + i])))
-        logits[backend] = out
-        speed[backend] = {}
+        logits[name] = out
+        speed[name] = {}
         for batch in (1, 16):
             ids1, slots = torch.zeros(batch, 1, dtype=torch.long), torch.arange(batch)
             runner.forward(ids1, slots, torch.full((batch,), 64))
@@ -585,19 +594,27 @@ def bench_runner_backends(steps: int = 16) -> None:
             for i in range(32):
                 runner.forward(ids1, slots, torch.full((batch,), 65 + i))
             torch.cuda.synchronize()
-            speed[backend][batch] = batch * 32 / (time.perf_counter() - t0)
+            speed[name][batch] = batch * 32 / (time.perf_counter() - t0)
         del runner
         torch.cuda.empty_cache()
-    pairs = list(zip(logits["triton"], logits["reference"], strict=True))
-    errs = [rel_err(t, r) for t, r in pairs]
-    agree = [bool(t.argmax() == r.argmax()) for t, r in pairs]
-    print(f"logits rel err: prefill {errs[0]:.1e}, decode max {max(errs[1:]):.1e}")
-    print(f"argmax agreement: {sum(agree)}/{len(agree)} positions")
-    print("| batch | reference tok/s | triton tok/s | x reference |")
-    print("|---|---|---|---|")
+    for name in ("triton", "triton + fused"):
+        pairs = list(zip(logits[name], logits["reference"], strict=True))
+        errs = [rel_err(t, r) for t, r in pairs]
+        agree = sum(bool(t.argmax() == r.argmax()) for t, r in pairs)
+        print(
+            f"{name} vs reference: logits rel err prefill {errs[0]:.1e}, decode max "
+            f"{max(errs[1:]):.1e}; argmax agreement {agree}/{len(pairs)} positions"
+        )
+    print(
+        "| batch | reference tok/s | triton tok/s | x reference | triton + fused tok/s | x triton |"
+    )
+    print("|---|---|---|---|---|---|")
     for batch in (1, 16):
-        ref, tri = speed["reference"][batch], speed["triton"][batch]
-        print(f"| {batch} | {ref:.1f} | {tri:.1f} | {tri / ref:.2f}x |", flush=True)
+        ref, tri, fus = (speed[n][batch] for n in variants)
+        print(
+            f"| {batch} | {ref:.1f} | {tri:.1f} | {tri / ref:.2f}x | {fus:.1f} | {fus / tri:.2f}x |",
+            flush=True,
+        )
 
 
 def print_tuning() -> None:

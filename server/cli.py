@@ -159,7 +159,10 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
         }
         quality = loaded.manifest.get("quality")
     head = getattr(torch, settings.head_dtype)
-    runner = LlamaRunner(model, slots, settings.max_model_len, head, decode_graphs=graphs)
+    fused = None if settings.fused_decode else False  # None: the runner's default (CUDA, Triton)
+    runner = LlamaRunner(
+        model, slots, settings.max_model_len, head, decode_graphs=graphs, fused_decode=fused
+    )
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos |= set(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
@@ -173,6 +176,7 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
         dtype=str(weight.dtype).removeprefix("torch."),
         quantization=quant,
         quality=quality,
+        decode={"cuda_graphs": runner.decode_graphs, "fused_kernels": runner.fused_decode},
     )
     return ServerState(engine=engine, tokenizer=tok, metrics=metrics, card=card)
 
@@ -207,11 +211,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     device = resolve_device(settings.device)
     dtype = torch.float16 if device == "cuda" else torch.float32
     loaded = load_model(path, device=device, dtype=dtype, backend=settings.backend)
-    graphs = "CUDA graphs" if device == "cuda" and settings.cuda_graphs else "eager"
-    logging.getLogger("bitserve").info(
-        "serving %s on %s (%s, decode %s)", path, device, dtype, graphs
-    )
     state = build_state(loaded, settings)
+    runner = state.engine.runner
+    decode = "CUDA graphs" if runner.decode_graphs else "eager"
+    decode += ", fused decode kernels" if runner.fused_decode else ""
+    logging.getLogger("bitserve").info(
+        "serving %s on %s (%s, decode %s)", path, device, dtype, decode
+    )
     uvicorn.run(
         create_app(state),
         host=settings.host,
@@ -275,6 +281,14 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="on CUDA, replay decode steps from CUDA graphs captured per padded batch size and "
         "attention length (default on; --no-cuda-graphs launches every kernel from Python)",
+    )
+    s.add_argument(
+        "--fused-decode",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on CUDA, run a decode step's work between the matmuls (norms, rotary + KV-cache "
+        "write, attention, SiLU) as fused Triton kernels (default on; --no-fused-decode uses "
+        "torch's ops)",
     )
     s.add_argument(
         "--head-dtype",

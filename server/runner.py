@@ -7,6 +7,7 @@ which costs more than the matmuls for a 135M model on CPU."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -115,7 +116,11 @@ class LlamaRunner:
     decode_graphs (default: on CUDA): one-token decode steps run from CUDA graphs captured per
     (padded batch, attention length) on first use, since launching a step's few hundred kernels
     from Python costs more than the step itself; padded rows write to a spare cache slot. On
-    the CPU the same static step runs without capture (tests)."""
+    the CPU the same static step runs without capture (tests).
+
+    fused_decode (default: on CUDA with Triton): one-token steps run the ops between the
+    matmuls as fused Triton kernels (`bitserve.kernels.triton_decode`: residual add + norm,
+    rotary + cache write, attention read from the cache in place, SiLU * up)."""
 
     def __init__(
         self,
@@ -124,6 +129,7 @@ class LlamaRunner:
         max_len: int,
         head_dtype: torch.dtype | None = None,
         decode_graphs: bool | None = None,
+        fused_decode: bool | None = None,
     ) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_TYPES:
@@ -176,6 +182,12 @@ class LlamaRunner:
         half = self.head_dim // 2
         self.cos = cos[0]  # [max_len, head_dim]
         self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        if fused_decode is None:
+            fused_decode = (
+                self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+            )
+        self.fused_decode = fused_decode
+        self.silu = config.hidden_act in ("silu", "swish")  # the MLP's act_fn, fused with up
         self._graphable = self.device.type == "cuda"  # capture decode steps (else run them)
         self._decodes: dict[tuple[int, int], _Decode] = {}
         self._pool: Any = None  # one CUDA graph memory pool for every captured step
@@ -279,6 +291,8 @@ class LlamaRunner:
         """The forward on device tensors (ids, slots, positions pos [B, T]; cache rows `rows`
         read up to kv_len): logits [B, V] in the head's dtype, without a host sync."""
         B, T = ids.shape
+        if T == 1 and self.fused_decode:
+            return self._fused_step(ids[:, 0], slots, pos[:, 0], kv_len)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[pos].unsqueeze(2), self.signed_sin[pos].unsqueeze(2)  # [B, T, 1, D]
         keys_at = torch.arange(kv_len, device=self.device).view(1, 1, kv_len)
@@ -306,6 +320,38 @@ class LlamaRunner:
             x = self.norm(h[:, -1])
         else:
             x = self.norm(h[torch.arange(B, device=self.device), last.to(self.device)])
+        return self._head(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self.head_weight is None:
             return self.lm_head(x)
         return F.linear(x.to(self.head_weight.dtype), self.head_weight)
+
+    def _fused_step(
+        self, ids: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """`_step` for one token per row (ids, slots, pos: [B]) through the fused decode
+        kernels: per layer a residual add + norm after each block, rotary + cache write, and
+        attention that reads each row's slot up to its own position."""
+        from bitserve.kernels import triton_decode as fused
+
+        h = self.embed(ids)
+        x = torch.empty_like(h)
+        norms = [layer.attn_norm for layer in self.layers] + [self.norm]
+        fused.add_rms_norm(h, None, norms[0].weight, norms[0].variance_epsilon, x)
+        for i, layer in enumerate(self.layers):
+            qkv = _project(layer.qkv, x)
+            k, v = self.k_cache[i], self.v_cache[i]
+            q = fused.rope_to_cache(qkv, self.cos, self.signed_sin, pos, slots, k, v, self.heads)
+            o = fused.decode_attention(q, k, v, slots, pos, kv_len, self.scale)
+            mlp_norm = layer.mlp_norm
+            fused.add_rms_norm(h, layer.o(o), mlp_norm.weight, mlp_norm.variance_epsilon, x)
+            gate_up = _project(layer.gate_up, x)
+            if self.silu:
+                a = fused.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                a = layer.act(gate) * up
+            nxt = norms[i + 1]
+            fused.add_rms_norm(h, layer.down(a), nxt.weight, nxt.variance_epsilon, x)
+        return self._head(x)

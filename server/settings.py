@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     )
     backend: str = Field("auto", description="QuantLinear backend")
     cuda_graphs: bool = Field(True, description="replay CUDA decode steps from captured graphs")
+    fused_decode: bool = Field(
+        True, description="fused Triton kernels between a CUDA decode step's matmuls"
+    )
     head_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16",
         description="dtype of the lm_head matmul when narrower than the model's (bf16 halves "

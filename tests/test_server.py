@@ -88,6 +88,7 @@ def test_health_ready_and_model_card(url: str, server_tiny_checkpoint: Path) -> 
     card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
     assert card["id"] == server_tiny_checkpoint.name
     assert (card["device"], card["dtype"]) == ("cpu", "float32")
+    assert card["decode"] == {"cuda_graphs": False, "fused_kernels": False}  # CUDA-only paths
     q = card["quantization"]
     assert (q["method"], q["bits"], q["group_size"]) == ("rtn", 4, 32)
     assert q["bits_per_weight"] == pytest.approx(4 + (16 + 4) / 32)
