@@ -1,11 +1,12 @@
 """Instructions per packed weight word in the main loop of the M = 1 GEMV's variants and of the
-M = 16 dot kernel's, without a GPU: compiles `_gemv_kernel` / `_dot_kernel` for sm_90 with
-Triton's own ptxas (integer arguments marked divisible by 16, as Triton specializes them at
-launch), disassembles them with nvdisasm and counts the SASS of the loop over K-blocks. Small-M
+dot kernel's (BLOCK_M 16 by default), without a GPU: compiles `_gemv_kernel` / `_dot_kernel` for
+sm_90 with Triton's own ptxas (`compile_check.py`), disassembles them with nvdisasm and counts
+the SASS of the loop over K-blocks. Small-M
 matmuls are bound by instruction issue as much as by memory: at the 4.2 TB/s measured on an
 H200 an SM has about 31 issue slots per 4-byte word.
 
-    python bench/sass_count.py [--variants plain h2 pair lop3] [--tiles 128x128 256x128]
+    python bench/sass_count.py [--variants plain lop3 dot-kjoin-lop3] [--tiles 128x128]
+        [--block-m 16] [--warps 4]
 """
 
 from __future__ import annotations
@@ -18,56 +19,7 @@ import subprocess
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-from bitserve.kernels import triton_int
-
-TYPES = dict(
-    x_ptr="*fp16",
-    qw_ptr="*i32",
-    qh_ptr="*i32",
-    s_ptr="*fp16",
-    z_ptr="*fp16",
-    out_ptr="*fp16",
-    ws_ptr="*fp32",
-    cnt_ptr="*i32",
-)
-INTS = ("N", "K", "G", "stride_w", "stride_h", "k_blocks", "split_k")
-
-
-DOT_VARIANTS = {
-    "dot-fma": (0, 0),
-    "dot-raw": (1, 0),
-    "dot-zsub": (2, 0),
-    "dot-kjoin": (2, 1),
-    "dot-kjoin-lop3": (2, 2),
-}
-
-
-def compile_gemv(variant: str, block_n: int, block_k: int, warps: int, block_m: int = 16) -> bytes:
-    """The cubin of `_gemv_kernel` (or, for a dot-* variant, `_dot_kernel` with this BLOCK_M)
-    for W4 g128 fp16 with this variant's flags."""
-    common = dict(BITS=4, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=0)
-    if variant in DOT_VARIANTS:
-        fn = triton_int._dot_kernel
-        deq, kjoin = DOT_VARIANTS[variant]
-        dot = dict(BLOCK_M=block_m, DEQ=deq, KJOIN=kjoin, DOT_DTYPE=triton_int.tl.float16)
-        consts = dict(common, **dot)
-    else:
-        fn = triton_int._gemv_kernel
-        lop3 = {"lop3": 2, "pair": 1}.get(variant, 0)
-        consts = dict(common, H2=int(variant == "h2"), LOP3=lop3)
-    names = fn.arg_names
-    ints = (*INTS, "M", "stride_xm", "stride_om")
-    sig = {n: TYPES.get(n, "i32" if n in ints else "constexpr") for n in names}
-    aligned = (*TYPES, "stride_w", "stride_h", "stride_xm", "stride_om", "N", "K")
-    aligned = tuple(n for n in aligned if n in names)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    stages = 3 if variant in DOT_VARIANTS else 1
-    options = dict(num_warps=warps, num_stages=stages)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+from compile_check import DOT_VARIANTS, matmul_kernel
 
 
 def loop_counts(cubin: bytes) -> collections.Counter[str]:
@@ -118,7 +70,7 @@ def main() -> None:
         block_n, block_k = (int(v) for v in tile.split("x"))
         words = block_n * block_k // 8 // (32 * args.warps)
         for variant in args.variants:
-            ops = loop_counts(compile_gemv(variant, block_n, block_k, args.warps, args.block_m))
+            ops = loop_counts(matmul_kernel(variant, block_n, block_k, args.warps, args.block_m))
             total = sum(ops.values())
             top = ", ".join(f"{op} {n}" for op, n in ops.most_common(5))
             print(f"| {variant} | {tile} | {total} | {words} | {total / words:.1f} | {top} |")

@@ -1,0 +1,146 @@
+"""Compile every Triton kernel variant for sm_90 (Hopper) with Triton's own ptxas, without a GPU:
+catches what the CPU interpreter cannot see (inline PTX, types that only the GPU compiler
+checks, layouts) before a GPU run spends its minutes on it. tests/test_kernels_compile.py runs
+it in CI; `bench/sass_count.py` uses its `compile_sm90`.
+
+    python bench/compile_check.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from bitserve.kernels import triton_decode, triton_int
+
+# Argument types of the matmul kernels (fp16 activations); the other arguments are i32.
+INT_KERNEL_TYPES = dict(
+    x_ptr="*fp16",
+    qw_ptr="*i32",
+    qh_ptr="*i32",
+    s_ptr="*fp16",
+    z_ptr="*fp16",
+    out_ptr="*fp16",
+    w_ptr="*fp16",
+    ws_ptr="*fp32",
+    cnt_ptr="*i32",
+)
+# Arguments Triton specializes as multiples of 16 at launch on the benchmark shapes.
+ALIGNED = (*INT_KERNEL_TYPES, "stride_w", "stride_h", "stride_xm", "stride_om", "N", "K")
+# The dot kernel's variants as (DEQ, KJOIN).
+DOT_VARIANTS = {
+    "dot-fma": (0, 0),
+    "dot-raw": (1, 0),
+    "dot-zsub": (2, 0),
+    "dot-kjoin": (2, 1),
+    "dot-kjoin-lop3": (2, 2),
+}
+
+
+def compile_sm90(
+    fn: Any, types: dict[str, str], consts: dict[str, Any], warps: int, stages: int = 1
+) -> bytes:
+    """The sm_90 cubin of jit function `fn`: arguments typed by `types` (else i32), constexprs
+    from `consts`, the ALIGNED ones marked divisible by 16."""
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    options = dict(num_warps=warps, num_stages=stages)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
+def matmul_kernel(
+    variant: str,
+    block_n: int,
+    block_k: int,
+    warps: int,
+    block_m: int = 16,
+    bits: int = 4,
+    atomic: int = 0,
+) -> bytes:
+    """`_gemv_kernel` with a GEMV variant (plain, h2, pair, lop3), or `_dot_kernel` with a dot-*
+    variant at this BLOCK_M, for g128 fp16."""
+    common = dict(BITS=bits, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic)
+    if variant in DOT_VARIANTS:
+        deq, kjoin = DOT_VARIANTS[variant]
+        dot = dict(BLOCK_M=block_m, DEQ=deq, KJOIN=kjoin, DOT_DTYPE=triton_int.tl.float16)
+        return compile_sm90(triton_int._dot_kernel, INT_KERNEL_TYPES, common | dot, warps, 3)
+    lop3 = {"lop3": 2, "pair": 1}.get(variant, 0)
+    gemv = dict(H2=int(variant == "h2"), LOP3=lop3)
+    return compile_sm90(triton_int._gemv_kernel, INT_KERNEL_TYPES, common | gemv, warps)
+
+
+def decode_kernels() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], int]]:
+    """The fused decode kernels at Llama-3-8B sizes (hidden 4096, head_dim 128, fp16)."""
+    f16, f32, i64 = "*fp16", "*fp32", "*i64"
+    attn = dict(q_ptr=f16, k_ptr=f16, v_ptr=f16, slot_ptr=i64, pos_ptr=i64, out_ptr=f16)
+    attn |= dict(o_ws=f32, m_ws=f32, l_ws=f32, scale_log2="fp32")
+    rope = dict(qkv_ptr=f16, cos_ptr=f16, sin_ptr=f16, pos_ptr=i64, slot_ptr=i64)
+    rope |= dict(q_ptr=f16, k_ptr=f16, v_ptr=f16)
+    norm = dict(h_ptr=f16, d_ptr=f16, w_ptr=f16, x_ptr=f16, eps="fp32")
+    merge = dict(o_ws=f32, m_ws=f32, l_ws=f32, out_ptr=f16)
+    attn_consts = dict(D=128, BLOCK_D=128, GP=16, BLOCK_L=triton_decode.ATTN_BLOCK_L)
+    return {
+        "add_rms_norm": (
+            triton_decode._add_rms_norm_kernel,
+            norm,
+            dict(HAS_DELTA=1, BLOCK=4096),
+            8,
+        ),
+        "rms_norm": (triton_decode._add_rms_norm_kernel, norm, dict(HAS_DELTA=0, BLOCK=4096), 8),
+        "rope_to_cache": (triton_decode._rope_cache_kernel, rope, dict(HALF=64, BLOCK=64), 1),
+        "attention (splits)": (triton_decode._attn_kernel, attn, attn_consts, 4),
+        "attention (one split)": (triton_decode._attn_kernel, attn, attn_consts | {"SPLITS": 1}, 4),
+        "merge": (triton_decode._merge_kernel, merge, dict(D=128, BLOCK_D=128, BLOCK_S=8), 4),
+        "silu_mul": (
+            triton_decode._silu_mul_kernel,
+            dict(gu_ptr=f16, out_ptr=f16),
+            {"BLOCK": 1024},
+            4,
+        ),
+    }
+
+
+def main() -> int:
+    jobs: list[tuple[str, Any]] = []
+    for v in ("plain", "h2", "pair", "lop3"):
+        jobs.append((f"gemv {v} W4", lambda v=v: matmul_kernel(v, 128, 128, 4)))
+    for bits in (2, 3, 8):
+        jobs.append(
+            (f"gemv plain W{bits}", lambda b=bits: matmul_kernel("plain", 128, 128, 4, bits=b))
+        )
+    jobs.append(("gemv lop3 W4 red", lambda: matmul_kernel("lop3", 128, 128, 4, atomic=1)))
+    for v in DOT_VARIANTS:
+        jobs.append((f"{v} M16", lambda v=v: matmul_kernel(v, 128, 128, 4)))
+    jobs.append(("dot-kjoin-lop3 M128", lambda: matmul_kernel("dot-kjoin-lop3", 128, 128, 8, 128)))
+    jobs.append(("dot-fma M128 W3", lambda: matmul_kernel("dot-fma", 128, 64, 8, 128, bits=3)))
+    jobs.append(("dot-zsub M16 atomic", lambda: matmul_kernel("dot-zsub", 128, 64, 4, atomic=2)))
+    deq = dict(BITS=4, GROUP=128, BLOCK_N=128, BLOCK_K=64)
+    jobs.append(
+        ("dequant", lambda: compile_sm90(triton_int._dequant_kernel, INT_KERNEL_TYPES, deq, 4))
+    )
+    for name, (fn, types, consts, warps) in decode_kernels().items():
+        jobs.append((f"decode {name}", lambda a=(fn, types, consts, warps): compile_sm90(*a)))
+    failed = 0
+    for name, job in jobs:
+        t0 = time.perf_counter()
+        try:
+            size = len(job())
+            print(
+                f"ok   {name}: {size} bytes of cubin, {time.perf_counter() - t0:.1f} s", flush=True
+            )
+        except Exception as e:
+            failed += 1
+            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+    print(f"{len(jobs) - failed}/{len(jobs)} kernels compiled for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
