@@ -1,7 +1,8 @@
-"""Compile every Triton kernel variant for sm_90 (Hopper) with Triton's own ptxas, without a GPU:
-catches what the CPU interpreter cannot see (inline PTX, types that only the GPU compiler
-checks, layouts) before a GPU run spends its minutes on it. tests/test_kernels_compile.py runs
-it in CI; `bench/sass_count.py` uses its `compile_sm90`.
+"""Compile every Triton kernel variant for sm_90 (Hopper; with programmatic dependent launch, as
+served there) with Triton's own ptxas, without a GPU: catches what the CPU interpreter cannot
+see (inline PTX, grid dependency control, types that only the GPU compiler checks, layouts)
+before a GPU run spends its minutes on it. tests/test_kernels_compile.py runs it in CI;
+`bench/sass_count.py` uses its `compile_sm90`.
 
     python bench/compile_check.py
 """
@@ -51,7 +52,7 @@ def compile_sm90(
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    options = dict(num_warps=warps, num_stages=stages)
+    options = dict(num_warps=warps, num_stages=stages, launch_pdl=bool(consts.get("PDL")))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
 
 
@@ -66,7 +67,7 @@ def matmul_kernel(
 ) -> bytes:
     """`_gemv_kernel` with a GEMV variant (plain, h2, pair, lop3), or `_dot_kernel` with a dot-*
     variant at this BLOCK_M, for g128 fp16."""
-    common = dict(BITS=bits, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic)
+    common = dict(BITS=bits, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic, PDL=1)
     if variant in DOT_VARIANTS:
         deq, kjoin = DOT_VARIANTS[variant]
         dot = dict(BLOCK_M=block_m, DEQ=deq, KJOIN=kjoin, DOT_DTYPE=triton_int.tl.float16)
@@ -121,12 +122,13 @@ def main() -> int:
     jobs.append(("dot-kjoin-lop3 M128", lambda: matmul_kernel("dot-kjoin-lop3", 128, 128, 8, 128)))
     jobs.append(("dot-fma M128 W3", lambda: matmul_kernel("dot-fma", 128, 64, 8, 128, bits=3)))
     jobs.append(("dot-zsub M16 atomic", lambda: matmul_kernel("dot-zsub", 128, 64, 4, atomic=2)))
-    deq = dict(BITS=4, GROUP=128, BLOCK_N=128, BLOCK_K=64)
+    deq = dict(BITS=4, GROUP=128, BLOCK_N=128, BLOCK_K=64, PDL=1)
     jobs.append(
         ("dequant", lambda: compile_sm90(triton_int._dequant_kernel, INT_KERNEL_TYPES, deq, 4))
     )
     for name, (fn, types, consts, warps) in decode_kernels().items():
-        jobs.append((f"decode {name}", lambda a=(fn, types, consts, warps): compile_sm90(*a)))
+        args = (fn, types, consts | {"PDL": 1}, warps)
+        jobs.append((f"decode {name}", lambda a=args: compile_sm90(*a)))
     failed = 0
     for name, job in jobs:
         t0 = time.perf_counter()

@@ -228,22 +228,13 @@ def tinygemm_calls(k: int, n: int, x: torch.Tensor) -> list[Callable[[], Any]]:
     return [partial(torch.ops.aten._weight_int4pack_mm, xb, p, 128, s) for p, s in copies]
 
 
-def older_best(layer: QuantLinear, x: torch.Tensor) -> triton_int.Config:
-    """The fastest M = 1 candidate without the packed-pair GEMVs (the baseline they must beat)."""
-    cands = [c for c in triton_int.CANDIDATES[1] if not c.flags() & {"lop3", "pair"}]
-    out = torch.empty(1, layer.out_features, device=DEVICE, dtype=x.dtype)
-    return triton_int.autotune(
-        cands, lambda c: triton_int._launch(layer, x, out, c), triton_int._do_bench
-    )
-
-
 def bench_layers(bw: float, ms: tuple[int, ...] = MS) -> None:
     """The timing table: fp16 cuBLAS, torch int4, Triton W4 g128 (and W3/W8/W2 at M=1)."""
     print(f"\n## timing (CUDA graphs, rotating weight copies); copy bandwidth {bw / 1e12:.2f} TB/s")
     print(
         "| K x N | M | fp16 us | fp16 limit us | torch int4 us (x fp16) | W4g128 us (x fp16) "
         "| W4 limit us | W4 x limit | W3 us (x fp16) | W8 us (x fp16) | W2 us (x fp16) "
-        "| W4 without pair GEMVs us (x fp16) |"
+        "| W4 without PDL us (x fp16) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, n in SHAPES:
@@ -279,16 +270,18 @@ def bench_layers(bw: float, ms: tuple[int, ...] = MS) -> None:
                 t = graph_time([partial(triton_int.matmul, q, x) for q in layers[bits]])
                 cells[bits] = (t, f"{t * 1e6:.1f} ({t16 / t:.2f}x)")
             t4 = cells[4][0]
-            before = "-"
-            if m == 1:  # the same run's best config among the GEMVs that came before "lop3"/"pair"
-                cfg = older_best(layers[4][0], x)
-                out = torch.empty(1, n, device=DEVICE, dtype=torch.float16)
-                t = graph_time([partial(triton_int._launch, q, x, out, cfg) for q in layers[4]])
-                before = f"{t * 1e6:.1f} ({t16 / t:.2f}x)"
+            # The same launches without programmatic dependent launch, which lets each of the
+            # graph's kernels start while the one before it finishes (cuBLAS's do not).
+            saved, triton_int.PDL_ENABLED = triton_int.PDL_ENABLED, False
+            try:
+                t = graph_time([partial(triton_int.matmul, q, x) for q in layers[4]])
+            finally:
+                triton_int.PDL_ENABLED = saved
+            no_pdl = f"{t * 1e6:.1f} ({t16 / t:.2f}x)"
             print(
                 f"| {k}x{n} | {m} | {t16 * 1e6:.1f} | {lim16 * 1e6:.1f} | {cell_ti4} | {cells[4][1]} "
                 f"| {lim4 * 1e6:.1f} | {lim4 / t4:.2f} | {cells.get(3, (0, '-'))[1]} "
-                f"| {cells.get(8, (0, '-'))[1]} | {cells.get(2, (0, '-'))[1]} | {before} |",
+                f"| {cells.get(8, (0, '-'))[1]} | {cells.get(2, (0, '-'))[1]} | {no_pdl} |",
                 flush=True,
             )
         del w16s, layers
@@ -485,30 +478,42 @@ def llama3_shaped(n_layers: int, w4: bool) -> Any:
 
 
 def runner_tps(
-    model: Any, batch: int, graphs: bool, fused: bool, steps: int = 32, ctx: int = 512
+    model: Any,
+    batch: int,
+    graphs: bool,
+    fused: bool,
+    pdl: bool = True,
+    steps: int = 32,
+    ctx: int = 512,
 ) -> float:
     """Greedy-shaped decode tokens/s of bitserve's serving runner (decode steps from CUDA graphs,
-    or eager; the ops between matmuls fused or torch's): one forward per step for `batch`
-    sequences at position 16 onwards, logits back on the CPU."""
+    or eager; the ops between matmuls fused or torch's; Triton kernels launched with
+    programmatic dependent launch or not): one forward per step for `batch` sequences at
+    position 16 onwards, logits back on the CPU."""
     from bitserve.server.runner import LlamaRunner
 
     runner = LlamaRunner(model, batch, ctx, decode_graphs=graphs, fused_decode=fused)
     ids, slots = torch.zeros(batch, 1, dtype=torch.long), torch.arange(batch)
-    runner.forward(ids, slots, torch.full((batch,), 16))  # warm-up: Triton tuning, capture
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        runner.forward(ids, slots, torch.full((batch,), 17 + i))
-    torch.cuda.synchronize()
+    saved, triton_int.PDL_ENABLED = triton_int.PDL_ENABLED, pdl
+    try:
+        runner.forward(ids, slots, torch.full((batch,), 16))  # warm-up: Triton tuning, capture
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            runner.forward(ids, slots, torch.full((batch,), 17 + i))
+        torch.cuda.synchronize()
+    finally:
+        triton_int.PDL_ENABLED = saved
     return batch * steps / (time.perf_counter() - t0)
 
 
 def bench_engine(n_layers: int) -> None:
     """The same model shapes through the serving runner, as `bitserve serve --device cuda`
-    decodes: decode steps replayed from CUDA graphs with the fused decode kernels (the
-    default), from graphs with torch's ops between the matmuls, and eager (fused)."""
-    modes = {"graphs, fused": (True, True), "graphs, torch ops": (True, False)}
-    modes["eager, fused"] = (False, True)
+    decodes: decode steps replayed from CUDA graphs with the fused decode kernels and
+    programmatic dependent launch (the default), the same without PDL, from graphs with torch's
+    ops between the matmuls, and eager (fused)."""
+    modes = {"graphs, fused": (True, True, True), "graphs, fused, no PDL": (True, True, False)}
+    modes |= {"graphs, torch ops": (True, False, True), "eager, fused": (False, True, True)}
     print(f"\n## serving runner, random-init Llama-3-8B shapes ({n_layers} layers)")
     print(f"| batch | weights | {' | '.join(f'{m} tok/s | x fp16' for m in modes)} |")
     print(f"|---|---|{'---|---|' * len(modes)}")
@@ -521,8 +526,8 @@ def bench_engine(n_layers: int) -> None:
         with torch.inference_mode():
             for batch in (1, 16):
                 cells = []
-                for mode, (graphs, fused) in modes.items():
-                    tps = runner_tps(model, batch, graphs, fused)
+                for mode, (graphs, fused, pdl) in modes.items():
+                    tps = runner_tps(model, batch, graphs, fused, pdl)
                     base.setdefault((batch, mode), tps)
                     cells.append(f"{tps:.1f} | {tps / base[batch, mode]:.2f}x")
                     torch.cuda.empty_cache()

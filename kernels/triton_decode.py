@@ -21,17 +21,34 @@ import torch
 import triton
 import triton.language as tl
 
+from bitserve.kernels.triton_int import pdl_enter, use_pdl
+
 # decode_attention splits each row's length so that a step has about this many programs.
 ATTN_PROGRAMS = 128
 ATTN_BLOCK_L = 64  # keys per inner-loop step
 
 
+def _pdl(t: torch.Tensor) -> dict[str, bool]:
+    """The PDL constexpr and launch option for a kernel on t's device (`use_pdl`)."""
+    pdl = use_pdl(t.device)
+    return {"PDL": pdl, "launch_pdl": pdl}
+
+
 @triton.jit
 def _add_rms_norm_kernel(
-    h_ptr, d_ptr, w_ptr, x_ptr, n, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr
+    h_ptr,
+    d_ptr,
+    w_ptr,
+    x_ptr,
+    n,
+    eps,
+    HAS_DELTA: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Row r: h[r] += d[r] (rounded to h's dtype, as the unfused add is), then
     x[r] = (h[r] / rms(h[r])).to(dtype) * w, the norm's statistics in fp32 (HF's LlamaRMSNorm)."""
+    pdl_enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
@@ -61,6 +78,7 @@ def add_rms_norm(
         HAS_DELTA=delta is not None,
         BLOCK=triton.next_power_of_2(n),
         num_warps=4 if n <= 2048 else 8,
+        **_pdl(h),
     )
 
 
@@ -83,11 +101,13 @@ def _rope_cache_kernel(
     HKV,
     HALF: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (row b, head j of the H + 2 HKV heads of qkv): q heads rotated into q, k heads
     rotated into the k cache, v heads copied into the v cache (slot and position of row b).
     Rotation with sin's first half negated (`signed_sin`): y1 = x1 cos1 + x2 ssin1,
     y2 = x2 cos2 + x1 ssin2, in fp32."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     j = tl.program_id(1)
     offs = tl.arange(0, BLOCK)
@@ -155,6 +175,7 @@ def rope_to_cache(
         HALF=d // 2,
         BLOCK=triton.next_power_of_2(d // 2),
         num_warps=1,
+        **_pdl(qkv),
     )
     return q
 
@@ -182,12 +203,14 @@ def _attn_kernel(
     BLOCK_D: tl.constexpr,
     GP: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (row b, kv head, split): the GROUP query heads of this kv head against keys
     [split * CHUNK, min((split + 1) * CHUNK, pos[b] + 1)) of row b's slot, online softmax (base
     2) in fp32. One split: the normalized output goes to out [B, H, D]; else the unnormalized
     sum, max and denominator go to the workspaces for `_merge_kernel` (an empty split leaves
     max -inf, denominator 0)."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -233,10 +256,19 @@ def _attn_kernel(
 
 @triton.jit
 def _merge_kernel(
-    o_ws, m_ws, l_ws, out_ptr, SPLITS, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr
+    o_ws,
+    m_ws,
+    l_ws,
+    out_ptr,
+    SPLITS,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Row r (= b * H + head): the splits' partial sums rescaled to their common max, over the
     rescaled denominators, into out [B * H, D]."""
+    pdl_enter(PDL)
     r = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
@@ -305,6 +337,7 @@ def decode_attention(
         GP=max(16, triton.next_power_of_2(group)),  # tl.dot needs 16 rows
         BLOCK_L=ATTN_BLOCK_L,
         num_warps=4,
+        **_pdl(q),
     )
     if splits > 1:
         _merge_kernel[(b * heads,)](
@@ -315,14 +348,16 @@ def decode_attention(
             BLOCK_D=block_d,
             BLOCK_S=triton.next_power_of_2(splits),
             num_warps=4,
+            **_pdl(q),
         )
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, F, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, F, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[b, i] = SiLU(gate) * up for gate = gu[b, i], up = gu[b, F + i]; SiLU rounded to the
     dtype before the product, as torch's two ops do."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < F
@@ -337,5 +372,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     b, f = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(b, f, device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
-    _silu_mul_kernel[(b, triton.cdiv(f, block))](gate_up, out, f, BLOCK=block, num_warps=4)
+    grid = (b, triton.cdiv(f, block))
+    _silu_mul_kernel[grid](gate_up, out, f, BLOCK=block, num_warps=4, **_pdl(gate_up))
     return out

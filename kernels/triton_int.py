@@ -30,6 +30,7 @@ codes ("lop3" in PTX, "pair" in Triton ops; 4-bit words interleave their codes f
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -49,6 +50,37 @@ BIG_GROUP = 1 << 30  # "group size" of a per-channel layer: every k in group 0
 # Kernels run in Triton's CPU interpreter (tests without a GPU) when this was set at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET_JIT = tl.constexpr(INTERPRET)  # the same, as a constant inside kernels
+try:  # grid dependency control, for programmatic dependent launch (Hopper and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without it: kernels launch as usual
+    gdc_launch_dependents = gdc_wait = None
+# Programmatic dependent launch where the GPU has it (BITSERVE_PDL=0: off; benchmarks flip it).
+PDL_ENABLED = os.environ.get("BITSERVE_PDL", "1") != "0"
+
+
+@functools.cache
+def _sm_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch: each may be
+    scheduled while the kernel before it in the stream finishes, so a decode step's chain of
+    short kernels (in a CUDA graph too) overlaps their launch latencies."""
+    if not PDL_ENABLED or INTERPRET or gdc_wait is None or device.type != "cuda":
+        return False
+    return _sm_major(torch.cuda.current_device() if device.index is None else device.index) >= 9
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel in the stream has finished and its writes are
+    visible, then let the next kernel be scheduled. Every program of a PDL kernel calls this
+    first, before any global read or write: the wait is what orders it after its predecessor
+    (and, through the predecessor's own wait, after everything before)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 # ---- codes -> floats -------------------------------------------------------------------------
@@ -339,6 +371,7 @@ def _gemv_kernel(
     H2: tl.constexpr,
     LOP3: tl.constexpr,
     ATOMIC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[N] = x[K] @ dequant(W)[K, N] for one row (decode); program (n-block, k-slice).
 
@@ -358,6 +391,7 @@ def _gemv_kernel(
     LOP3 (fp16 x, BITS 4, K a multiple of 8): packed fp16 pairs, 5 integer ops per word
     instead of 16 (`_pairs_dot`; 2: inline PTX, products and sums in fp16; 1: the same
     dequantization in Triton ops, products and sums in fp32)."""
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -462,6 +496,7 @@ def _dot_kernel(
     DOT_DTYPE: tl.constexpr,
     ATOMIC: tl.constexpr,
     KJOIN: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[M, N] = x[M, K] @ dequant(W)[K, N] with tensor-core dots; program (n, m, k-slice).
 
@@ -473,6 +508,7 @@ def _dot_kernel(
     (1024 + q) - (1024 + z) = q - z, exact (no row sums of x); the scale is applied to the
     result. KJOIN (with DEQ 2, 4-bit): the same on a K-major tile (`_codes_kmajor`; 2: its
     codes from PTX). ATOMIC: how split-K slices are added up (`_finish`)."""
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -536,8 +572,10 @@ def _dequant_kernel(
     GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Dense w[K, N] = (q - z) * s in w's dtype, one [BLOCK_K, BLOCK_N] tile per program."""
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     kb = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -794,8 +832,11 @@ def _launch(
     qw = p["qweight"]
     qh = p.get("qhigh", qw)
     group, groups = _group(layer), num_groups(k, layer.group_size)
-    common = dict(BITS=layer.bits, GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
-    launch: dict[str, Any] = dict(num_warps=cfg.warps, num_stages=cfg.stages, warmup=warmup)
+    pdl = use_pdl(x.device)
+    common = dict(BITS=layer.bits, GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=pdl)
+    launch: dict[str, Any] = dict(
+        num_warps=cfg.warps, num_stages=cfg.stages, warmup=warmup, launch_pdl=pdl
+    )
     # kernel.run(..., grid=, warmup=) is kernel[grid](...) that can also only compile.
     if cfg.kind == "cublas":
         w = torch.empty(k, n, device=x.device, dtype=x.dtype)

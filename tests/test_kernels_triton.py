@@ -195,3 +195,21 @@ def test_three_bit_planes_hold_every_code() -> None:
 def test_triton_backend_only_on_cuda() -> None:
     layer = random_layer(64, 16, 4, 32, False)
     assert "cuda" in (triton_int.BACKEND.supports(layer) or "")
+
+
+def test_programmatic_dependent_launch_only_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDL (kernels waiting on their predecessor in-kernel) is used on CUDA devices of compute
+    capability 9 or more, never in the interpreter, and BITSERVE_PDL=0 (PDL_ENABLED) turns it
+    off."""
+    if triton_int.gdc_wait is None:
+        pytest.skip("this Triton has no grid dependency control")
+    cuda = torch.device("cuda", 0)
+    assert not triton_int.use_pdl(torch.device("cpu")) and not triton_int.use_pdl(cuda)
+    monkeypatch.setattr(triton_int, "INTERPRET", False)
+    monkeypatch.setattr(triton_int, "_sm_major", lambda index: 9)
+    assert triton_int.use_pdl(cuda) and not triton_int.use_pdl(torch.device("cpu"))
+    monkeypatch.setattr(triton_int, "_sm_major", lambda index: 8)
+    assert not triton_int.use_pdl(cuda)
+    monkeypatch.setattr(triton_int, "_sm_major", lambda index: 10)
+    monkeypatch.setattr(triton_int, "PDL_ENABLED", False)
+    assert not triton_int.use_pdl(cuda)
