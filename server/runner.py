@@ -32,6 +32,15 @@ EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBac
 log = logging.getLogger("bitserve.runner")
 
 
+def _triton_int() -> Any:
+    """The Triton backend module where Triton is installed (its PDL switch), else None."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from bitserve.kernels import triton_int
+
+    return triton_int
+
+
 def kv_bytes_per_slot(config: Any, max_len: int, dtype: torch.dtype) -> int:
     """Bytes of K and V cache one sequence slot of `max_len` tokens needs."""
     heads = config.num_attention_heads
@@ -265,19 +274,43 @@ class LlamaRunner:
         run()
         step.run = run
         if self._graphable:
-            try:
-                torch.cuda.synchronize(dev)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    run()
-                self._pool = graph.pool()
-                step.run = graph.replay
-            except Exception as e:  # e.g. a kernel that syncs: serve on, uncaptured
-                log.warning("decode step not captured in a CUDA graph (%s): running eager", e)
-                self.decode_graphs = False
-                run()
+            step.run = self._graph(run) or run
         self._decodes[(batch, kv_len)] = step
         return step
+
+    def _graph(self, run: Any) -> Any:
+        """`run` captured into a CUDA graph (its replay), after one eager run. If capture fails
+        with Triton's programmatic dependent launch on (a driver that cannot capture it), PDL is
+        turned off for the process and capture retried; if it still fails (e.g. a kernel that
+        syncs), decode steps run eager from then on (None)."""
+        try:
+            return self._replay(run)
+        except Exception as e:
+            error = e
+        triton_int = _triton_int()
+        if triton_int is not None and triton_int.use_pdl(self.device):
+            log.warning(
+                "capture with programmatic dependent launch failed (%s): retrying without", error
+            )
+            triton_int.PDL_ENABLED = False
+            run()  # compiles the kernels without PDL before capture
+            try:
+                return self._replay(run)
+            except Exception as e:
+                error = e
+        log.warning("decode step not captured in a CUDA graph (%s): running eager", error)
+        self.decode_graphs = False
+        run()
+        return None
+
+    def _replay(self, run: Any) -> Any:
+        """Capture `run` into a CUDA graph in the shared pool; its replay."""
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            run()
+        self._pool = graph.pool()
+        return graph.replay
 
     def _step(
         self,

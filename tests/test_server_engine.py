@@ -436,3 +436,31 @@ def test_failed_capture_falls_back_to_eager(
     assert rel_err(got, eager.forward(ids, slots, torch.tensor([0, 0]))) < 1e-5
     later = runner.forward(ids, slots, torch.tensor([1, 1]))  # eager from now on
     assert rel_err(later, eager.forward(ids, slots, torch.tensor([1, 1]))) < 1e-5
+
+
+def test_failed_capture_with_pdl_retries_without_it(
+    server_tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture that fails while Triton kernels launch with programmatic dependent launch turns
+    PDL off for the process and tries once more before serving eager (on the CPU both captures
+    fail; on a GPU whose driver cannot capture PDL the second one succeeds)."""
+    triton_int = pytest.importorskip("bitserve.kernels.triton_int")
+    monkeypatch.setattr(triton_int, "PDL_ENABLED", True)
+    monkeypatch.setattr(triton_int, "use_pdl", lambda device: triton_int.PDL_ENABLED)
+    runner = LlamaRunner(
+        load_model(server_tiny_checkpoint).model, num_slots=2, max_len=32, decode_graphs=True
+    )
+    runner._graphable = True
+    attempts: list[bool] = []
+    real = runner._replay
+
+    def replay(run):
+        attempts.append(triton_int.PDL_ENABLED)
+        return real(run)
+
+    runner._replay = replay
+    with caplog.at_level("WARNING", logger="bitserve.runner"):
+        runner.forward(torch.tensor([[5]]), torch.tensor([0]), torch.tensor([0]))
+    assert attempts == [True, False] and not triton_int.PDL_ENABLED
+    assert "retrying without" in caplog.text and "running eager" in caplog.text
+    assert not runner.decode_graphs
