@@ -65,15 +65,16 @@ def matmul_kernel(
     bits: int = 4,
     atomic: int = 0,
 ) -> bytes:
-    """`_gemv_kernel` with a GEMV variant (plain, h2, pair, lop3), or `_dot_kernel` with a dot-*
-    variant at this BLOCK_M, for g128 fp16."""
+    """`_gemv_kernel` with a GEMV variant (plain, h2, pair, lop3; "-pf" appended: prefetching),
+    or `_dot_kernel` with a dot-* variant at this BLOCK_M, for g128 fp16."""
     common = dict(BITS=bits, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic, PDL=1)
     if variant in DOT_VARIANTS:
         deq, kjoin = DOT_VARIANTS[variant]
         dot = dict(BLOCK_M=block_m, DEQ=deq, KJOIN=kjoin, DOT_DTYPE=triton_int.tl.float16)
         return compile_sm90(triton_int._dot_kernel, INT_KERNEL_TYPES, common | dot, warps, 3)
-    lop3 = {"lop3": 2, "pair": 1}.get(variant, 0)
-    gemv = dict(H2=int(variant == "h2"), LOP3=lop3)
+    base, _, pf = variant.partition("-")  # e.g. lop3-pf: with the next block's loads early
+    lop3 = {"lop3": 2, "pair": 1}.get(base, 0)
+    gemv = dict(H2=int(base == "h2"), LOP3=lop3, PREFETCH=int(pf == "pf"))
     return compile_sm90(triton_int._gemv_kernel, INT_KERNEL_TYPES, common | gemv, warps)
 
 
@@ -110,13 +111,14 @@ def decode_kernels() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], int
 
 def main() -> int:
     jobs: list[tuple[str, Any]] = []
-    for v in ("plain", "h2", "pair", "lop3"):
+    for v in ("plain", "h2", "pair", "lop3", "lop3-pf", "plain-pf"):
         jobs.append((f"gemv {v} W4", lambda v=v: matmul_kernel(v, 128, 128, 4)))
     for bits in (2, 3, 8):
         jobs.append(
             (f"gemv plain W{bits}", lambda b=bits: matmul_kernel("plain", 128, 128, 4, bits=b))
         )
     jobs.append(("gemv lop3 W4 red", lambda: matmul_kernel("lop3", 128, 128, 4, atomic=1)))
+    jobs.append(("gemv plain-pf W3", lambda: matmul_kernel("plain-pf", 128, 128, 4, bits=3)))
     for v in DOT_VARIANTS:
         jobs.append((f"{v} M16", lambda v=v: matmul_kernel(v, 128, 128, 4)))
     jobs.append(("dot-kjoin-lop3 M128", lambda: matmul_kernel("dot-kjoin-lop3", 128, 128, 8, 128)))

@@ -348,6 +348,22 @@ def _finish(acc, out_ptrs, mask, ws_ptrs, ws_stride, cnt_ptr, pid_k, split_k, AT
 
 
 @triton.jit
+def _gemv_words(qw_ptr, qh_ptr, kb, row, offs_n, mask, stride_w, stride_h, BITS: tl.constexpr):
+    """The GEMV's word tile [words, BLOCK_N] of K-block kb, and for 3-bit the matching words of
+    the 1-bit plane, shifted so that bit j of the result is the high bit of code j (code
+    k = 16 * row + j; its high bit is bit k % 32 of plane word k // 32)."""
+    rows = kb * row.shape[0] + row
+    w = tl.load(qw_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=mask[None, :], other=0)
+    h = w
+    if BITS == 3:
+        h = tl.load(
+            qh_ptr + (rows // 2)[:, None] * stride_h + offs_n[None, :], mask=mask[None, :], other=0
+        )
+        h = h >> ((row % 2) * 16)[:, None]
+    return w, h
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     qw_ptr,
@@ -371,6 +387,7 @@ def _gemv_kernel(
     H2: tl.constexpr,
     LOP3: tl.constexpr,
     ATOMIC: tl.constexpr,
+    PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """out[N] = x[K] @ dequant(W)[K, N] for one row (decode); program (n-block, k-slice).
@@ -390,7 +407,10 @@ def _gemv_kernel(
 
     LOP3 (fp16 x, BITS 4, K a multiple of 8): packed fp16 pairs, 5 integer ops per word
     instead of 16 (`_pairs_dot`; 2: inline PTX, products and sums in fp16; 1: the same
-    dequantization in Triton ops, products and sums in fp32)."""
+    dequantization in Triton ops, products and sums in fp32).
+
+    PREFETCH: each iteration issues the next K-block's word loads before its arithmetic, so a
+    program keeps a tile of loads in flight while it computes (a register double buffer)."""
     pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -401,19 +421,19 @@ def _gemv_kernel(
     off: tl.constexpr = 1 << BITS
     row = tl.arange(0, words)
     acc = tl.zeros((words, BLOCK_N), dtype=tl.float32)
-    for kb in range(pid_k, k_blocks, split_k):
-        rows = kb * words + row
-        w = tl.load(
-            qw_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=mask_n[None, :], other=0
+    if PREFETCH:
+        w_next, h_next = _gemv_words(  # pid_k < k_blocks: split_k is at most k_blocks
+            qw_ptr, qh_ptr, pid_k, row, offs_n, mask_n, stride_w, stride_h, BITS
         )
-        h = w
-        if BITS == 3:  # code k = 16 * row + j; its high bit is bit k % 32 of plane word k // 32
-            h = tl.load(
-                qh_ptr + (rows // 2)[:, None] * stride_h + offs_n[None, :],
-                mask=mask_n[None, :],
-                other=0,
+    for kb in range(pid_k, k_blocks, split_k):
+        if PREFETCH:  # this block's words came with the last one; load the next block's now
+            w, h = w_next, h_next
+            more = mask_n & (offs_n * 0 + kb + split_k < k_blocks)  # nothing past the last block
+            w_next, h_next = _gemv_words(
+                qw_ptr, qh_ptr, kb + split_k, row, offs_n, more, stride_w, stride_h, BITS
             )
-            h = h >> ((row % 2) * 16)[:, None]
+        else:
+            w, h = _gemv_words(qw_ptr, qh_ptr, kb, row, offs_n, mask_n, stride_w, stride_h, BITS)
         k0 = kb * BLOCK_K + row * per_word
         if BLOCK_K <= GROUP:  # the block lies in one group: one scale row
             g = tl.minimum((kb * BLOCK_K) // GROUP, G - 1)
@@ -650,7 +670,8 @@ class Config(NamedTuple):
     or "cublas" (`_dequant_kernel` tiles of BLOCK_K x BLOCK_N, then torch.mm). variant: flags
     joined by "+": "fma" / "zsub" (the dot's DEQ 0 / 2; default: 1 where it applies), "h2" (the
     GEMV's half precision loop), "lop3" / "pair" (the GEMV's packed-pair loop, PTX / Triton
-    ops), "kjoin" (zsub on a K-major tile; with "lop3" its codes from PTX), "red" / "atomic"
+    ops), "pf" (the GEMV loads the next K-block before computing this one), "kjoin" (zsub on a
+    K-major tile; with "lop3" its codes from PTX), "red" / "atomic"
     (split-K finish ATOMIC 1 / 2; default 0)."""
 
     kind: str
@@ -683,13 +704,15 @@ CANDIDATES: dict[int, list[Config]] = {
             (128, 256, 8, 4, 1),
             (64, 128, 32, 2, 2),
             (128, 256, 8, 4, 1, "h2"),
-            (64, 128, 16, 2, 1, "h2"),
             (128, 128, 8, 4, 1, "lop3"),
             (256, 128, 8, 4, 1, "lop3"),
             (256, 128, 4, 8, 1, "lop3"),
             (64, 128, 16, 2, 1, "lop3"),
             (128, 128, 16, 4, 1, "lop3"),
-            (128, 128, 8, 4, 2, "lop3"),
+            (128, 128, 8, 4, 1, "lop3+pf"),
+            (256, 128, 8, 4, 1, "lop3+pf"),
+            (256, 128, 4, 8, 1, "lop3+pf"),
+            (64, 128, 16, 2, 1, "lop3+pf"),
             (128, 128, 8, 4, 1, "pair"),
             (64, 128, 16, 2, 1, "pair"),
         ],
@@ -898,6 +921,7 @@ def _launch(
             H2="h2" in flags and _applies(cfg, layer, x.dtype),
             LOP3=_pairs_mode(cfg, layer, x),
             ATOMIC=atomic,
+            PREFETCH="pf" in flags,
             grid=(grid_n, split_k),
             **common,
             **launch,
