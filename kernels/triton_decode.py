@@ -17,14 +17,17 @@ interpreter)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from bitserve.kernels.triton_int import pdl_enter, use_pdl
 
-# decode_attention splits each row's length so that a step has about this many programs.
-ATTN_PROGRAMS = 128
+# decode_attention splits each row's length so that a step has about this many programs per
+# SM on a GPU (ATTN_PROGRAMS in all where there are no SMs: the interpreter).
+ATTN_PROGRAMS_PER_SM, ATTN_PROGRAMS = 2, 128
 ATTN_BLOCK_L = 64  # keys per inner-loop step
 
 
@@ -203,11 +206,13 @@ def _attn_kernel(
     BLOCK_D: tl.constexpr,
     GP: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Program (row b, kv head, split): the GROUP query heads of this kv head against keys
     [split * CHUNK, min((split + 1) * CHUNK, pos[b] + 1)) of row b's slot, online softmax (base
-    2) in fp32. One split: the normalized output goes to out [B, H, D]; else the unnormalized
+    2) in fp32 (fp32 q/k/v: PRECISION "ieee", not TF32). One split: the normalized output goes
+    to out [B, H, D]; else the unnormalized
     sum, max and denominator go to the workspaces for `_merge_kernel` (an empty split leaves
     max -inf, denominator 0)."""
     pdl_enter(PDL)
@@ -234,14 +239,14 @@ def _attn_kernel(
         kv = base + offs_l[:, None] * stride_pos + d[None, :]
         kvmask = lmask[:, None] & dmask[None, :]
         k = tl.load(k_ptr + kv, mask=kvmask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(lmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         den = den * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + kv, mask=kvmask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     rows = b * H + heads
     if SPLITS == 1:
@@ -283,10 +288,19 @@ def _merge_kernel(
     tl.store(out_ptr + r * D + d, total.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def attention_splits(batch: int, kv_heads: int, kv_len: int) -> int:
-    """How many length splits `decode_attention` uses: about ATTN_PROGRAMS programs per step,
-    at least one BLOCK_L of keys per split."""
-    want = triton.cdiv(ATTN_PROGRAMS, batch * kv_heads)
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def attention_splits(batch: int, kv_heads: int, kv_len: int, device: torch.device) -> int:
+    """How many length splits `decode_attention` uses: enough for ATTN_PROGRAMS_PER_SM
+    programs per SM in a step, at least one BLOCK_L of keys per split."""
+    programs = ATTN_PROGRAMS
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        programs = ATTN_PROGRAMS_PER_SM * _sm_count(index)
+    want = triton.cdiv(programs, batch * kv_heads)
     return max(1, min(want, triton.cdiv(kv_len, ATTN_BLOCK_L)))
 
 
@@ -305,7 +319,7 @@ def decode_attention(
     b, heads, d = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    splits = attention_splits(b, kv_heads, kv_len)
+    splits = attention_splits(b, kv_heads, kv_len, q.device)
     chunk = triton.cdiv(triton.cdiv(kv_len, splits), ATTN_BLOCK_L) * ATTN_BLOCK_L
     block_d = triton.next_power_of_2(d)
     out = torch.empty(b, heads * d, device=q.device, dtype=q.dtype)
@@ -336,6 +350,7 @@ def decode_attention(
         BLOCK_D=block_d,
         GP=max(16, triton.next_power_of_2(group)),  # tl.dot needs 16 rows
         BLOCK_L=ATTN_BLOCK_L,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: only names the default
         num_warps=4,
         **_pdl(q),
     )

@@ -817,11 +817,12 @@ def _applies(cfg: Config, layer: QuantLinear, dtype: torch.dtype) -> bool:
     """Whether cfg's variant runs as itself for this layer and activation dtype (else it runs
     as the plain kernel): "h2" needs fp16 and 2- or 4-bit codes; "lop3" and "pair" fp16,
     4-bit codes and K a multiple of 8 (and, at launch, x 4-byte aligned: `_pairs_mode`);
-    "kjoin" fp16 and 4-bit codes."""
+    "zsub" fp16 and a K-block inside one group; "kjoin" that and 4-bit codes."""
     flags = cfg.flags()
     fp16 = dtype == torch.float16
-    if "kjoin" in flags:
-        return fp16 and layer.bits == 4
+    if flags & {"zsub", "kjoin"}:
+        inside = fp16 and cfg.block_k <= _group(layer)
+        return inside and ("kjoin" not in flags or layer.bits == 4)
     if flags & {"lop3", "pair"}:
         return fp16 and layer.bits == 4 and layer.in_features % 8 == 0
     if "h2" in flags:

@@ -16,6 +16,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 fused = pytest.importorskip("bitserve.kernels.triton_decode")
+if not pytest.importorskip(
+    "bitserve.kernels.triton_int"
+).INTERPRET:  # imported earlier in this process without the interpreter
+    pytest.skip("triton_decode was imported without TRITON_INTERPRET=1", allow_module_level=True)
 
 from bitserve.models import load_model  # noqa: E402
 from bitserve.server.runner import LlamaRunner, _rotate  # noqa: E402
@@ -97,7 +101,7 @@ def test_decode_attention(
     for s, p in zip(slots.tolist(), pos.tolist(), strict=True):  # stale NaN past each length
         k_cache[s, :, p + 1 :] = float("nan")
         v_cache[s, :, p + 1 :] = float("nan")
-    splits = fused.attention_splits(3, kv_heads, kv_len)
+    splits = fused.attention_splits(3, kv_heads, kv_len, q.device)
     assert (splits > 1) == (kv_len > fused.ATTN_BLOCK_L)
     out = fused.decode_attention(q, k_cache, v_cache, slots, pos, kv_len, d**-0.5)
     want = attention_reference(q, k_cache, v_cache, slots, pos, d**-0.5)
@@ -113,9 +117,21 @@ def test_silu_mul() -> None:
 
 
 @pytest.mark.parametrize("graphs", [False, True])
-def test_runner_fused_decode_matches_torch_ops(server_tiny_checkpoint: Path, graphs: bool) -> None:
-    """Decode steps through the fused kernels give the torch ops' logits and KV cache, for
-    ragged lengths and slots in any order, eager and through the static (graph) step."""
+def test_runner_fused_decode_matches_torch_ops(
+    server_tiny_checkpoint: Path, graphs: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps through the fused kernels (each counted: every layer of every decode step
+    runs them) give the torch ops' logits and KV cache, for ragged lengths and slots in any
+    order, eager and through the static (graph) step; prefill stays on torch's ops."""
+    calls: dict[str, int] = {}
+    for name in ("add_rms_norm", "rope_to_cache", "decode_attention", "silu_mul"):
+        real = getattr(fused, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args)
+
+        monkeypatch.setattr(fused, name, counted)
 
     def model():  # the checkpoint's norms are all ones: distinct weights show a swapped norm
         m = load_model(server_tiny_checkpoint).model
@@ -139,6 +155,7 @@ def test_runner_fused_decode_matches_torch_ops(server_tiny_checkpoint: Path, gra
         for slot, n in enumerate(lens):
             ids = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(slot))
             r.forward(ids, torch.tensor([slot]), torch.tensor([0]))
+    assert not calls  # prefill
     g = torch.Generator().manual_seed(7)
     for step in range(3):
         slots = [2, 0, 1] if step % 2 else [1, 2]
@@ -151,3 +168,11 @@ def test_runner_fused_decode_matches_torch_ops(server_tiny_checkpoint: Path, gra
             lens[s] += 1
     assert rel_err(runner.k_cache[:, :3], ref.k_cache) < 1e-5
     assert rel_err(runner.v_cache[:, :3], ref.v_cache) < 1e-5
+    layers = len(runner.layers)
+    steps = 3 + int(graphs) * 2  # a static step runs once more per shape, before its capture
+    assert calls == {
+        "add_rms_norm": steps * (2 * layers + 1),
+        "rope_to_cache": steps * layers,
+        "decode_attention": steps * layers,
+        "silu_mul": steps * layers,
+    }

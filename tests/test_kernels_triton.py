@@ -160,6 +160,11 @@ def test_gemv_variants_apply_only_where_they_run() -> None:
     assert triton_int._kjoin_mode(kjoin_ptx, w4, torch.bfloat16) == 0
     zsub = triton_int.Config("dot", 16, 32, 64, 2, 4, 1, "zsub")
     assert triton_int._kjoin_mode(zsub, w4, f16) == 0
+    # A K-block wider than a group runs zsub / kjoin as the plain dot: not timed twice.
+    g32 = random_layer(256, 16, 4, 32, False)
+    assert triton_int._applies(zsub, w4, f16) and not triton_int._applies(zsub, g32, f16)
+    assert not triton_int._applies(kjoin_ptx, g32, f16)
+    assert triton_int._kjoin_mode(kjoin_ptx, g32, f16) == 0
     x = torch.randn(2, 256).half()
     shifted = x.view(-1)[1:257].view(1, 256)  # contiguous, but 2 bytes off a 4-byte boundary
     assert triton_int._pairs_mode(lop3, w4, x[:1]) == 2
