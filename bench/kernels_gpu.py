@@ -485,22 +485,23 @@ def runner_tps(
     pdl: bool = True,
     steps: int = 32,
     ctx: int = 512,
+    start: int = 16,
 ) -> float:
     """Greedy-shaped decode tokens/s of bitserve's serving runner (decode steps from CUDA graphs,
     or eager; the ops between matmuls fused or torch's; Triton kernels launched with
     programmatic dependent launch or not): one forward per step for `batch` sequences at
-    position 16 onwards, logits back on the CPU."""
+    position `start` onwards (a cache of `ctx` positions), logits back on the CPU."""
     from bitserve.server.runner import LlamaRunner
 
     runner = LlamaRunner(model, batch, ctx, decode_graphs=graphs, fused_decode=fused)
     ids, slots = torch.zeros(batch, 1, dtype=torch.long), torch.arange(batch)
     saved, triton_int.PDL_ENABLED = triton_int.PDL_ENABLED, pdl
     try:
-        runner.forward(ids, slots, torch.full((batch,), 16))  # warm-up: Triton tuning, capture
+        runner.forward(ids, slots, torch.full((batch,), start))  # warm-up: tuning, capture
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for i in range(steps):
-            runner.forward(ids, slots, torch.full((batch,), 17 + i))
+            runner.forward(ids, slots, torch.full((batch,), start + 1 + i))
         torch.cuda.synchronize()
     finally:
         triton_int.PDL_ENABLED = saved
@@ -533,6 +534,14 @@ def bench_engine(n_layers: int) -> None:
                     torch.cuda.empty_cache()
                 name = "W4 g128 (fp16 lm_head)" if w4 else "fp16"
                 print(f"| {batch} | {name} | {' | '.join(cells)} |", flush=True)
+            if w4 and not over_budget():  # long contexts: attention reads 4000 positions a row
+                fused_tps = runner_tps(model, 16, True, True, ctx=4096, start=4000)
+                torch_ops = runner_tps(model, 16, True, False, ctx=4096, start=4000)
+                print(
+                    f"W4, batch 16 at positions 4001-4032 (graphs): fused {fused_tps:.1f} tok/s, "
+                    f"torch ops {torch_ops:.1f} ({fused_tps / torch_ops:.2f}x)",
+                    flush=True,
+                )
         del model
         torch.cuda.empty_cache()
 

@@ -153,7 +153,7 @@ class ModelCard(BaseModel):
     dtype: str = "float32"
     quantization: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
-    decode: dict[str, bool] | None = None  # how decode steps run: cuda_graphs, fused_kernels
+    decode: dict[str, bool] | None = None  # decode set-up at start: cuda_graphs, fused_kernels
 
 
 class ModelList(BaseModel):
