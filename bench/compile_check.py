@@ -1,16 +1,18 @@
-"""Compile every Triton kernel variant for sm_90 (Hopper; with programmatic dependent launch, as
-served there) with Triton's own ptxas, without a GPU: catches what the CPU interpreter cannot
-see (inline PTX, grid dependency control, types that only the GPU compiler checks, layouts)
-before a GPU run spends its minutes on it. tests/test_kernels_compile.py runs it in CI;
-`bench/sass_count.py` uses its `compile_sm90`.
+"""Compile every Triton kernel variant for sm_90 (Hopper, with programmatic dependent launch as
+served there) and sm_80 (Ampere) with Triton's own ptxas, without a GPU: catches what the CPU
+interpreter cannot see (inline PTX, grid dependency control, types that only the GPU compiler
+checks, layouts) before a GPU run spends its minutes on it. tests/test_kernels_compile.py runs
+it in CI; `bench/sass_count.py` uses its `matmul_kernel`.
 
-    python bench/compile_check.py
+    python bench/compile_check.py [--archs 90 80]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import triton
@@ -43,17 +45,25 @@ DOT_VARIANTS = {
 }
 
 
-def compile_sm90(
-    fn: Any, types: dict[str, str], consts: dict[str, Any], warps: int, stages: int = 1
+def compile_sm(
+    fn: Any,
+    types: dict[str, str],
+    consts: dict[str, Any],
+    warps: int,
+    stages: int = 1,
+    arch: int = 90,
 ) -> bytes:
-    """The sm_90 cubin of jit function `fn`: arguments typed by `types` (else i32), constexprs
-    from `consts`, the ALIGNED ones marked divisible by 16."""
+    """The sm_`arch` cubin of jit function `fn`: arguments typed by `types` (else i32),
+    constexprs from `consts` (PDL on from sm_90, as `use_pdl` launches them), the ALIGNED ones
+    marked divisible by 16."""
     names = fn.arg_names
+    if "PDL" in names:
+        consts = consts | {"PDL": int(arch >= 90)}
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     options = dict(num_warps=warps, num_stages=stages, launch_pdl=bool(consts.get("PDL")))
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["cubin"]
 
 
 def matmul_kernel(
@@ -64,18 +74,20 @@ def matmul_kernel(
     block_m: int = 16,
     bits: int = 4,
     atomic: int = 0,
+    arch: int = 90,
 ) -> bytes:
     """`_gemv_kernel` with a GEMV variant (plain, h2, pair, lop3; "-pf" appended: prefetching),
     or `_dot_kernel` with a dot-* variant at this BLOCK_M, for g128 fp16."""
-    common = dict(BITS=bits, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic, PDL=1)
+    common = dict(BITS=bits, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic)
     if variant in DOT_VARIANTS:
         deq, kjoin = DOT_VARIANTS[variant]
         dot = dict(BLOCK_M=block_m, DEQ=deq, KJOIN=kjoin, DOT_DTYPE=triton_int.tl.float16)
-        return compile_sm90(triton_int._dot_kernel, INT_KERNEL_TYPES, common | dot, warps, 3)
+        fn = triton_int._dot_kernel
+        return compile_sm(fn, INT_KERNEL_TYPES, common | dot, warps, 3, arch)
     base, _, pf = variant.partition("-")  # e.g. lop3-pf: with the next block's loads early
     lop3 = {"lop3": 2, "pair": 1}.get(base, 0)
     gemv = dict(H2=int(base == "h2"), LOP3=lop3, PREFETCH=int(pf == "pf"))
-    return compile_sm90(triton_int._gemv_kernel, INT_KERNEL_TYPES, common | gemv, warps)
+    return compile_sm(triton_int._gemv_kernel, INT_KERNEL_TYPES, common | gemv, warps, 1, arch)
 
 
 def decode_kernels() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], int]]:
@@ -89,61 +101,59 @@ def decode_kernels() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], int
     merge = dict(o_ws=f32, m_ws=f32, l_ws=f32, out_ptr=f16)
     attn_consts = dict(D=128, BLOCK_D=128, GP=16, BLOCK_L=triton_decode.ATTN_BLOCK_L)
     attn_consts["PRECISION"] = "tf32"
+    td = triton_decode
     return {
-        "add_rms_norm": (
-            triton_decode._add_rms_norm_kernel,
-            norm,
-            dict(HAS_DELTA=1, BLOCK=4096),
-            8,
-        ),
-        "rms_norm": (triton_decode._add_rms_norm_kernel, norm, dict(HAS_DELTA=0, BLOCK=4096), 8),
-        "rope_to_cache": (triton_decode._rope_cache_kernel, rope, dict(HALF=64, BLOCK=64), 1),
-        "attention (splits)": (triton_decode._attn_kernel, attn, attn_consts, 4),
-        "attention (one split)": (triton_decode._attn_kernel, attn, attn_consts | {"SPLITS": 1}, 4),
-        "merge": (triton_decode._merge_kernel, merge, dict(D=128, BLOCK_D=128, BLOCK_S=8), 4),
-        "silu_mul": (
-            triton_decode._silu_mul_kernel,
-            dict(gu_ptr=f16, out_ptr=f16),
-            {"BLOCK": 1024},
-            4,
-        ),
+        "add_rms_norm": (td._add_rms_norm_kernel, norm, dict(HAS_DELTA=1, BLOCK=4096), 8),
+        "rms_norm": (td._add_rms_norm_kernel, norm, dict(HAS_DELTA=0, BLOCK=4096), 8),
+        "rope_to_cache": (td._rope_cache_kernel, rope, dict(HALF=64, BLOCK=64), 1),
+        "attention (splits)": (td._attn_kernel, attn, attn_consts, 4),
+        "attention (one split)": (td._attn_kernel, attn, attn_consts | {"SPLITS": 1}, 4),
+        "merge": (td._merge_kernel, merge, dict(D=128, BLOCK_D=128, BLOCK_S=8), 4),
+        "silu_mul": (td._silu_mul_kernel, dict(gu_ptr=f16, out_ptr=f16), {"BLOCK": 1024}, 4),
     }
 
 
-def main() -> int:
-    jobs: list[tuple[str, Any]] = []
+def jobs(arch: int) -> list[tuple[str, Any]]:
+    """(name, compile) for every kernel variant the backends launch, on sm_`arch`."""
+    mm = partial(matmul_kernel, arch=arch)
+    out: list[tuple[str, Any]] = []
     for v in ("plain", "h2", "pair", "lop3", "lop3-pf", "plain-pf"):
-        jobs.append((f"gemv {v} W4", lambda v=v: matmul_kernel(v, 128, 128, 4)))
+        out.append((f"gemv {v} W4", partial(mm, v, 128, 128, 4)))
     for bits in (2, 3, 8):
-        jobs.append(
-            (f"gemv plain W{bits}", lambda b=bits: matmul_kernel("plain", 128, 128, 4, bits=b))
-        )
-    jobs.append(("gemv lop3 W4 red", lambda: matmul_kernel("lop3", 128, 128, 4, atomic=1)))
-    jobs.append(("gemv plain-pf W3", lambda: matmul_kernel("plain-pf", 128, 128, 4, bits=3)))
+        out.append((f"gemv plain W{bits}", partial(mm, "plain", 128, 128, 4, bits=bits)))
+    out.append(("gemv lop3 W4 red", partial(mm, "lop3", 128, 128, 4, atomic=1)))
+    out.append(("gemv plain-pf W3", partial(mm, "plain-pf", 128, 128, 4, bits=3)))
     for v in DOT_VARIANTS:
-        jobs.append((f"{v} M16", lambda v=v: matmul_kernel(v, 128, 128, 4)))
-    jobs.append(("dot-kjoin-lop3 M128", lambda: matmul_kernel("dot-kjoin-lop3", 128, 128, 8, 128)))
-    jobs.append(("dot-fma M128 W3", lambda: matmul_kernel("dot-fma", 128, 64, 8, 128, bits=3)))
-    jobs.append(("dot-zsub M16 atomic", lambda: matmul_kernel("dot-zsub", 128, 64, 4, atomic=2)))
-    deq = dict(BITS=4, GROUP=128, BLOCK_N=128, BLOCK_K=64, PDL=1)
-    jobs.append(
-        ("dequant", lambda: compile_sm90(triton_int._dequant_kernel, INT_KERNEL_TYPES, deq, 4))
-    )
+        out.append((f"{v} M16", partial(mm, v, 128, 128, 4)))
+    out.append(("dot-kjoin-lop3 M128", partial(mm, "dot-kjoin-lop3", 128, 128, 8, 128)))
+    out.append(("dot-fma M128 W3", partial(mm, "dot-fma", 128, 64, 8, 128, bits=3)))
+    out.append(("dot-zsub M16 atomic", partial(mm, "dot-zsub", 128, 64, 4, atomic=2)))
+    deq = dict(BITS=4, GROUP=128, BLOCK_N=128, BLOCK_K=64)
+    dequant = triton_int._dequant_kernel
+    out.append(("dequant", partial(compile_sm, dequant, INT_KERNEL_TYPES, deq, 4, 1, arch)))
     for name, (fn, types, consts, warps) in decode_kernels().items():
-        args = (fn, types, consts | {"PDL": 1}, warps)
-        jobs.append((f"decode {name}", lambda a=args: compile_sm90(*a)))
-    failed = 0
-    for name, job in jobs:
-        t0 = time.perf_counter()
-        try:
-            size = len(job())
-            print(
-                f"ok   {name}: {size} bytes of cubin, {time.perf_counter() - t0:.1f} s", flush=True
-            )
-        except Exception as e:
-            failed += 1
-            print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
-    print(f"{len(jobs) - failed}/{len(jobs)} kernels compiled for sm_90")
+        out.append((f"decode {name}", partial(compile_sm, fn, types, consts, warps, 1, arch)))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archs", type=int, nargs="+", default=[90, 80], help="sm_XX targets")
+    args = ap.parse_args()
+    failed = total = 0
+    for arch in args.archs:
+        for name, job in jobs(arch):
+            t0 = time.perf_counter()
+            total += 1
+            try:
+                size = len(job())
+                took = time.perf_counter() - t0
+                print(f"ok   sm_{arch} {name}: {size} bytes of cubin, {took:.1f} s", flush=True)
+            except Exception as e:
+                failed += 1
+                print(f"FAIL sm_{arch} {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+    archs = ", ".join(f"sm_{a}" for a in args.archs)
+    print(f"{total - failed}/{total} kernels compiled ({archs})")
     return 1 if failed else 0
 
 
