@@ -76,8 +76,9 @@ def use_pdl(device: torch.device) -> bool:
 def pdl_enter(PDL: tl.constexpr):
     """With PDL: wait until the previous kernel in the stream has finished and its writes are
     visible, then let the next kernel be scheduled. Every program of a PDL kernel calls this
-    first, before any global read or write: the wait is what orders it after its predecessor
-    (and, through the predecessor's own wait, after everything before)."""
+    before any global write and any read of data another kernel may write (only the packed
+    weights may be read before it): the wait is what orders it after its predecessor (and,
+    through the predecessor's own wait, after everything before)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -410,8 +411,9 @@ def _gemv_kernel(
     dequantization in Triton ops, products and sums in fp32).
 
     PREFETCH: each iteration issues the next K-block's word loads before its arithmetic, so a
-    program keeps a tile of loads in flight while it computes (a register double buffer)."""
-    pdl_enter(PDL)
+    program keeps a tile of loads in flight while it computes (a register double buffer); the
+    first block's words are loaded before the PDL wait (no kernel writes packed weights), so
+    that load overlaps the end of the kernel before."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -425,6 +427,7 @@ def _gemv_kernel(
         w_next, h_next = _gemv_words(  # pid_k < k_blocks: split_k is at most k_blocks
             qw_ptr, qh_ptr, pid_k, row, offs_n, mask_n, stride_w, stride_h, BITS
         )
+    pdl_enter(PDL)
     for kb in range(pid_k, k_blocks, split_k):
         if PREFETCH:  # this block's words came with the last one; load the next block's now
             w, h = w_next, h_next
