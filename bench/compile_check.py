@@ -100,7 +100,7 @@ def decode_kernels() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], int
     norm = dict(h_ptr=f16, d_ptr=f16, w_ptr=f16, x_ptr=f16, eps="fp32")
     merge = dict(o_ws=f32, m_ws=f32, l_ws=f32, out_ptr=f16)
     attn_consts = dict(D=128, BLOCK_D=128, GP=16, BLOCK_L=triton_decode.ATTN_BLOCK_L)
-    attn_consts["PRECISION"] = "tf32"
+    attn_consts["PRECISION"] = None
     td = triton_decode
     return {
         "add_rms_norm": (td._add_rms_norm_kernel, norm, dict(HAS_DELTA=1, BLOCK=4096), 8),

@@ -499,6 +499,10 @@ def runner_tps(
     try:
         runner.forward(ids, slots, torch.full((batch,), start))  # warm-up: tuning, capture
         torch.cuda.synchronize()
+        if graphs and not runner.decode_graphs:
+            print(f"(batch {batch}: capture failed, this run decoded eager)", flush=True)
+        if pdl and not triton_int.PDL_ENABLED:
+            print(f"(batch {batch}: a failed capture turned PDL off for this run)", flush=True)
         t0 = time.perf_counter()
         for i in range(steps):
             runner.forward(ids, slots, torch.full((batch,), start + 1 + i))
@@ -516,6 +520,7 @@ def bench_engine(n_layers: int) -> None:
     modes = {"graphs, fused": (True, True, True), "graphs, fused, no PDL": (True, True, False)}
     modes |= {"graphs, torch ops": (True, False, True), "eager, fused": (False, True, True)}
     print(f"\n## serving runner, random-init Llama-3-8B shapes ({n_layers} layers)")
+    print("(x fp16: against fp16 in the same mode)")
     print(f"| batch | weights | {' | '.join(f'{m} tok/s | x fp16' for m in modes)} |")
     print(f"|---|---|{'---|---|' * len(modes)}")
     base: dict[tuple[int, str], float] = {}

@@ -19,23 +19,25 @@ interpreter)."""
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from bitserve.kernels.triton_int import pdl_enter, use_pdl
+from bitserve.kernels.triton_int import pdl_enter, pdl_launch, use_pdl
 
 # decode_attention splits each row's length so that a step has about this many programs per
-# SM on a GPU (ATTN_PROGRAMS in all where there are no SMs: the interpreter).
-ATTN_PROGRAMS_PER_SM, ATTN_PROGRAMS = 2, 128
+# SM on a GPU (ATTN_PROGRAMS in all where there are no SMs: the interpreter), into at most
+# ATTN_MAX_SPLITS splits (the merge kernel holds them all in one tile).
+ATTN_PROGRAMS_PER_SM, ATTN_PROGRAMS, ATTN_MAX_SPLITS = 2, 128, 64
 ATTN_BLOCK_L = 64  # keys per inner-loop step
 
 
-def _pdl(t: torch.Tensor) -> dict[str, bool]:
+def _pdl(t: torch.Tensor) -> dict[str, Any]:
     """The PDL constexpr and launch option for a kernel on t's device (`use_pdl`)."""
     pdl = use_pdl(t.device)
-    return {"PDL": pdl, "launch_pdl": pdl}
+    return {"PDL": pdl, **pdl_launch(pdl)}
 
 
 @triton.jit
@@ -296,12 +298,13 @@ def _sm_count(index: int) -> int:
 
 def attention_splits(batch: int, kv_heads: int, kv_len: int, device: torch.device) -> int:
     """How many length splits `decode_attention` uses: enough for ATTN_PROGRAMS_PER_SM
-    programs per SM in a step, at least one BLOCK_L of keys per split."""
+    programs per SM in a step, at least one BLOCK_L of keys per split, ATTN_MAX_SPLITS at
+    most."""
     programs = ATTN_PROGRAMS
     if device.type == "cuda":
         index = torch.cuda.current_device() if device.index is None else device.index
         programs = ATTN_PROGRAMS_PER_SM * _sm_count(index)
-    want = triton.cdiv(programs, batch * kv_heads)
+    want = min(triton.cdiv(programs, batch * kv_heads), ATTN_MAX_SPLITS)
     return max(1, min(want, triton.cdiv(kv_len, ATTN_BLOCK_L)))
 
 
@@ -351,7 +354,7 @@ def decode_attention(
         BLOCK_D=block_d,
         GP=max(16, triton.next_power_of_2(group)),  # tl.dot needs 16 rows
         BLOCK_L=ATTN_BLOCK_L,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # tf32: only names the default
+        PRECISION="ieee" if q.dtype == torch.float32 else None,  # None: the backend's default
         num_warps=4,
         **_pdl(q),
     )

@@ -51,7 +51,11 @@ BIG_GROUP = 1 << 30  # "group size" of a per-channel layer: every k in group 0
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET_JIT = tl.constexpr(INTERPRET)  # the same, as a constant inside kernels
 try:  # grid dependency control, for programmatic dependent launch (Hopper and later)
+    from triton.backends.nvidia.compiler import CUDAOptions
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    if "launch_pdl" not in CUDAOptions.__dataclass_fields__:  # no launch option for it
+        gdc_launch_dependents = gdc_wait = None
 except ImportError:  # a Triton without it: kernels launch as usual
     gdc_launch_dependents = gdc_wait = None
 # Programmatic dependent launch where the GPU has it (BITSERVE_PDL=0: off; benchmarks flip it).
@@ -69,7 +73,14 @@ def use_pdl(device: torch.device) -> bool:
     short kernels (in a CUDA graph too) overlaps their launch latencies."""
     if not PDL_ENABLED or INTERPRET or gdc_wait is None or device.type != "cuda":
         return False
+    if torch.version.hip is not None:  # ROCm reports its own capabilities (9.4 for MI300)
+        return False
     return _sm_major(torch.cuda.current_device() if device.index is None else device.index) >= 9
+
+
+def pdl_launch(pdl: bool) -> dict[str, bool]:
+    """The launch option for PDL, given only when on (a Triton without PDL has no such option)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 @triton.jit
@@ -424,8 +435,9 @@ def _gemv_kernel(
     row = tl.arange(0, words)
     acc = tl.zeros((words, BLOCK_N), dtype=tl.float32)
     if PREFETCH:
-        w_next, h_next = _gemv_words(  # pid_k < k_blocks: split_k is at most k_blocks
-            qw_ptr, qh_ptr, pid_k, row, offs_n, mask_n, stride_w, stride_h, BITS
+        first = mask_n & (offs_n * 0 + pid_k < k_blocks)  # always, as launched (split_k <= blocks)
+        w_next, h_next = _gemv_words(
+            qw_ptr, qh_ptr, pid_k, row, offs_n, first, stride_w, stride_h, BITS
         )
     pdl_enter(PDL)
     for kb in range(pid_k, k_blocks, split_k):
@@ -861,9 +873,8 @@ def _launch(
     group, groups = _group(layer), num_groups(k, layer.group_size)
     pdl = use_pdl(x.device)
     common = dict(BITS=layer.bits, GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=pdl)
-    launch: dict[str, Any] = dict(
-        num_warps=cfg.warps, num_stages=cfg.stages, warmup=warmup, launch_pdl=pdl
-    )
+    launch: dict[str, Any] = dict(num_warps=cfg.warps, num_stages=cfg.stages, warmup=warmup)
+    launch |= pdl_launch(pdl)
     # kernel.run(..., grid=, warmup=) is kernel[grid](...) that can also only compile.
     if cfg.kind == "cublas":
         w = torch.empty(k, n, device=x.device, dtype=x.dtype)

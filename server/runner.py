@@ -290,27 +290,35 @@ class LlamaRunner:
         triton_int = _triton_int()
         if triton_int is not None and triton_int.use_pdl(self.device):
             log.warning(
-                "capture with programmatic dependent launch failed (%s): retrying without", error
+                "capture failed with programmatic dependent launch on (%s): retrying without it",
+                error,
             )
             triton_int.PDL_ENABLED = False
-            run()  # compiles the kernels without PDL before capture
             try:
+                run()  # compiles the kernels without PDL before capture
                 return self._replay(run)
-            except Exception as e:
+            except Exception as e:  # not PDL's doing after all: keep it for eager steps
                 error = e
+                triton_int.PDL_ENABLED = True
         log.warning("decode step not captured in a CUDA graph (%s): running eager", error)
         self.decode_graphs = False
         run()
         return None
 
     def _replay(self, run: Any) -> Any:
-        """Capture `run` into a CUDA graph in the shared pool; its replay."""
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            run()
-        self._pool = graph.pool()
-        return graph.replay
+        """Capture `run` into a CUDA graph in the shared pool; its replay. The current stream
+        is restored even when capture fails (torch.cuda.graph leaves its capture stream current
+        if ending the capture raises)."""
+        stream = torch.cuda.current_stream(self.device)
+        try:
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                run()
+            self._pool = graph.pool()
+            return graph.replay
+        finally:
+            torch.cuda.set_stream(stream)
 
     def _step(
         self,

@@ -84,11 +84,16 @@ def test_every_autotune_config(bucket: int, cfg: triton_int.Config) -> None:
     _check_config(cfg, 4, 128, m, 2 * max(cfg.block_k, 128) + 64, cfg.block_n + 8)
 
 
-@pytest.mark.parametrize("cfg", triton_int.CANDIDATES[1], ids=str)
-def test_gemv_configs_loop_over_k_blocks(cfg: triton_int.Config) -> None:
+LOOP_CASES = [(4, c) for c in triton_int.CANDIDATES[1]]
+LOOP_CASES += [(b, c) for b in (2, 3, 8) for c in triton_int.CANDIDATES[1] if "pf" in c.flags()]
+
+
+@pytest.mark.parametrize(("bits", "cfg"), LOOP_CASES, ids=str)
+def test_gemv_configs_loop_over_k_blocks(bits: int, cfg: triton_int.Config) -> None:
     """The GEMVs with 2*SPLIT_K + 1 K-blocks: every program loops over two or three of them
-    (the last one short), so a prefetching GEMV uses the words it loaded a block earlier."""
-    _check_config(cfg, 4, 128, 1, (2 * cfg.split_k + 1) * cfg.block_k - 64, cfg.block_n)
+    (the last one short), so a prefetching GEMV uses the words it loaded a block earlier (at
+    2/3/8 bits too, where the 3-bit high plane is carried along; there it runs without lop3)."""
+    _check_config(cfg, bits, 128, 1, (2 * cfg.split_k + 1) * cfg.block_k - 64, cfg.block_n)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 8])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from fractions import Fraction
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -44,12 +45,21 @@ def lop3(a: int, b: int, c: int, imm: int) -> int:
     return out
 
 
+def round_f16(x: Fraction) -> int:
+    """The fp16 nearest to the exact value x (ties to even), as bits: what a .rn op returns."""
+    near = np.float16(float(x))  # within one fp16 step of the answer
+    below, above = np.nextafter(near, np.float16(-np.inf)), np.nextafter(near, np.float16(np.inf))
+    options = [v for v in (below, near, above) if np.isfinite(v)]
+    best = min(options, key=lambda v: (abs(Fraction(float(v)) - x), bits16(v) & 1))
+    return bits16(best)
+
+
 def f16x2(fn, *regs: int) -> int:
-    """An f16x2 op: fn on the low halves and on the high halves, each rounded to fp16 once
-    (fn computes in float64, exact for one product plus one sum of fp16 values)."""
-    lo = fn(*(float(f16(r)) for r in regs))
-    hi = fn(*(float(f16(r >> 16)) for r in regs))
-    return bits16(lo) | bits16(hi) << 16
+    """An f16x2 op: fn on the low halves and on the high halves, computed exactly (Fraction)
+    and rounded to fp16 once."""
+    lo = fn(*(Fraction(float(f16(r))) for r in regs))
+    hi = fn(*(Fraction(float(f16(r >> 16))) for r in regs))
+    return round_f16(lo) | round_f16(hi) << 16
 
 
 def run_ptx(src: str, args: dict[str, int]) -> dict[str, int]:

@@ -442,25 +442,31 @@ def test_failed_capture_with_pdl_retries_without_it(
     server_tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A capture that fails while Triton kernels launch with programmatic dependent launch turns
-    PDL off for the process and tries once more before serving eager (on the CPU both captures
-    fail; on a GPU whose driver cannot capture PDL the second one succeeds)."""
+    PDL off and tries once more: if that capture works, decode runs from it without PDL; if it
+    fails too, PDL was not the cause, so it is turned back on and decode runs eager."""
     triton_int = pytest.importorskip("bitserve.kernels.triton_int")
-    monkeypatch.setattr(triton_int, "PDL_ENABLED", True)
     monkeypatch.setattr(triton_int, "use_pdl", lambda device: triton_int.PDL_ENABLED)
-    runner = LlamaRunner(
-        load_model(server_tiny_checkpoint).model, num_slots=2, max_len=32, decode_graphs=True
-    )
-    runner._graphable = True
-    attempts: list[bool] = []
-    real = runner._replay
+    ids, slots, starts = torch.tensor([[5]]), torch.tensor([0]), torch.tensor([0])
+    for pdl_only in (True, False):  # the capture fails only with PDL on / always
+        monkeypatch.setattr(triton_int, "PDL_ENABLED", True)
+        runner = LlamaRunner(
+            load_model(server_tiny_checkpoint).model, num_slots=2, max_len=32, decode_graphs=True
+        )
+        runner._graphable = True
+        attempts: list[bool] = []
 
-    def replay(run):
-        attempts.append(triton_int.PDL_ENABLED)
-        return real(run)
+        def replay(run, runner=runner, attempts=attempts, pdl_only=pdl_only):
+            attempts.append(triton_int.PDL_ENABLED)
+            if triton_int.PDL_ENABLED or not pdl_only:
+                raise RuntimeError("capture failed")
+            return run  # stands in for the graph's replay
 
-    runner._replay = replay
-    with caplog.at_level("WARNING", logger="bitserve.runner"):
-        runner.forward(torch.tensor([[5]]), torch.tensor([0]), torch.tensor([0]))
-    assert attempts == [True, False] and not triton_int.PDL_ENABLED
-    assert "retrying without" in caplog.text and "running eager" in caplog.text
-    assert not runner.decode_graphs
+        runner._replay = replay
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bitserve.runner"):
+            runner.forward(ids, slots, starts)
+        assert attempts == [True, False] and "retrying without it" in caplog.text
+        assert triton_int.PDL_ENABLED is not pdl_only
+        assert runner.decode_graphs is pdl_only
+        assert ("running eager" in caplog.text) is not pdl_only
+        assert torch.isfinite(runner.forward(ids, slots, starts + 1)).all()
