@@ -279,10 +279,10 @@ class LlamaRunner:
         return step
 
     def _graph(self, run: Any) -> Any:
-        """`run` captured into a CUDA graph (its replay), after one eager run. If capture fails
-        with Triton's programmatic dependent launch on (a driver that cannot capture it), PDL is
-        turned off for the process and capture retried; if it still fails (e.g. a kernel that
-        syncs), decode steps run eager from then on (None)."""
+        """`run` (already run once, eagerly) captured into a CUDA graph: its replay. If capture
+        fails with Triton's programmatic dependent launch on (a driver that cannot capture it),
+        PDL is turned off for the process and capture retried; if that fails too (e.g. a kernel
+        that syncs), PDL is turned back on and decode steps run eager from then on (None)."""
         try:
             return self._replay(run)
         except Exception as e:
