@@ -163,6 +163,12 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     runner = LlamaRunner(
         model, slots, settings.max_model_len, head, decode_graphs=graphs, fused_decode=fused
     )
+    if settings.warmup and weight.device.type == "cuda":
+        log = logging.getLogger("bitserve")
+        log.info("warming up: tuning kernels and capturing decode graphs before serving")
+        t0 = time.perf_counter()
+        runs = runner.warmup(settings.prefill_chunk)
+        log.info("warm-up: %d forward passes in %.1f s", len(runs), time.perf_counter() - t0)
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos |= set(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
@@ -289,6 +295,14 @@ def add_parser(sub: Any) -> None:
         help="on CUDA, run a decode step's work between the matmuls (norms, rotary + KV-cache "
         "write, attention, SiLU) as fused Triton kernels (default on; --no-fused-decode uses "
         "torch's ops)",
+    )
+    s.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on CUDA, before serving: tune the Triton kernels for every batch-size bucket and "
+        "capture the decode graphs, so that the first requests do not wait for them (default "
+        "on; --no-warmup starts at once and does it on first use)",
     )
     s.add_argument(
         "--head-dtype",

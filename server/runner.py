@@ -232,6 +232,28 @@ class LlamaRunner:
             return self._step(ids, slots, pos, rows, kv_len, last).float().cpu()
 
     @torch.inference_mode()
+    def warmup(self, prefill_tokens: int) -> list[tuple[str, int]]:
+        """Run what serving will run before the first request: a prefill in each M bucket of
+        the matmul tuner up to `prefill_tokens` (Triton tunes each layer shape per bucket) and a
+        decode step at each padded batch size up to the slot count (captured as a CUDA graph
+        with decode_graphs); the cache is zeroed after. Call it before serving: it writes to
+        slots that sequences may hold. Returns (kind, rows) per run."""
+        runs: list[tuple[str, int]] = []
+        for t in sorted({min(t, prefill_tokens, self.max_len) for t in (16, 64, 256, 1024)}):
+            self.forward(torch.zeros(1, t, dtype=torch.long), torch.tensor([0]), torch.tensor([0]))
+            runs.append(("prefill", t))
+        batches = [b for b in GRAPH_BATCHES if b < self.num_slots]
+        batches.append(next((b for b in GRAPH_BATCHES if b >= self.num_slots), self.num_slots))
+        for b in batches:
+            rows = min(b, self.num_slots)
+            ids, slots = torch.zeros(rows, 1, dtype=torch.long), torch.arange(rows)
+            self.forward(ids, slots, torch.zeros(rows, dtype=torch.long))
+            runs.append(("decode", rows))
+        self.k_cache.zero_()  # no sequence holds a slot yet
+        self.v_cache.zero_()
+        return runs
+
+    @torch.inference_mode()
     def clear_slot(self, slot: int) -> None:
         """Zero a slot's K/V: attention masks stale positions past a sequence's length, but a
         NaN or inf left there by an earlier occupant still turns the masked softmax into NaN

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     fused_decode: bool = Field(
         True, description="fused Triton kernels between a CUDA decode step's matmuls"
     )
+    warmup: bool = Field(
+        True, description="on CUDA, tune kernels and capture decode graphs before serving"
+    )
     head_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16",
         description="dtype of the lm_head matmul when narrower than the model's (bf16 halves "

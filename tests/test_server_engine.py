@@ -470,3 +470,27 @@ def test_failed_capture_with_pdl_retries_without_it(
         assert runner.decode_graphs is pdl_only
         assert ("running eager" in caplog.text) is not pdl_only
         assert torch.isfinite(runner.forward(ids, slots, starts + 1)).all()
+
+
+def test_warmup_runs_every_bucket_and_leaves_the_cache_clean(server_tiny_checkpoint: Path) -> None:
+    """The start-up warm-up prefills once per matmul M bucket up to the prefill chunk, decodes
+    once per padded batch size up to the slot count (5 slots: batches 1, 2, 4 and 8, each a
+    static decode step as CUDA graphs capture), zeroes the cache, and changes nothing
+    that serving computes afterwards."""
+    runner = LlamaRunner(
+        load_model(server_tiny_checkpoint).model, num_slots=5, max_len=128, decode_graphs=True
+    )
+    fresh = LlamaRunner(
+        load_model(server_tiny_checkpoint).model, num_slots=5, max_len=128, decode_graphs=True
+    )
+    runs = runner.warmup(prefill_tokens=100)
+    assert runs == [("prefill", 16), ("prefill", 64), ("prefill", 100)] + [
+        ("decode", rows) for rows in (1, 2, 4, 5)
+    ]
+    assert set(runner._decodes) == {(b, 128) for b in (1, 2, 4, 8)}
+    assert not runner.k_cache.any() and not runner.v_cache.any()
+    ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(4))
+    slots, starts = torch.tensor([3, 1]), torch.tensor([0, 0])
+    assert rel_err(runner.forward(ids, slots, starts), fresh.forward(ids, slots, starts)) < 1e-6
+    nxt, pos = torch.tensor([[9], [11]]), torch.tensor([7, 7])
+    assert rel_err(runner.forward(nxt, slots, pos), fresh.forward(nxt, slots, pos)) < 1e-6
