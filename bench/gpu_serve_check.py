@@ -93,6 +93,10 @@ def main() -> int:
             proc.terminate()
             proc.wait(timeout=30)
         quant = card.get("quantization") or {}
+        logged = (tmp / f"serve-{backend}.log").read_text(errors="replace").splitlines()
+        for line in logged:
+            if "warm-up" in line or "warming up" in line or "serving " in line:
+                print(f"  log: {line[-160:]}")
         print(
             f"--backend {backend}: device={card.get('device')} dtype={card.get('dtype')} "
             f"backend={quant.get('backend')} decode={card.get('decode')} "
