@@ -31,11 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
+import logging
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -50,6 +54,7 @@ BIG_GROUP = 1 << 30  # "group size" of a per-channel layer: every k in group 0
 # Kernels run in Triton's CPU interpreter (tests without a GPU) when this was set at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET_JIT = tl.constexpr(INTERPRET)  # the same, as a constant inside kernels
+log = logging.getLogger("bitserve.kernels")
 try:  # grid dependency control, for programmatic dependent launch (Hopper and later)
     from triton.backends.nvidia.compiler import CUDAOptions
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -1034,9 +1039,49 @@ def _do_bench(fn: Callable[[], Any]) -> float:
 TUNE_LOG: list[tuple[tuple[Any, ...], float]] = []  # (key, seconds spent tuning it)
 
 
+# Tuned configs also persist across processes, in one JSON file per (GPU model, Triton version,
+# this module's source), so a restarted server skips tuning. BITSERVE_CACHE_DIR moves it;
+# BITSERVE_TUNE_CACHE=0 turns it off.
+TUNE_CACHE_DIR = Path(os.environ.get("BITSERVE_CACHE_DIR") or Path.home() / ".cache" / "bitserve")
+TUNE_CACHE = os.environ.get("BITSERVE_TUNE_CACHE", "1") != "0"
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _tune_file(device: torch.device) -> Path:
+    """The tuning cache file for this GPU model, Triton version and kernel source."""
+    ident = Path(__file__).read_bytes() + f"{_device_name(device)} {triton.__version__}".encode()
+    return TUNE_CACHE_DIR / f"triton-tune-{hashlib.sha1(ident).hexdigest()[:16]}.json"
+
+
+def _read_tuned(path: Path) -> dict[str, Config]:
+    """The configs saved in `path` (nothing if it is missing or unreadable)."""
+    try:
+        raw = json.loads(path.read_text())
+        return {k: Config(*v) for k, v in raw.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _write_tuned(path: Path, key: str, cfg: Config) -> None:
+    """Add key -> cfg to `path`, merged with what other processes saved meanwhile; best effort
+    (a read-only home only loses the cache)."""
+    try:
+        entries = _read_tuned(path) | {key: cfg}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({k: list(c) for k, c in sorted(entries.items())}, indent=1))
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("tuned kernel configs not saved to %s: %s", path, e)
+
+
 def _config(layer: QuantLinear, x: torch.Tensor, out: torch.Tensor) -> Config:
     """The fastest candidate for this shape and M bucket, tuned once (on the first M seen in the
-    bucket) and cached."""
+    bucket) and cached in memory and on disk (`_tune_file`); a saved config is used only if
+    it is still a candidate."""
     b = bucket(x.shape[0])
     if INTERPRET:
         return INTERPRET_CONFIGS[b]
@@ -1044,8 +1089,15 @@ def _config(layer: QuantLinear, x: torch.Tensor, out: torch.Tensor) -> Config:
     if key not in _TUNED:
         t0 = time.perf_counter()
         cands = [c for c in CANDIDATES[b] if _applies(c, layer, x.dtype)]  # no plain GEMV twice
-        _precompile(layer, x, out, cands)
-        _TUNED[key] = autotune(cands, lambda c: _launch(layer, x, out, c), _do_bench)
+        path, name = _tune_file(x.device) if TUNE_CACHE else None, ",".join(map(str, key))
+        saved = _read_tuned(path).get(name) if path else None
+        if saved in cands:
+            _TUNED[key] = saved
+        else:
+            _precompile(layer, x, out, cands)
+            _TUNED[key] = autotune(cands, lambda c: _launch(layer, x, out, c), _do_bench)
+            if path:
+                _write_tuned(path, name, _TUNED[key])
         TUNE_LOG.append((key, time.perf_counter() - t0))
     return _TUNED[key]
 

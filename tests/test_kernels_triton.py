@@ -5,6 +5,7 @@ cuBLAS path (larger M), and every config in the GPU autotune lists."""
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # set before the kernel module is imported: kernels run on CPU
@@ -230,3 +231,46 @@ def test_programmatic_dependent_launch_only_where_it_runs(monkeypatch: pytest.Mo
     monkeypatch.setattr(triton_int, "_sm_major", lambda index: 10)
     monkeypatch.setattr(triton_int, "PDL_ENABLED", False)
     assert not triton_int.use_pdl(cuda)
+
+
+def test_tuned_configs_persist_on_disk(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A tuning (here with a fake GPU timer) is saved to the cache file of its GPU model, Triton
+    version and kernel source; another process (an empty in-memory cache) reads it instead of
+    tuning again; a saved config that is no longer a candidate, or an unreadable file, means
+    tuning anew; another GPU model has its own file."""
+    layer = random_layer(256, 40, 4, 128, False)
+    x, out = torch.randn(1, 256).half(), torch.empty(1, 40, dtype=torch.float16)
+    timed: list[triton_int.Config] = []
+
+    def timer(fn):
+        timed.append(fn())
+        return 1.0 + timed[-1].block_n / 1000 - ("lop3" in timed[-1].flags())  # lop3 wins
+
+    monkeypatch.setattr(triton_int, "INTERPRET", False)
+    monkeypatch.setattr(triton_int, "TUNE_CACHE_DIR", tmp_path)
+    monkeypatch.setattr(triton_int, "_TUNED", {})
+    monkeypatch.setattr(triton_int, "_device_name", lambda device: "GPU A")
+    monkeypatch.setattr(triton_int, "_precompile", lambda *args: None)
+    monkeypatch.setattr(triton_int, "_launch", lambda layer, x, out, cfg: cfg)
+    monkeypatch.setattr(triton_int, "_do_bench", timer)
+    best = triton_int._config(layer, x, out)
+    assert best.flags() == {"lop3"} and best.block_n == 64 and timed
+    files = list(tmp_path.glob("triton-tune-*.json"))
+    assert len(files) == 1 and files[0] == triton_int._tune_file(x.device)
+
+    def fresh_process() -> triton_int.Config:
+        timed.clear()
+        monkeypatch.setattr(triton_int, "_TUNED", {})
+        return triton_int._config(layer, x, out)
+
+    assert fresh_process() == best and not timed  # read back, not tuned
+    saved = json.loads(files[0].read_text())
+    (name,) = saved
+    saved[name] = [*saved[name][:-1], "no-such-variant"]
+    files[0].write_text(json.dumps(saved))
+    assert fresh_process() == best and timed  # a stale entry: tuned again, and saved again
+    assert fresh_process() == best and not timed
+    files[0].write_text("{not json")
+    assert fresh_process() == best and timed
+    monkeypatch.setattr(triton_int, "_device_name", lambda device: "GPU B")
+    assert fresh_process() == best and timed and len(list(tmp_path.glob("*.json"))) == 2
