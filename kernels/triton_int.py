@@ -4,7 +4,8 @@
 (32/bits codes per word, K padded to a multiple of 256; 3-bit as a 2-bit and a 1-bit plane, so
 no code straddles a word), scales and zero points unpacked to [G, N].
 
-Three kernels, picked per M bucket by a short autotune (cached per shape and bucket):
+Three kernels, picked per M bucket by a short autotune (cached per shape and bucket, in memory
+and on disk):
 
 - `_gemv_kernel` (M = 1, decode): CUDA-core FMAs, split-K over many programs.
 - `_dot_kernel` (M >= 2): tensor-core `tl.dot` tiles, split-K for small M.
@@ -23,8 +24,11 @@ there is no zero-filled output, no atomics on data and no second kernel (`_finis
 variants (autotune candidates, so the GPU picks) also try fp32 atomic adds into one zeroed
 slice ("red"), atomic adds into the zeroed output ("atomic", the earlier kernels' finish), the
 dot on exact fp16 q - z ("zsub": no row sums of x) or on FMA-dequantized weights ("fma"), and a
-GEMV that dequantizes and multiplies in fp16 ("h2"), and 4-bit GEMVs on packed fp16 pairs of
-codes ("lop3" in PTX, "pair" in Triton ops; 4-bit words interleave their codes for it).
+GEMV that dequantizes and multiplies in fp16 ("h2"), 4-bit GEMVs on packed fp16 pairs of
+codes ("lop3" in PTX, "pair" in Triton ops; 4-bit words interleave their codes for it), the
+same GEMV with a register double buffer of weight words ("pf"), and the dot on a K-major tile
+whose codes are joined in-thread ("kjoin", with "lop3" made in PTX). On sm_90+ every kernel
+launches with programmatic dependent launch (`use_pdl`, `pdl_enter`).
 """
 
 from __future__ import annotations
