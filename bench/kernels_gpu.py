@@ -668,6 +668,10 @@ def main() -> None:
     print(
         f"# {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}"
     )
+    pdl = triton_int.use_pdl(torch.device(DEVICE))
+    print(
+        f"# programmatic dependent launch: {'on' if pdl else 'off'} (sm_{props.major}{props.minor})"
+    )
     sections: list[tuple[bool, Callable[[], Any]]] = [
         (args.skip_check, lambda: check_correctness(ms + (300,) if 256 in ms else ms)),
         (args.skip_layers, lambda: bench_layers(copy_bandwidth(), ms)),
