@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,18 +238,33 @@ class LlamaRunner:
         the matmul tuner up to `prefill_tokens` (Triton tunes each layer shape per bucket) and a
         decode step at each padded batch size up to the slot count (captured as a CUDA graph
         with decode_graphs); the cache is zeroed after. Call it before serving: it writes to
-        slots that sequences may hold. Returns (kind, rows) per run."""
-        runs: list[tuple[str, int]] = []
-        for t in sorted({min(t, prefill_tokens, self.max_len) for t in (16, 64, 256, 1024)}):
-            self.forward(torch.zeros(1, t, dtype=torch.long), torch.tensor([0]), torch.tensor([0]))
-            runs.append(("prefill", t))
+        slots that sequences may hold. Logs each run and its time (the first ones tune and
+        compile: tens of seconds on a GPU without saved configs). Returns (kind, rows) per run."""
+        runs = [
+            ("prefill", t)
+            for t in sorted({min(t, prefill_tokens, self.max_len) for t in (16, 64, 256, 1024)})
+        ]
         batches = [b for b in GRAPH_BATCHES if b < self.num_slots]
         batches.append(next((b for b in GRAPH_BATCHES if b >= self.num_slots), self.num_slots))
-        for b in batches:
-            rows = min(b, self.num_slots)
-            ids, slots = torch.zeros(rows, 1, dtype=torch.long), torch.arange(rows)
-            self.forward(ids, slots, torch.zeros(rows, dtype=torch.long))
-            runs.append(("decode", rows))
+        runs += [("decode", min(b, self.num_slots)) for b in batches]
+        for i, (kind, n) in enumerate(runs):
+            t0 = time.perf_counter()
+            if kind == "prefill":  # one row of n tokens
+                self.forward(
+                    torch.zeros(1, n, dtype=torch.long), torch.tensor([0]), torch.tensor([0])
+                )
+            else:  # n rows of one token
+                ids, slots = torch.zeros(n, 1, dtype=torch.long), torch.arange(n)
+                self.forward(ids, slots, torch.zeros(n, dtype=torch.long))
+            log.info(
+                "warm-up %d/%d: %s of %d %s, %.1f s",
+                i + 1,
+                len(runs),
+                kind,
+                n,
+                "tokens" if kind == "prefill" else "rows",
+                time.perf_counter() - t0,
+            )
         self.k_cache.zero_()  # no sequence holds a slot yet
         self.v_cache.zero_()
         return runs
