@@ -4,8 +4,8 @@
 # then bench/gpu_serve_check.py (`bitserve serve --device cuda` over HTTP). Output goes to
 # $OUT/kernels_gpu_run.txt (copied to docs/kernels_gpu_run.txt). Run from the repo root:
 #   OUT=/tmp/out bash bench/gpu_check.sh [--ms 1,16,64,256,1024]
-# Time: KERNELS_TIMEOUT (default 300 s) + SERVE_TIMEOUT (default 240 s, SERVE=0 skips it; each
-# server warms up, tuning and capturing, before it answers)
+# Time: KERNELS_TIMEOUT (default 300 s, KERNELS=0 skips it) + SERVE_TIMEOUT (default 240 s,
+# SERVE=0 skips it; each server warms up, tuning and capturing, before it answers)
 # + LUTGEMM_TIMEOUT (default 90 s, LUTGEMM=0 skips it). Wheels in .whl/ (the server's
 # dependencies that a bare GPU image may lack) are installed first; to fetch them for Python 3.12:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
@@ -32,9 +32,11 @@ fi
     echo "$ python3 bench/kernels_gpu.py $*"
 } 2>&1 | tee "$LOG"
 # The benchmark stops its own sections 25 s before the hard timeout, so the output is complete.
-KT=${KERNELS_TIMEOUT:-300}
-timeout "$KT" python3 bench/kernels_gpu.py --budget-s $((KT - 25)) "$@" 2>&1 | tee -a "$LOG"
-echo "(kernels_gpu.py exit ${PIPESTATUS[0]}, $SECONDS s since start)" | tee -a "$LOG"
+if [ "${KERNELS:-1}" = 1 ]; then
+    KT=${KERNELS_TIMEOUT:-300}
+    timeout "$KT" python3 bench/kernels_gpu.py --budget-s $((KT - 25)) "$@" 2>&1 | tee -a "$LOG"
+    echo "(kernels_gpu.py exit ${PIPESTATUS[0]}, $SECONDS s since start)" | tee -a "$LOG"
+fi
 if [ "${SERVE:-1}" = 1 ]; then
     echo -e "\n## bitserve serve --device cuda over HTTP (bench/gpu_serve_check.py)" | tee -a "$LOG"
     timeout "${SERVE_TIMEOUT:-240}" python3 bench/gpu_serve_check.py --timeout 150 2>&1 | tee -a "$LOG"
