@@ -43,30 +43,33 @@ def test_add_rms_norm(dtype: torch.dtype, with_delta: bool) -> None:
     assert rel_err(x, want) < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
-def test_rope_to_cache_writes_each_rows_slot_and_position() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_to_cache_writes_each_rows_slot_and_position(dtype: torch.dtype) -> None:
     torch.manual_seed(2)
     b, heads, kv_heads, d, slots_n, max_len = 3, 6, 2, 24, 4, 16
-    qkv = torch.randn(b, (heads + 2 * kv_heads) * d)
+    qkv = torch.randn(b, (heads + 2 * kv_heads) * d).to(dtype)
     angles = torch.randn(max_len, d // 2)
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(dtype)
     signed_sin = torch.cat([-sin[:, : d // 2], sin[:, d // 2 :]], dim=-1)
     slots, pos = torch.tensor([3, 0, 2]), torch.tensor([5, 0, 15])
-    k_cache, v_cache = (
-        torch.randn(slots_n, kv_heads, max_len, d),
-        torch.randn(slots_n, kv_heads, max_len, d),
-    )
+    k_cache = torch.randn(slots_n, kv_heads, max_len, d).to(dtype)
+    v_cache = torch.randn(slots_n, kv_heads, max_len, d).to(dtype)
     want_k, want_v = k_cache.clone(), v_cache.clone()
-    x = qkv.view(b, heads + 2 * kv_heads, d)
-    rot = _rotate(x[:, : heads + kv_heads], cos[pos][:, None], signed_sin[pos][:, None])
-    want_k[slots, :, pos] = rot[:, heads:]
-    want_v[slots, :, pos] = x[:, heads + kv_heads :]
+    x = qkv.view(b, heads + 2 * kv_heads, d).float()
+    rot = _rotate(
+        x[:, : heads + kv_heads], cos[pos][:, None].float(), signed_sin[pos][:, None].float()
+    )
+    want_k[slots, :, pos] = rot[:, heads:].to(dtype)
+    want_v[slots, :, pos] = x[:, heads + kv_heads :].to(dtype)
     q = fused.rope_to_cache(qkv, cos, signed_sin, pos, slots, k_cache, v_cache, heads)
-    assert rel_err(q, rot[:, :heads]) < 1e-6
-    assert torch.equal(v_cache, want_v) and rel_err(k_cache, want_k) < 1e-6
+    tol = 1e-6 if dtype == torch.float32 else 1e-3  # fp32 math, one rounding to fp16
+    assert q.dtype == dtype and rel_err(q, rot[:, :heads]) < tol
+    assert torch.equal(v_cache, want_v) and rel_err(k_cache, want_k) < tol
     # The rotation is HF's: q * cos + rotate_half(q) * sin.
     half = torch.cat([-x[:, :heads, d // 2 :], x[:, :heads, : d // 2]], dim=-1)
-    assert rel_err(q, x[:, :heads] * cos[pos][:, None] + half * sin[pos][:, None]) < 1e-6
+    hf = x[:, :heads] * cos[pos][:, None].float() + half * sin[pos][:, None].float()
+    assert rel_err(q, hf) < tol
 
 
 def attention_reference(q, k_cache, v_cache, slots, pos, scale):
@@ -109,11 +112,14 @@ def test_decode_attention(
     assert rel_err(out, want) < (1e-5 if dtype == torch.float32 else 3e-3)
 
 
-def test_silu_mul() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_mul(dtype: torch.dtype) -> None:
     torch.manual_seed(4)
-    gate_up = torch.randn(2, 2 * 1500)
+    gate_up = torch.randn(2, 2 * 1500).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
-    assert rel_err(fused.silu_mul(gate_up), F.silu(gate) * up) < 1e-6
+    want = F.silu(gate.float()).to(dtype).float() * up.float()  # torch's two ops' rounding
+    got = fused.silu_mul(gate_up)
+    assert got.dtype == dtype and rel_err(got, want) < (1e-6 if dtype == torch.float32 else 1e-3)
 
 
 @pytest.mark.parametrize("graphs", [False, True])
