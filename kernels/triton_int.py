@@ -1046,7 +1046,9 @@ TUNE_LOG: list[tuple[tuple[Any, ...], float]] = []  # (key, seconds spent tuning
 # Tuned configs also persist across processes, in one JSON file per (GPU model, Triton version,
 # this module's source), so a restarted server skips tuning. BITSERVE_CACHE_DIR moves it;
 # BITSERVE_TUNE_CACHE=0 turns it off.
-TUNE_CACHE_DIR = Path(os.environ.get("BITSERVE_CACHE_DIR") or Path.home() / ".cache" / "bitserve")
+TUNE_CACHE_DIR = Path(
+    os.environ.get("BITSERVE_CACHE_DIR") or os.path.expanduser("~/.cache/bitserve")
+)
 TUNE_CACHE = os.environ.get("BITSERVE_TUNE_CACHE", "1") != "0"
 
 
