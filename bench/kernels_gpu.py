@@ -596,7 +596,8 @@ def bench_runner_backends(steps: int = 16) -> None:
     logits: dict[str, list[torch.Tensor]] = {}
     speed: dict[str, dict[int, float]] = {}
     for name, (backend, fused) in variants.items():
-        runner = LlamaRunner(smollm2_w4(backend), 16, 256, fused_decode=fused)
+        model = smollm2_w4(backend)
+        runner = LlamaRunner(model, 16, 256, fused_decode=fused)
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, SMOLLM2["vocab_size"], (1, 32 + steps), generator=gen)
         slot = torch.tensor([0])
@@ -604,17 +605,9 @@ def bench_runner_backends(steps: int = 16) -> None:
         for i in range(steps):
             out.append(runner.forward(ids[:, 32 + i : 33 + i], slot, torch.tensor([32 + i])))
         logits[name] = out
-        speed[name] = {}
-        for batch in (1, 16):
-            ids1, slots = torch.zeros(batch, 1, dtype=torch.long), torch.arange(batch)
-            runner.forward(ids1, slots, torch.full((batch,), 64))
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for i in range(32):
-                runner.forward(ids1, slots, torch.full((batch,), 65 + i))
-            torch.cuda.synchronize()
-            speed[name][batch] = batch * 32 / (time.perf_counter() - t0)
-        del runner
+        del runner  # runner_tps takes the (already fused) model over again, per batch
+        speed[name] = {b: runner_tps(model, b, True, fused, ctx=256, start=64) for b in (1, 16)}
+        del model
         torch.cuda.empty_cache()
     for name in ("triton", "triton + fused"):
         pairs = list(zip(logits[name], logits["reference"], strict=True))

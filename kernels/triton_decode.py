@@ -1,8 +1,8 @@
 """GPU kernels for the serving runner's one-token decode step: the work between the matmuls,
-fused, so that a layer runs 9-10 kernels instead of ~30 (at batch 1), each launched with
-programmatic dependent launch where the GPU has it (`use_pdl`). Inside a CUDA graph each small
-kernel still costs a few microseconds; on Llama-3-8B shapes the ops between the matmuls took
-about 1.5 ms of a 3.8 ms W4 step (docs/kernels.md).
+fused, so that a layer runs 9-10 kernels (at batch 1; 4 are matmuls) instead of 4 matmuls and
+~15 others, each launched with programmatic dependent launch where the GPU has it (`use_pdl`).
+Inside a CUDA graph each small kernel still costs a few microseconds; on Llama-3-8B shapes the
+ops between the matmuls took about 1.5 ms of a 3.8 ms W4 step (docs/kernels.md).
 
 - `add_rms_norm`: h += delta, then x = RMSNorm(h) * weight (residual add and the next norm).
 - `rope_to_cache`: rotary embedding of q and k (HF llama's rotate-half convention), k and v

@@ -193,9 +193,7 @@ class LlamaRunner:
         self.cos = cos[0]  # [max_len, head_dim]
         self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
         if fused_decode is None:
-            fused_decode = (
-                self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
-            )
+            fused_decode = self.device.type == "cuda" and _triton_int() is not None
         self.fused_decode = fused_decode
         self.silu = config.hidden_act in ("silu", "swish")  # the MLP's act_fn, fused with up
         self._graphable = self.device.type == "cuda"  # capture decode steps (else run them)
