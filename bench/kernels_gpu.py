@@ -486,15 +486,21 @@ def runner_tps(
     steps: int = 32,
     ctx: int = 512,
     start: int = 16,
+    host_logits: bool = False,
 ) -> float:
-    """Greedy-shaped decode tokens/s of bitserve's serving runner (decode steps from CUDA graphs,
-    or eager; the ops between matmuls fused or torch's; Triton kernels launched with
-    programmatic dependent launch or not): one forward per step for `batch` sequences at
-    position `start` onwards (a cache of `ctx` positions), logits back on the CPU."""
+    """Greedy decode tokens/s of bitserve's serving runner (decode steps from CUDA graphs, or
+    eager; the ops between matmuls fused or torch's; Triton kernels launched with programmatic
+    dependent launch or not): one forward and one `sample` per step for `batch` sequences at
+    position `start` onwards (a cache of `ctx` positions), as the engine runs them: argmax on
+    the GPU, token ids to the host. host_logits: copy the logits to the CPU and sample there
+    (what the engine did before sampling moved to the logits' device)."""
     from bitserve.server.runner import LlamaRunner
+    from bitserve.server.sampling import SamplingParams, sample
 
     runner = LlamaRunner(model, batch, ctx, decode_graphs=graphs, fused_decode=fused)
     ids, slots = torch.zeros(batch, 1, dtype=torch.long), torch.arange(batch)
+    greedy = [SamplingParams(max_tokens=steps, temperature=0)] * batch
+    gens, counts = [torch.default_generator] * batch, [None] * batch
     saved, triton_int.PDL_ENABLED = triton_int.PDL_ENABLED, pdl
     try:
         runner.forward(ids, slots, torch.full((batch,), start))  # warm-up: tuning, capture
@@ -505,7 +511,9 @@ def runner_tps(
             print(f"(batch {batch}: a failed capture turned PDL off for this run)", flush=True)
         t0 = time.perf_counter()
         for i in range(steps):
-            runner.forward(ids, slots, torch.full((batch,), start + 1 + i))
+            logits = runner.forward(ids, slots, torch.full((batch,), start + 1 + i))
+            tokens, _ = sample(logits.cpu() if host_logits else logits, greedy, gens, counts)
+            ids = torch.tensor(tokens).unsqueeze(1)
         torch.cuda.synchronize()
     finally:
         triton_int.PDL_ENABLED = saved
@@ -539,6 +547,15 @@ def bench_engine(n_layers: int) -> None:
                     torch.cuda.empty_cache()
                 name = "W4 g128 (fp16 lm_head)" if w4 else "fp16"
                 print(f"| {batch} | {name} | {' | '.join(cells)} |", flush=True)
+            if w4 and not over_budget():  # sampling on the GPU vs logits to the CPU
+                for batch in (1, 16):
+                    dev = runner_tps(model, batch, True, True)
+                    host = runner_tps(model, batch, True, True, host_logits=True)
+                    print(
+                        f"W4, batch {batch} (graphs, fused): sampling on the GPU {dev:.1f} tok/s, "
+                        f"logits to the CPU {host:.1f} ({dev / host:.2f}x)",
+                        flush=True,
+                    )
             if w4 and not over_budget():  # long contexts: attention reads 4000 positions a row
                 fused_tps = runner_tps(model, 16, True, True, ctx=4096, start=4000)
                 torch_ops = runner_tps(model, 16, True, False, ctx=4096, start=4000)

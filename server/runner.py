@@ -209,8 +209,9 @@ class LlamaRunner:
         last: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Append `ids` [B, T] at positions starts[b].. of each slot; return the logits [B, V]
-        (float32, on the CPU, where sampling runs) at position last[b] of each row (default
-        T - 1). The index tensors may live on the CPU whatever the model's device.
+        at position last[b] of each row (default T - 1), float32 on the model's device (sampling
+        copies to the host only what it needs). The index tensors may live on the CPU whatever
+        the model's device.
 
         Rows may be right-padded: padding writes K/V past the row's length, which the causal mask
         never shows and the row's next real token overwrites before anything reads it."""
@@ -228,7 +229,7 @@ class LlamaRunner:
         kv_len = int(pos.max()) + 1
         cuda = self.device.type == "cuda"
         with sdpa_kernel(EAGER_SDPA) if cuda else contextlib.nullcontext():
-            return self._step(ids, slots, pos, rows, kv_len, last).float().cpu()
+            return self._step(ids, slots, pos, rows, kv_len, last).float()
 
     @torch.inference_mode()
     def warmup(self, prefill_tokens: int) -> list[tuple[str, int]]:
@@ -291,7 +292,7 @@ class LlamaRunner:
         assert step.logits is not None
         # Copied out before any other replay: the graphs share one memory pool, so another
         # graph's temporaries may live where these logits are.
-        return step.logits[:B].float().cpu()
+        return step.logits[:B].to(torch.float32, copy=True)
 
     def _capture(self, batch: int, kv_len: int) -> _Decode:
         """The static decode step for (batch, kv_len): run once (Triton tuning, workspaces), then

@@ -1,6 +1,8 @@
 """Per-request sampling applied to a batch of logits: penalties, greedy, temperature, top-k,
 top-p, a seeded generator per request (so a draw does not depend on the rest of the batch), and
-top-k logprobs."""
+top-k logprobs. Logits stay on the model's device: greedy rows and logprobs are computed there
+and only token ids and the few requested log-probabilities cross to the host, in one sync; rows
+that draw come to the CPU, where their generators live."""
 
 from __future__ import annotations
 
@@ -47,9 +49,11 @@ def make_generator(seed: int | None) -> torch.Generator:
 def apply_penalties(
     logits: torch.Tensor, params: list[SamplingParams], counts: list[torch.Tensor | None]
 ) -> None:
-    """OpenAI presence/frequency penalties, in place: subtract per generated-token counts."""
+    """OpenAI presence/frequency penalties, in place: subtract per generated-token counts (kept
+    on the CPU, moved to the logits' device)."""
     for i, (p, c) in enumerate(zip(params, counts, strict=True)):
         if c is not None and (p.presence_penalty or p.frequency_penalty):
+            c = c.to(logits.device)
             logits[i] -= p.frequency_penalty * c + p.presence_penalty * (c > 0).float()
 
 
@@ -66,6 +70,12 @@ def _pick(weights: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.searchsorted(total, u, right=True).clamp_max(len(total) - 1))
 
 
+def _overflows(logits: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+    """Where a finite logit became infinite when divided by a tiny temperature (-inf logits,
+    masked tokens, stay -inf and are fine)."""
+    return torch.isinf(scaled) & torch.isfinite(logits)
+
+
 def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
     """One token from a row of logits [V] under temperature, top-k, then top-p (on the top-k
     renormalized probabilities; the most likely token always stays in play). Sorting the whole
@@ -74,7 +84,7 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -
     usually already hold top_p of the mass."""
     vocab = logits.shape[-1]
     scaled = logits / p.temperature
-    if not bool(torch.isfinite(scaled).all()) and bool(torch.isfinite(logits).all()):
+    if bool(_overflows(logits, scaled).any()):
         return int(logits.argmax())  # a temperature so small it overflows: its limit, greedy
     probs = scaled.softmax(dim=-1)
     if 0 < p.top_k < vocab:
@@ -93,34 +103,81 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -
     return int(ids[_pick(top, generator)])
 
 
+def _draw_rows(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> list[int]:
+    """`_draw` for rows [B, V] at once on the logits' device (a GPU, where a sort of the
+    vocabulary is cheap and a row copied to the CPU is not): the same filters and the same
+    uniform number from each row's generator, so a row picks the token `_draw` picks (up to
+    rounding and ties). One host sync, for the tokens."""
+    dev, vocab = logits.device, logits.shape[-1]
+    column = [[p.temperature] for p in params]
+    scaled = logits / torch.tensor(column, device=dev, dtype=logits.dtype)
+    overflow = _overflows(logits, scaled).any(dim=-1)
+    probs = torch.where(overflow.unsqueeze(1), logits, scaled).softmax(dim=-1)
+    order = None
+    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
+        # Rows with a filter look at the vocabulary most likely first; the others keep its
+        # order, as `_draw` does, so that one uniform number picks the same token.
+        has_k = torch.tensor([[0 < p.top_k < vocab] for p in params], device=dev)
+        has_p = torch.tensor([[p.top_p < 1.0] for p in params], device=dev)
+        ranked, order = probs.sort(dim=-1, descending=True, stable=True)
+        rank = torch.arange(vocab, device=dev)
+        probs = torch.where(has_k | has_p, ranked, probs)
+        order = torch.where(has_k | has_p, order, rank)
+        ks = torch.tensor([[p.top_k if 0 < p.top_k < vocab else vocab] for p in params])
+        probs = probs * (rank < ks.to(dev))
+        probs = torch.where(has_k, probs / probs.sum(dim=-1, keepdim=True), probs)
+        top_p = torch.tensor([[p.top_p] for p in params], device=dev, dtype=probs.dtype)
+        keep = (probs.cumsum(dim=-1) - probs < top_p) | ~has_p
+        keep[:, 0] = True
+        probs = probs * keep
+    total = probs.double().cumsum(dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    u = u.to(dev).unsqueeze(1) * total[:, -1:]
+    picks = torch.searchsorted(total, u, right=True).clamp_max(vocab - 1)
+    if order is not None:
+        picks = order.gather(1, picks)
+    return torch.where(overflow, logits.argmax(dim=-1), picks.squeeze(1)).tolist()
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator],
     counts: list[torch.Tensor | None],
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Pick one token per row of `logits` [B, V] (float32) under each row's parameters. NaN or
-    +inf logits, or a row with no finite logit (a broken forward), raise ValueError before any
-    generator is used, rather than yield an arbitrary token."""
-    broken = torch.isnan(logits) | (logits == float("inf"))
-    if bool(broken.any()) or not bool(torch.isfinite(logits).any(dim=-1).all()):
-        raise ValueError("cannot sample: the logits contain NaN or +inf, or no finite value")
-    raw_logprobs = (
-        torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-    )
+    """Pick one token per row of `logits` [B, V] (float32, on any device) under each row's
+    parameters. NaN or +inf logits, or a row with no finite logit (a broken forward), raise
+    ValueError before any generator is used, rather than yield an arbitrary token. Greedy rows
+    never leave the device: their argmax comes back with the validity check in one small copy,
+    rows that draw are drawn there too (`_draw_rows`), and only the asked-for logprobs copy.
+    On the CPU, rows draw one by one (`_draw`), which avoids sorting the vocabulary."""
+    broken = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1)
+    broken |= ~torch.isfinite(logits).any(dim=-1)
+    want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
+    raw_logprobs = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
     logits = logits.clone()
     apply_penalties(logits, params, counts)
-    chosen = logits.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if p.temperature > 0:
-            chosen[i] = _draw(logits[i], p, generators[i])
+    chosen, bad = torch.stack([logits.argmax(dim=-1), broken.long()]).tolist()  # one sync
+    if any(bad):
+        raise ValueError("cannot sample: the logits contain NaN or +inf, or no finite value")
+    drawn = [i for i, p in enumerate(params) if p.temperature > 0]
+    if drawn:
+        rows, ps, gs = logits[drawn], [params[i] for i in drawn], [generators[i] for i in drawn]
+        if logits.device.type == "cpu":
+            picks = [_draw(r, p, g) for r, p, g in zip(rows, ps, gs, strict=True)]
+        else:
+            picks = _draw_rows(rows, ps, gs)
+        for i, token in zip(drawn, picks, strict=True):
+            chosen[i] = token
     info: list[TokenLogprobs | None] = [None] * len(params)
     if raw_logprobs is not None:
-        for i, p in enumerate(params):
-            if p.logprobs is not None:
-                top: list[tuple[int, float]] = []
-                if p.logprobs:
-                    vals, idx = raw_logprobs[i].topk(p.logprobs)
-                    top = list(zip(idx.tolist(), vals.tolist(), strict=True))
-                info[i] = TokenLogprobs(float(raw_logprobs[i, chosen[i]]), top)
+        picked = torch.tensor([chosen[i] for i in want_lp], device=logits.device)
+        own = raw_logprobs.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
+        best = raw_logprobs.topk(max(params[i].logprobs or 0 for i in want_lp))
+        values, ids = best.values.tolist(), best.indices.tolist()
+        for j, i in enumerate(want_lp):
+            n = params[i].logprobs or 0
+            info[i] = TokenLogprobs(own[j], list(zip(ids[j][:n], values[j][:n], strict=True)))
     return chosen, info

@@ -140,6 +140,43 @@ def test_sampling_rules() -> None:
     assert moved[0] != argmax[0]
 
 
+def test_greedy_sampling_syncs_with_the_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A greedy batch (a penalized row included) reads the device once: one `tolist` of the
+    argmax and validity flags, no scalar reads (`bool(t)`, `float(t)`: a GPU sync each), and no
+    copy of the logits; a row that draws copies only itself to the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, tuple[int, ...]]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            self.seen.append((str(func), tuple(out.shape) if torch.is_tensor(out) else ()))
+            return out
+
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(2))
+    counts = torch.zeros(300)
+    counts[int(logits[1].argmax())] = 3
+    greedy = SamplingParams(max_tokens=1, temperature=0)
+    pen = SamplingParams(max_tokens=1, temperature=0, frequency_penalty=5.0)
+    params = [greedy, pen, greedy, greedy]
+    with Ops() as ops:
+        tokens, _ = sample(logits, params, [make_generator(1)] * 4, [None, counts, None, None])
+    assert reads == [torch.Size([2, 4])]
+    assert not [op for op, _ in ops.seen if "_local_scalar_dense" in op]
+    assert not [op for op, _ in ops.seen if op.startswith("aten.index")]
+    assert tokens[1] != int(logits[1].argmax()) and tokens[2] == int(logits[2].argmax())
+    hot = SamplingParams(max_tokens=1, temperature=1.0, top_k=3)
+    with Ops() as ops:
+        sample(logits, [greedy, hot, greedy, greedy], [make_generator(1)] * 4, [None] * 4)
+    assert [s for op, s in ops.seen if op.startswith("aten.index")] == [(1, 300)]
+
+
 def test_runner_padded_batch_prefill_matches_hf(server_tiny_checkpoint: Path) -> None:
     model = load_model(server_tiny_checkpoint).model
     runner = LlamaRunner(load_model(server_tiny_checkpoint).model, num_slots=4, max_len=32)
@@ -285,6 +322,40 @@ def test_sampling_draws_from_the_filtered_distribution(shape: str, params: Sampl
         assert int((target > 0).sum()) > 256 and len(set(draws.tolist())) > 256
     else:
         assert float((freq - target).abs().sum()) / 2 < 0.06
+
+
+def test_batched_draws_match_row_draws() -> None:
+    """`_draw_rows` (the GPU's sampler: the batch at once, a sort of the vocabulary) picks the
+    token that `_draw` (the CPU's, row by row) picks from the same uniform numbers: for every
+    filter, the greedy limit of an overflowing temperature, and rows with masked (-inf)
+    tokens. Seeded generators on both sides, 300 batches, every row every time."""
+    from bitserve.server.sampling import _draw, _draw_rows
+
+    params = [
+        SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9),
+        SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5),
+        SamplingParams(max_tokens=1, temperature=1.3, top_k=20, top_p=0.6),
+        SamplingParams(max_tokens=1, temperature=0.9),
+        SamplingParams(max_tokens=1, temperature=1.1, top_k=7),
+        SamplingParams(max_tokens=1, temperature=1e-40, top_k=5),
+        SamplingParams(max_tokens=1, temperature=0.8, top_p=0.95),
+    ]
+    g = torch.Generator().manual_seed(12)
+    scale = torch.tensor([4.0, 0.05] * 4)[: len(params)].unsqueeze(1)  # peaked, flat, ...
+    logits = torch.randn(len(params), 3000, generator=g) * scale
+    logits[6, ::3] = float("-inf")  # masked tokens
+    logits[5, 10] = float("-inf")
+    gens_a = [make_generator(100 + i) for i in range(len(params))]
+    gens_b = [make_generator(100 + i) for i in range(len(params))]
+    batched, rowwise = [], []
+    for _ in range(300):
+        batched.append(_draw_rows(logits, params, gens_a))
+        rowwise.append([_draw(r, p, gen) for r, p, gen in zip(logits, params, gens_b, strict=True)])
+    assert batched == rowwise
+    picks = torch.tensor(batched)
+    assert (picks[:, 5] == int(logits[5].argmax())).all()  # greedy limit
+    assert (picks[:, 6] % 3 != 0).all()  # never a masked token
+    assert all(len(set(picks[:, i].tolist())) > 3 for i in (0, 1, 3, 4, 6))  # real draws
 
 
 def test_runner_half_precision_model() -> None:
