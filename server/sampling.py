@@ -109,33 +109,33 @@ def _draw_rows(
     """`_draw` for rows [B, V] at once on the logits' device (a GPU, where a sort of the
     vocabulary is cheap and a row copied to the CPU is not): the same filters and the same
     uniform number from each row's generator, so a row picks the token `_draw` picks (up to
-    rounding and ties). One host sync, for the tokens."""
+    rounding and ties). The rows' settings go over in one copy, the tokens come back in one."""
     dev, vocab = logits.device, logits.shape[-1]
-    column = [[p.temperature] for p in params]
-    scaled = logits / torch.tensor(column, device=dev, dtype=logits.dtype)
+    uniforms = [float(torch.rand(1, generator=g, dtype=torch.float64)) for g in generators]
+    rows = [
+        [p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, u]
+        for p, u in zip(params, uniforms, strict=True)
+    ]
+    temperature, top_k, top_p, u = torch.tensor(rows, dtype=torch.float64).to(dev).split(1, 1)
+    scaled = logits / temperature.to(logits.dtype)
     overflow = _overflows(logits, scaled).any(dim=-1)
     probs = torch.where(overflow.unsqueeze(1), logits, scaled).softmax(dim=-1)
     order = None
     if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
         # Rows with a filter look at the vocabulary most likely first; the others keep its
         # order, as `_draw` does, so that one uniform number picks the same token.
-        has_k = torch.tensor([[0 < p.top_k < vocab] for p in params], device=dev)
-        has_p = torch.tensor([[p.top_p < 1.0] for p in params], device=dev)
+        has_k, has_p = top_k < vocab, top_p < 1.0
         ranked, order = probs.sort(dim=-1, descending=True, stable=True)
         rank = torch.arange(vocab, device=dev)
         probs = torch.where(has_k | has_p, ranked, probs)
         order = torch.where(has_k | has_p, order, rank)
-        ks = torch.tensor([[p.top_k if 0 < p.top_k < vocab else vocab] for p in params])
-        probs = probs * (rank < ks.to(dev))
+        probs = probs * (rank < top_k)
         probs = torch.where(has_k, probs / probs.sum(dim=-1, keepdim=True), probs)
-        top_p = torch.tensor([[p.top_p] for p in params], device=dev, dtype=probs.dtype)
-        keep = (probs.cumsum(dim=-1) - probs < top_p) | ~has_p
+        keep = (probs.cumsum(dim=-1) - probs < top_p.to(probs.dtype)) | ~has_p
         keep[:, 0] = True
         probs = probs * keep
     total = probs.double().cumsum(dim=-1)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
-    u = u.to(dev).unsqueeze(1) * total[:, -1:]
-    picks = torch.searchsorted(total, u, right=True).clamp_max(vocab - 1)
+    picks = torch.searchsorted(total, u * total[:, -1:], right=True).clamp_max(vocab - 1)
     if order is not None:
         picks = order.gather(1, picks)
     return torch.where(overflow, logits.argmax(dim=-1), picks.squeeze(1)).tolist()
