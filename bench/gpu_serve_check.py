@@ -3,7 +3,8 @@ random-init llama (tests/tiny_models.py) quantized W4 g64 by `bitserve quantize`
 the automatic backend (Triton on CUDA, fused decode kernels) and once with the reference backend
 and `--no-fused-decode`. Checks: /v1/models reports cuda, float16, the backend and how decode
 steps run; greedy completions (plain and streamed as SSE) of both servers are the same text;
-prints what it saw and exits non-zero on a mismatch.
+sampling on the device: a seeded top-p request gives the same text twice, and top-k 1 at
+temperature 1 gives the greedy text; prints what it saw and exits non-zero on a mismatch.
 
     python bench/gpu_serve_check.py [--timeout 240]
 """
@@ -64,6 +65,17 @@ def completions(url: str, model: str) -> tuple[list[str], str]:
     return texts, "".join(streamed)
 
 
+def sampled(url: str, model: str) -> tuple[str, str, str]:
+    """A seeded top-p completion of PROMPTS[0], twice, and one with top-k 1 (greedy's text)."""
+    texts = []
+    for extra in ({"top_p": 0.9, "seed": 7}, {"top_p": 0.9, "seed": 7}, {"top_k": 1}):
+        body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0.9}
+        r = httpx.post(f"{url}/v1/completions", json=body | extra, timeout=120)
+        r.raise_for_status()
+        texts.append(r.json()["choices"][0]["text"])
+    return texts[0], texts[1], texts[2]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--timeout", type=float, default=240, help="seconds to wait for each server")
@@ -89,6 +101,7 @@ def main() -> int:
         try:
             card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
             texts, streamed = completions(url, card["id"])
+            seeded, again, top1 = sampled(url, card["id"])
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -105,6 +118,9 @@ def main() -> int:
         for prompt, text in zip(PROMPTS, texts, strict=True):
             print(f"  {prompt!r} -> {text!r}")
         print(f"  streamed: {streamed!r}")
+        print(f"  seeded top-p: {seeded!r}, again: {'same' if seeded == again else repr(again)}")
+        print(f"  top-k 1: {'greedy text' if top1 == texts[0] else repr(top1)}")
+        ok &= seeded == again and top1 == texts[0]
         ok &= card.get("device") == args.device and card.get("dtype") == dtype
         ok &= streamed == texts[0] and all(texts)
         want = [fast] if backend == "auto" else ["reference"]

@@ -487,20 +487,23 @@ def runner_tps(
     ctx: int = 512,
     start: int = 16,
     host_logits: bool = False,
+    temperature: float = 0.0,
 ) -> float:
     """Greedy decode tokens/s of bitserve's serving runner (decode steps from CUDA graphs, or
     eager; the ops between matmuls fused or torch's; Triton kernels launched with programmatic
     dependent launch or not): one forward and one `sample` per step for `batch` sequences at
     position `start` onwards (a cache of `ctx` positions), as the engine runs them: argmax on
     the GPU, token ids to the host. host_logits: copy the logits to the CPU and sample there
-    (what the engine did before sampling moved to the logits' device)."""
+    (what the engine did before sampling moved to the logits' device). temperature > 0: draw
+    under top-p 0.95, seeded per sequence, instead of greedy."""
     from bitserve.server.runner import LlamaRunner
     from bitserve.server.sampling import SamplingParams, sample
 
     runner = LlamaRunner(model, batch, ctx, decode_graphs=graphs, fused_decode=fused)
     ids, slots = torch.zeros(batch, 1, dtype=torch.long), torch.arange(batch)
-    greedy = [SamplingParams(max_tokens=steps, temperature=0)] * batch
-    gens, counts = [torch.default_generator] * batch, [None] * batch
+    params = [SamplingParams(max_tokens=steps, temperature=temperature, top_p=0.95)] * batch
+    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    counts: list[torch.Tensor | None] = [None] * batch
     saved, triton_int.PDL_ENABLED = triton_int.PDL_ENABLED, pdl
     try:
         runner.forward(ids, slots, torch.full((batch,), start))  # warm-up: tuning, capture
@@ -512,7 +515,7 @@ def runner_tps(
         t0 = time.perf_counter()
         for i in range(steps):
             logits = runner.forward(ids, slots, torch.full((batch,), start + 1 + i))
-            tokens, _ = sample(logits.cpu() if host_logits else logits, greedy, gens, counts)
+            tokens, _ = sample(logits.cpu() if host_logits else logits, params, gens, counts)
             ids = torch.tensor(tokens).unsqueeze(1)
         torch.cuda.synchronize()
     finally:
@@ -548,12 +551,13 @@ def bench_engine(n_layers: int) -> None:
                 name = "W4 g128 (fp16 lm_head)" if w4 else "fp16"
                 print(f"| {batch} | {name} | {' | '.join(cells)} |", flush=True)
             if w4 and not over_budget():  # sampling on the GPU vs logits to the CPU
-                for batch in (1, 16):
-                    dev = runner_tps(model, batch, True, True)
-                    host = runner_tps(model, batch, True, True, host_logits=True)
+                for batch, temp in ((1, 0.0), (16, 0.0), (16, 0.8)):
+                    dev = runner_tps(model, batch, True, True, temperature=temp)
+                    host = runner_tps(model, batch, True, True, host_logits=True, temperature=temp)
+                    kind = f"temperature {temp}, top-p 0.95" if temp else "greedy"
                     print(
-                        f"W4, batch {batch} (graphs, fused): sampling on the GPU {dev:.1f} tok/s, "
-                        f"logits to the CPU {host:.1f} ({dev / host:.2f}x)",
+                        f"W4, batch {batch}, {kind} (graphs, fused): sampling on the GPU "
+                        f"{dev:.1f} tok/s, logits to the CPU {host:.1f} ({dev / host:.2f}x)",
                         flush=True,
                     )
             if w4 and not over_budget():  # long contexts: attention reads 4000 positions a row
