@@ -106,13 +106,24 @@ def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _Decode:
     """Static inputs and output of a decode step of `batch` rows attending to `kv_len` cache
-    positions, and how to run it: a CUDA graph replay, or (on the CPU) the step itself."""
+    positions, and how to run it: a CUDA graph replay, or (on the CPU) the step itself. The
+    inputs are rows of one [3, batch] buffer (token ids, slots, positions), filled by one copy."""
 
-    ids: torch.Tensor
-    slots: torch.Tensor
-    pos: torch.Tensor
+    inputs: torch.Tensor
     run: Any = None
     logits: torch.Tensor | None = None
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.inputs[0].unsqueeze(1)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self.inputs[1]
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.inputs[2].unsqueeze(1)
 
 
 class LlamaRunner:
@@ -284,10 +295,11 @@ class LlamaRunner:
         need = int(starts.max()) + 1
         kv_len = min(self.max_len, max(GRAPH_MIN_KV, 1 << (need - 1).bit_length()))
         step = self._decodes.get((batch, kv_len)) or self._capture(batch, kv_len)
-        pad = batch - B
-        step.ids.copy_(F.pad(ids, (0, 0, 0, pad)))
-        step.slots.copy_(F.pad(slots, (0, pad), value=self.num_slots))
-        step.pos.copy_(F.pad(starts.clamp_max(self.max_len - 1).unsqueeze(1), (0, 0, 0, pad)))
+        inputs = torch.zeros(3, batch, dtype=torch.long)
+        inputs[1] = self.num_slots  # padded rows write to the spare slot
+        inputs[0, :B], inputs[1, :B] = ids[:, 0], slots
+        inputs[2, :B] = starts.clamp_max(self.max_len - 1)
+        step.inputs.copy_(inputs)  # one copy to the device (a blocking one syncs)
         step.run()
         assert step.logits is not None
         # Copied out before any other replay: the graphs share one memory pool, so another
@@ -299,11 +311,9 @@ class LlamaRunner:
         captured into a CUDA graph on CUDA. Its inputs point at the spare slot meanwhile, so the
         warm-up writes nothing that a sequence reads. A failed capture falls back to eager."""
         dev = self.device
-        step = _Decode(
-            ids=torch.zeros(batch, 1, dtype=torch.long, device=dev),
-            slots=torch.full((batch,), self.num_slots, dtype=torch.long, device=dev),
-            pos=torch.zeros(batch, 1, dtype=torch.long, device=dev),
-        )
+        inputs = torch.zeros(3, batch, dtype=torch.long, device=dev)
+        inputs[1] = self.num_slots
+        step = _Decode(inputs)
 
         def run() -> None:
             step.logits = self._step(step.ids, step.slots, step.pos, step.slots, kv_len, None)
