@@ -1,8 +1,8 @@
 """Per-request sampling applied to a batch of logits: penalties, greedy, temperature, top-k,
 top-p, a seeded generator per request (so a draw does not depend on the rest of the batch), and
-top-k logprobs. Logits stay on the model's device: greedy rows and logprobs are computed there
-and only token ids and the few requested log-probabilities cross to the host, in one sync; rows
-that draw come to the CPU, where their generators live."""
+top-k logprobs. Logits stay on the model's device (on a GPU, drawing rows are drawn there too):
+only token ids, and the requested log-probabilities, cross to the host. Generators stay on the
+CPU, which gives each draw its uniform number."""
 
 from __future__ import annotations
 
