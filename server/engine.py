@@ -272,7 +272,8 @@ class Engine:
         self.m.generation_tokens.labels(**self.label).inc()
         if p.presence_penalty or p.frequency_penalty:
             if seq.counts is None:
-                seq.counts = torch.zeros(self.runner.lm_head.out_features)
+                vocab = self.runner.lm_head.out_features
+                seq.counts = torch.zeros(vocab, device=self.runner.device)  # where logits are
             seq.counts[token] += 1
         reason = None
         if (

@@ -49,8 +49,8 @@ def make_generator(seed: int | None) -> torch.Generator:
 def apply_penalties(
     logits: torch.Tensor, params: list[SamplingParams], counts: list[torch.Tensor | None]
 ) -> None:
-    """OpenAI presence/frequency penalties, in place: subtract per generated-token counts (kept
-    on the CPU, moved to the logits' device)."""
+    """OpenAI presence/frequency penalties, in place: subtract per generated-token counts (the
+    engine keeps them on the logits' device)."""
     for i, (p, c) in enumerate(zip(params, counts, strict=True)):
         if c is not None and (p.presence_penalty or p.frequency_penalty):
             c = c.to(logits.device)
