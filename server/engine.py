@@ -235,7 +235,11 @@ class Engine:
             self.m.prompt_tokens.labels(**self.label).inc(n)
         done = [i for i, (s, _) in enumerate(batch) if s.prefilled()]
         if done:
-            self._sample([batch[i][0] for i in done], logits[done])
+            self._sample(
+                [batch[i][0] for i in done], logits if len(done) == len(batch) else logits[done]
+            )
+        else:  # nothing read the logits back: wait for the GPU, so the metric times the chunk
+            self.runner.synchronize()
         self.m.prefill_step.labels(**self.label).observe(time.perf_counter() - t0)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:

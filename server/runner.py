@@ -42,6 +42,15 @@ def _triton_int() -> Any:
     return triton_int
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the GPU: a plain copy to a GPU from pageable
+    memory blocks until the stream is idle, one from pinned memory does not (torch's pinned
+    allocator keeps the block alive until the copy is done)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def kv_bytes_per_slot(config: Any, max_len: int, dtype: torch.dtype) -> int:
     """Bytes of K and V cache one sequence slot of `max_len` tokens needs."""
     heads = config.num_attention_heads
@@ -231,16 +240,21 @@ class LlamaRunner:
             return self._decode(ids, slots, starts)
         # Slots s0, s0+1, ... (the usual case) are read as a view instead of a gathered copy.
         slot_list = slots.tolist()
-        ids, starts, slots = ids.to(self.device), starts.to(self.device), slots.to(self.device)
+        kv_len = min(int(starts.max()) + T, self.max_len)  # from the (usually CPU) starts
+        ids, starts, slots = (to_device(t, self.device) for t in (ids, starts, slots))
         rows: slice | torch.Tensor = slots
         if slot_list == list(range(slot_list[0], slot_list[0] + B)):
             rows = slice(slot_list[0], slot_list[0] + B)
         steps = torch.arange(T, device=self.device)
         pos = (starts.unsqueeze(1) + steps).clamp_max(self.max_len - 1)  # [B, T]
-        kv_len = int(pos.max()) + 1
         cuda = self.device.type == "cuda"
         with sdpa_kernel(EAGER_SDPA) if cuda else contextlib.nullcontext():
             return self._step(ids, slots, pos, rows, kv_len, last).float()
+
+    def synchronize(self) -> None:
+        """Wait until the device has run everything queued (a no-op on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def warmup(self, prefill_tokens: int) -> list[tuple[str, int]]:
@@ -299,7 +313,8 @@ class LlamaRunner:
         inputs[1] = self.num_slots  # padded rows write to the spare slot
         inputs[0, :B], inputs[1, :B] = ids[:, 0], slots
         inputs[2, :B] = starts.clamp_max(self.max_len - 1)
-        step.inputs.copy_(inputs)  # one copy to the device (a blocking one syncs)
+        pinned = inputs.pin_memory() if self.device.type == "cuda" else inputs
+        step.inputs.copy_(pinned, non_blocking=True)  # one copy, no wait for the GPU
         step.run()
         assert step.logits is not None
         # Copied out before any other replay: the graphs share one memory pool, so another
@@ -407,7 +422,7 @@ class LlamaRunner:
         if last is None:
             x = self.norm(h[:, -1])
         else:
-            x = self.norm(h[torch.arange(B, device=self.device), last.to(self.device)])
+            x = self.norm(h[torch.arange(B, device=self.device), to_device(last, self.device)])
         return self._head(x)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:

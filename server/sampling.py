@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bitserve.server.runner import to_device
+
 
 @dataclass
 class SamplingParams:
@@ -60,14 +62,19 @@ def apply_penalties(
 NUCLEUS_FIRST_TRY = 256  # top-p looks among this many most likely tokens before sorting all
 
 
-def _pick(weights: torch.Tensor, generator: torch.Generator) -> int:
+def _uniform(generator: torch.Generator) -> float:
+    """The one uniform number in [0, 1) that a draw uses (every draw takes exactly one, so a
+    seeded sequence's numbers do not depend on how each step was drawn)."""
+    return float(torch.rand(1, generator=generator, dtype=torch.float64))
+
+
+def _pick(weights: torch.Tensor, u: float) -> int:
     """Index i drawn with probability weights[i] / sum(weights), by inverting the cumulative
-    sum with one uniform number (torch.multinomial spends ~1 ms on a 49k vocabulary)."""
+    sum at u (torch.multinomial spends ~1 ms on a 49k vocabulary)."""
     total = weights.double().cumsum(dim=-1)
     if not bool(torch.isfinite(total[-1])) or float(total[-1]) <= 0:
         raise ValueError("cannot sample: the probabilities are not finite (NaN or inf logits)")
-    u = torch.rand(1, generator=generator, dtype=total.dtype) * total[-1]
-    return int(torch.searchsorted(total, u, right=True).clamp_max(len(total) - 1))
+    return int(torch.searchsorted(total, total[-1:] * u, right=True).clamp_max(len(total) - 1))
 
 
 def _overflows(logits: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
@@ -82,7 +89,7 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -
     vocabulary costs ~2 ms a row, so it is avoided: no filter draws from the softmax directly,
     top-k takes the k best, and top-p alone first tries the NUCLEUS_FIRST_TRY best, which
     usually already hold top_p of the mass."""
-    vocab = logits.shape[-1]
+    vocab, u = logits.shape[-1], _uniform(generator)
     scaled = logits / p.temperature
     if bool(_overflows(logits, scaled).any()):
         return int(logits.argmax())  # a temperature so small it overflows: its limit, greedy
@@ -95,12 +102,12 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -
         if float(top.sum()) < p.top_p:  # the nucleus reaches further
             top, ids = probs.sort(descending=True)
     else:
-        return _pick(probs, generator)
+        return _pick(probs, u)
     if p.top_p < 1.0:
         keep = top.cumsum(dim=-1) - top < p.top_p  # mass of strictly more likely tokens
         keep[0] = True
         top = top * keep
-    return int(ids[_pick(top, generator)])
+    return int(ids[_pick(top, u)])
 
 
 def _draw_rows(
@@ -111,12 +118,12 @@ def _draw_rows(
     uniform number from each row's generator, so a row picks the token `_draw` picks (up to
     rounding and ties). The rows' settings go over in one copy, the tokens come back in one."""
     dev, vocab = logits.device, logits.shape[-1]
-    uniforms = [float(torch.rand(1, generator=g, dtype=torch.float64)) for g in generators]
     rows = [
-        [p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, u]
-        for p, u in zip(params, uniforms, strict=True)
+        [p.temperature, p.top_k if 0 < p.top_k < vocab else vocab, p.top_p, _uniform(g)]
+        for p, g in zip(params, generators, strict=True)
     ]
-    temperature, top_k, top_p, u = torch.tensor(rows, dtype=torch.float64).to(dev).split(1, 1)
+    settings = to_device(torch.tensor(rows, dtype=torch.float64), dev)
+    temperature, top_k, top_p, u = settings.split(1, dim=1)
     scaled = logits / temperature.to(logits.dtype)
     overflow = _overflows(logits, scaled).any(dim=-1)
     probs = torch.where(overflow.unsqueeze(1), logits, scaled).softmax(dim=-1)
@@ -156,15 +163,21 @@ def sample(
     broken = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1)
     broken |= ~torch.isfinite(logits).any(dim=-1)
     want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
-    raw_logprobs = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
-    logits = logits.clone()
-    apply_penalties(logits, params, counts)
+    raw = logits
+    penalized = [
+        c is not None and (p.presence_penalty or p.frequency_penalty)
+        for p, c in zip(params, counts, strict=True)
+    ]
+    if any(penalized):  # the caller's logits stay as they are
+        logits = logits.clone()
+        apply_penalties(logits, params, counts)
     chosen, bad = torch.stack([logits.argmax(dim=-1), broken.long()]).tolist()  # one sync
     if any(bad):
         raise ValueError("cannot sample: the logits contain NaN or +inf, or no finite value")
     drawn = [i for i, p in enumerate(params) if p.temperature > 0]
     if drawn:
-        rows, ps, gs = logits[drawn], [params[i] for i in drawn], [generators[i] for i in drawn]
+        rows = logits if len(drawn) == len(params) else logits[drawn]
+        ps, gs = [params[i] for i in drawn], [generators[i] for i in drawn]
         if logits.device.type == "cpu":
             picks = [_draw(r, p, g) for r, p, g in zip(rows, ps, gs, strict=True)]
         else:
@@ -172,12 +185,17 @@ def sample(
         for i, token in zip(drawn, picks, strict=True):
             chosen[i] = token
     info: list[TokenLogprobs | None] = [None] * len(params)
-    if raw_logprobs is not None:
-        picked = torch.tensor([chosen[i] for i in want_lp], device=logits.device)
-        own = raw_logprobs.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
-        best = raw_logprobs.topk(max(params[i].logprobs or 0 for i in want_lp))
-        values, ids = best.values.tolist(), best.indices.tolist()
+    if want_lp:  # of the raw logits; one copy each way
+        lp = torch.log_softmax(raw if len(want_lp) == len(params) else raw[want_lp], dim=-1)
+        picked = to_device(torch.tensor([[chosen[i]] for i in want_lp]), lp.device)
+        k = max(params[i].logprobs or 0 for i in want_lp)
+        best = lp.topk(k)
+        columns = [lp.gather(1, picked), best.values, best.indices]  # own, k values, k ids
+        got = torch.cat([c.double() for c in columns], dim=1).tolist()
         for j, i in enumerate(want_lp):
             n = params[i].logprobs or 0
-            info[i] = TokenLogprobs(own[j], list(zip(ids[j][:n], values[j][:n], strict=True)))
+            ids, values = got[j][1 + k : 1 + k + n], got[j][1 : 1 + n]
+            info[i] = TokenLogprobs(
+                got[j][0], [(int(t), v) for t, v in zip(ids, values, strict=True)]
+            )
     return chosen, info

@@ -177,6 +177,30 @@ def test_greedy_sampling_syncs_with_the_device_once(monkeypatch: pytest.MonkeyPa
     assert [s for op, s in ops.seen if op.startswith("aten.index")] == [(1, 300)]
 
 
+def test_logprobs_of_rows_asking_for_different_counts() -> None:
+    """Rows asking for 0, 2 and 5 alternatives (and one for none) each get their own: the
+    chosen token's log-probability under the raw logits (before penalties) and their top n."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(4))
+    counts = torch.zeros(50)
+    counts[int(logits[2].argmax())] = 1
+    params = [
+        SamplingParams(max_tokens=1, temperature=0, logprobs=0),
+        SamplingParams(max_tokens=1, temperature=0, logprobs=2),
+        SamplingParams(max_tokens=1, temperature=0, logprobs=5, frequency_penalty=50.0),
+        SamplingParams(max_tokens=1, temperature=0),
+    ]
+    tokens, info = sample(logits, params, [make_generator(1)] * 4, [None, None, counts, None])
+    raw = torch.log_softmax(logits, dim=-1)
+    assert tokens[2] != int(logits[2].argmax())  # the penalty moved it
+    for i, n in enumerate([0, 2, 5]):
+        got = info[i]
+        assert got is not None and got.logprob == pytest.approx(float(raw[i, tokens[i]]))
+        values, ids = raw[i].topk(n)
+        assert [t for t, _ in got.top] == ids.tolist()
+        assert [v for _, v in got.top] == pytest.approx(values.tolist())
+    assert info[3] is None
+
+
 def test_runner_padded_batch_prefill_matches_hf(server_tiny_checkpoint: Path) -> None:
     model = load_model(server_tiny_checkpoint).model
     runner = LlamaRunner(load_model(server_tiny_checkpoint).model, num_slots=4, max_len=32)
@@ -327,8 +351,9 @@ def test_sampling_draws_from_the_filtered_distribution(shape: str, params: Sampl
 def test_batched_draws_match_row_draws() -> None:
     """`_draw_rows` (the GPU's sampler: the batch at once, a sort of the vocabulary) picks the
     token that `_draw` (the CPU's, row by row) picks from the same uniform numbers: for every
-    filter, the greedy limit of an overflowing temperature, and rows with masked (-inf)
-    tokens. Seeded generators on both sides, 300 batches, every row every time."""
+    filter, the greedy limit of a temperature that overflows on some steps (a draw still takes
+    its uniform number then), and rows with masked (-inf) tokens. Seeded generators on both
+    sides, 300 batches, every row every time."""
     from bitserve.server.sampling import _draw, _draw_rows
 
     params = [
@@ -337,7 +362,7 @@ def test_batched_draws_match_row_draws() -> None:
         SamplingParams(max_tokens=1, temperature=1.3, top_k=20, top_p=0.6),
         SamplingParams(max_tokens=1, temperature=0.9),
         SamplingParams(max_tokens=1, temperature=1.1, top_k=7),
-        SamplingParams(max_tokens=1, temperature=1e-40, top_k=5),
+        SamplingParams(max_tokens=1, temperature=1e-30, top_k=5),
         SamplingParams(max_tokens=1, temperature=0.8, top_p=0.95),
     ]
     g = torch.Generator().manual_seed(12)
@@ -348,12 +373,15 @@ def test_batched_draws_match_row_draws() -> None:
     gens_a = [make_generator(100 + i) for i in range(len(params))]
     gens_b = [make_generator(100 + i) for i in range(len(params))]
     batched, rowwise = [], []
-    for _ in range(300):
-        batched.append(_draw_rows(logits, params, gens_a))
-        rowwise.append([_draw(r, p, gen) for r, p, gen in zip(logits, params, gens_b, strict=True)])
+    for t in range(300):  # row 5 overflows its temperature every other step (greedy then)
+        step = logits.clone()
+        step[5] *= 1e10 if t % 2 == 0 else 1e-30
+        batched.append(_draw_rows(step, params, gens_a))
+        rowwise.append([_draw(r, p, gen) for r, p, gen in zip(step, params, gens_b, strict=True)])
     assert batched == rowwise
     picks = torch.tensor(batched)
-    assert (picks[:, 5] == int(logits[5].argmax())).all()  # greedy limit
+    assert (picks[::2, 5] == int(logits[5].argmax())).all()  # greedy limit
+    assert len(set(picks[1::2, 5].tolist())) > 1  # drawn among the top 5 otherwise
     assert (picks[:, 6] % 3 != 0).all()  # never a masked token
     assert all(len(set(picks[:, i].tolist())) > 3 for i in (0, 1, 3, 4, 6))  # real draws
 
