@@ -523,6 +523,41 @@ def runner_tps(
     return batch * steps / (time.perf_counter() - t0)
 
 
+def profile_decode(model: Any, batch: int, graphs: bool, steps: int = 8) -> None:
+    """Where a decode step's GPU time goes: kernels of `steps` runner steps (graph replays or
+    eager) under torch.profiler, summed by kernel name, per step; against the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bitserve.server.runner import LlamaRunner
+
+    runner = LlamaRunner(model, batch, 512, decode_graphs=graphs)
+    ids, slots = torch.zeros(batch, 1, dtype=torch.long), torch.arange(batch)
+    for i in range(2):  # tuning, capture
+        runner.forward(ids, slots, torch.full((batch,), 16 + i))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            runner.forward(ids, slots, torch.full((batch,), 18 + i))
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps * 1e6
+    per_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and e.device_time_total > 0:
+            per_name.setdefault(e.name, []).append(e.device_time_total)
+    total = sum(sum(v) for v in per_name.values()) / steps
+    print(
+        f"\nW4 decode step, batch {batch}, {'graphs' if graphs else 'eager'}: wall {wall:.0f} us "
+        f"a step, GPU kernels {total:.0f} us ({len(per_name)} kernel names)"
+    )
+    print("| kernel | calls a step | us a step | share |")
+    print("|---|---|---|---|")
+    ranked = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))
+    for name, times in ranked[:12]:
+        t = sum(times) / steps
+        print(f"| {name[:90]} | {len(times) / steps:.0f} | {t:.0f} | {t / max(total, 1e-9):.0%} |")
+
+
 def bench_engine(n_layers: int) -> None:
     """The same model shapes through the serving runner, as `bitserve serve --device cuda`
     decodes: decode steps replayed from CUDA graphs with the fused decode kernels and
@@ -560,6 +595,12 @@ def bench_engine(n_layers: int) -> None:
                         f"{dev:.1f} tok/s, logits to the CPU {host:.1f} ({dev / host:.2f}x)",
                         flush=True,
                     )
+            for batch in (1, 16) if w4 else ():
+                if not over_budget():
+                    try:
+                        profile_decode(model, batch, graphs=True)
+                    except Exception as e:  # a profiler without CUPTI: say so, go on
+                        print(f"(profile of batch {batch} failed: {type(e).__name__}: {e})")
             if w4 and not over_budget():  # long contexts: attention reads 4000 positions a row
                 fused_tps = runner_tps(model, 16, True, True, ctx=4096, start=4000)
                 torch_ops = runner_tps(model, 16, True, False, ctx=4096, start=4000)
