@@ -31,7 +31,7 @@ SHAPES = [
     ("lm_head", 576, 49152),
 ]
 MS = (1, 4, 16, 64)
-SPECS = [QuantSpec(4, 128), QuantSpec(8, -1), QuantSpec(3, 128)]
+SPECS = [QuantSpec(4, 128), QuantSpec(8, -1), QuantSpec(3, 128), QuantSpec(8, 128)]
 
 
 def _once(fn: Callable[[], object], budget_s: float) -> float:

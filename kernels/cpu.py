@@ -1,11 +1,13 @@
 """CPU backend: PyTorch's packed CPU kernels for QuantLinear.
 
 2/3/4-bit codes go through the int4 tinygemm CPU kernel (`_weight_int4pack_mm_for_cpu`, any code
-below 16 fits a nibble); 8-bit per-channel through `_weight_int8pack_mm`. Both are vectorised
-only for bf16 activations (fp32 and fp16 take a scalar path 20-30x slower), so these paths run
-in bf16 with fp32 accumulation and return the caller's dtype. Anything else (8-bit group-wise,
-unaligned int8 shapes) runs dequantize-then-matmul in the caller's dtype over chunks of output
-rows, so no full-precision copy of a whole layer is ever held. Repacking happens in `prepare`.
+below 16 fits a nibble), 8-bit group-wise codes through it twice (high and low nibbles, two
+matmuls that add up); 8-bit per-channel through `_weight_int8pack_mm`. Both kernels are
+vectorised only for bf16 activations (fp32 and fp16 take a scalar path 20-30x slower), so these
+paths run in bf16 with fp32 accumulation and return the caller's dtype. Anything else (group
+sizes that are not multiples of 32) runs dequantize-then-matmul in the caller's dtype over
+chunks of output rows, so no full-precision copy of a whole layer is ever held. Repacking
+happens in `prepare`.
 """
 
 from __future__ import annotations
@@ -62,12 +64,12 @@ def _kind(layer: QuantLinear) -> str:
 @functools.cache
 def _path(bits: int, k: int, n: int, group_size: int) -> str:
     """_kind of a [k -> n] layer of `bits` with `group_size` (-1: per-channel)."""
-    if bits <= 4 and _geometry(k, n, group_size)[0]:
-        return "int4"
     per_channel = group_size == -1 or group_size >= k
     # The int8 kernel misbehaves on some unaligned shapes in half precision: keep it aligned.
     if bits == 8 and per_channel and n % 16 == 0 and k % 32 == 0:
         return "int8"
+    if bits in (2, 3, 4, 8) and _geometry(k, n, group_size)[0]:  # 8-bit: two nibble planes
+        return "int4"
     return "dequant"
 
 
@@ -77,24 +79,41 @@ def _supports(layer: QuantLinear) -> str | None:
     return None
 
 
-def _prepare_int4(layer: QuantLinear) -> None:
+def _int4_plane(
+    layer: QuantLinear, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight for the int4 kernel, which computes w = (c - 8) * scale + zero per kernel
+    group: codes c in 0..15 [N, K], and our per-group scale and zero [groups, N]; returns the
+    packed codes and the [kernel groups, N, 2] scales/zeros, padded per `_int4_geometry`."""
     k, n = layer.in_features, layer.out_features
     kg, k_pad, n_pad = _int4_geometry(layer)
-    # The kernel computes w = (c - 8) * s + zf per kernel group. Codes below 4 bits are shifted
-    # by o = 8 - 2**(bits-1) to centre them on 8 (c = q + o), so that with ours, w = (q - z) * s,
-    # zf = (2**(bits-1) - z) * s stays small and half precision loses nothing to cancellation.
-    offset = 8 - (1 << (layer.bits - 1))
-    codes = torch.zeros(n_pad, k_pad, dtype=torch.int32)
-    codes[:n, :k] = layer.codes().t().to(torch.int32) + offset
+    padded = torch.zeros(n_pad, k_pad, dtype=torch.int32)
+    padded[:n, :k] = codes
     g = group_index(k_pad, layer.group_size if layer.group_size < k else -1)
     g = g[::kg].clamp_max(layer.scales.shape[0] - 1)
-    s = torch.zeros(len(g), n_pad)
-    z = torch.zeros(len(g), n_pad)
-    s[:, :n] = layer.scales.float()[g]
-    z[:, :n] = layer.zero_codes().float()[g]
-    layer.prepared["int4_weight"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    sz = torch.stack([s, (8 - offset - z) * s], dim=-1)
-    layer.prepared["int4_sz"] = sz.to(KERNEL_DTYPE).contiguous()
+    sz = torch.zeros(len(g), n_pad, 2)
+    sz[:, :n, 0], sz[:, :n, 1] = scale[g], zero[g]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1)
+    return packed, sz.to(KERNEL_DTYPE).contiguous()
+
+
+def _prepare_int4(layer: QuantLinear) -> None:
+    """Codes below 4 bits are shifted by o = 8 - 2**(bits-1) to centre them on 8 (c = q + o),
+    so that with ours, w = (q - z) * s, the kernel's zero (2**(bits-1) - z) * s stays small and
+    half precision loses nothing to cancellation. 8-bit codes split into two nibble planes,
+    q = 16 h + l, run as two int4 matmuls that add up: (h - 8) * 16s + (128 - z) * s and
+    (l - 8) * s + 8s."""
+    q = layer.codes().t().to(torch.int32)
+    s, z = layer.scales.float(), layer.zero_codes().float()
+    if layer.bits <= 4:
+        offset = 8 - (1 << (layer.bits - 1))
+        planes = [_int4_plane(layer, q + offset, s, (8 - offset - z) * s)]
+    else:
+        planes = [_int4_plane(layer, q >> 4, 16 * s, (128 - z) * s)]
+        planes.append(_int4_plane(layer, q & 15, s, 8 * s))
+    for i, (packed, sz) in enumerate(planes):
+        layer.prepared[f"int4_weight{i}"] = packed
+        layer.prepared[f"int4_sz{i}"] = sz
 
 
 def _prepare_int8(layer: QuantLinear) -> None:
@@ -123,9 +142,12 @@ def _matmul_int4(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     kg, k_pad, _ = _int4_geometry(layer)
     if k_pad != layer.in_features:
         x = F.pad(x, (0, k_pad - layer.in_features))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.to(KERNEL_DTYPE), layer.prepared["int4_weight"], kg, layer.prepared["int4_sz"]
-    )
+    x, p = x.to(KERNEL_DTYPE), layer.prepared
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, p["int4_weight0"], kg, p["int4_sz0"])
+    if "int4_weight1" in p:  # the low nibbles of 8-bit codes
+        y = y.float() + torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, p["int4_weight1"], kg, p["int4_sz1"]
+        )
     return y if y.shape[1] == layer.out_features else y[:, : layer.out_features]
 
 

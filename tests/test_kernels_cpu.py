@@ -62,7 +62,7 @@ def test_cpu_matches_reference(bits: int, group: int, sym: bool) -> None:
 
 @pytest.mark.parametrize(
     ("bits", "group", "kind"),
-    [(4, 128, "int4"), (3, 64, "int4"), (2, -1, "int4"), (8, -1, "int8"), (8, 128, "dequant")],
+    [(4, 128, "int4"), (3, 64, "int4"), (2, -1, "int4"), (8, -1, "int8"), (8, 128, "int4")],
 )
 def test_path_taken_and_no_float_copy(bits: int, group: int, kind: str) -> None:
     """Each layer takes its fast path, and nothing prepared is a full-precision weight."""
@@ -73,16 +73,29 @@ def test_path_taken_and_no_float_copy(bits: int, group: int, kind: str) -> None:
         assert not (t.is_floating_point() and t.numel() >= layer.in_features * layer.out_features)
 
 
-def test_unaligned_int8_falls_back_and_matches() -> None:
-    """int8 per-channel on an unaligned shape takes the dequant path, with bias, 3-D input."""
+def test_unaligned_int8_avoids_the_int8_kernel_and_matches() -> None:
+    """int8 per-channel on an unaligned shape (where the int8 kernel misbehaves) runs as two
+    nibble planes through the int4 kernel, K padded; with bias, 3-D input."""
     torch.manual_seed(1)
     layer = random_layer(70, 50, 8, -1, False, bias=True)
     layer.set_backend("cpu")
-    assert cpu._kind(layer) == "dequant"
+    assert cpu._kind(layer) == "int4" and "int4_weight1" in layer.prepared
     x = torch.randn(2, 3, 70)
     y = layer(x)
     layer.set_backend("reference")
     assert y.shape == (2, 3, 50)
+    assert rel_err(y, layer(x)) < BF16_TOL
+
+
+def test_odd_group_size_falls_back_and_matches() -> None:
+    """A group size the int4 kernel cannot split (48) takes the dequant path, exact in fp32."""
+    torch.manual_seed(3)
+    layer = random_layer(96, 40, 8, 48, False)
+    layer.set_backend("cpu")
+    assert cpu._kind(layer) == "dequant"
+    x = torch.randn(3, 96)
+    y = layer(x)
+    layer.set_backend("reference")
     assert rel_err(y, layer(x)) < 1e-5
 
 
