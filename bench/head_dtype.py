@@ -1,6 +1,7 @@
-"""The lm_head of the default model in fp32, bf16 (what `bitserve serve` uses) and int8
-per-channel: perplexity on a text and argmax agreement with fp32 (the decoder stays fp32), then
-the matmul's time at M=1 and 16 against bf16, in the same run.
+"""The lm_head of the default model in fp32, bf16 (what `bitserve serve` uses), int8
+per-channel and int8 g32 (RTN, symmetric: the cpu backend's two nibble planes): perplexity on a
+text and argmax agreement with fp32 (the decoder stays fp32), then the matmul's time at M=1, 4
+and 16 against bf16, in the same run.
 
     .venv/bin/python bench/head_dtype.py [--text ../shared/data/wikitext-2/test.txt] [--windows 20]
 """
@@ -16,11 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from bitserve.models import load_model
+from bitserve.quantization.grid import QuantSpec, quantize_rtn
 
 
 def heads(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """fp32, bf16 and int8 per-channel (symmetric absmax) versions of x @ weight.T."""
+    """fp32, bf16, int8 per-channel (symmetric absmax) and int8 g32 versions of x @ weight.T."""
     wb = weight.bfloat16()
+    g32 = quantize_rtn(weight, QuantSpec(8, 32, sym=True)).to_module()
+    assert g32.set_backend() == "cpu"
     scale = weight.abs().amax(dim=1) / 127
     q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
     sb = scale.bfloat16()
@@ -28,6 +32,7 @@ def heads(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tens
         "fp32": lambda x: x @ weight.t(),
         "bf16": lambda x: F.linear(x.bfloat16(), wb).float(),
         "int8": lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, sb).float(),
+        "int8 g32": lambda x: g32(x),
     }
 
 
@@ -56,12 +61,15 @@ def main() -> None:
                 nll[name] += float(F.cross_entropy(logits, target, reduction="sum"))
                 agree[name] += int((logits.argmax(-1) == ref).sum())
             count += len(target)
-        print("| head | perplexity | argmax = fp32's | M=1 us (x bf16) | M=16 us (x bf16) |")
-        print("|---|---|---|---|---|")
+        print(
+            "| head | perplexity | argmax = fp32's | M=1 us (x bf16) | M=4 us (x bf16) "
+            "| M=16 us (x bf16) |"
+        )
+        print("|---|---|---|---|---|---|")
         times: dict[str, list[float]] = {}
         for name, fn in fns.items():
             times[name] = []
-            for m in (1, 16):
+            for m in (1, 4, 16):
                 x = torch.randn(m, h.shape[1])
                 for _ in range(5):
                     fn(x)

@@ -238,7 +238,9 @@ def print_table(results: dict[str, Any]) -> None:
             )
 
 
-def _offline_engine(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]]]:
+def _offline_engine(
+    args: argparse.Namespace, head_dtype: str = "bfloat16"
+) -> tuple[Any, Any, list[list[int]]]:
     """(loaded model, engine over it, prompt ids) for the offline modes."""
     from bitserve.models import load_model
     from bitserve.server.cli import build_state, resolve_checkpoint
@@ -247,7 +249,8 @@ def _offline_engine(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]]
     loaded = load_model(resolve_checkpoint(args.checkpoint))
     tok = loaded.tokenizer
     prompts = [tok(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(args.requests)]
-    return loaded, build_state(loaded, Settings(max_num_seqs=16, max_model_len=512)).engine, prompts
+    settings = Settings(max_num_seqs=16, max_model_len=512, head_dtype=head_dtype)
+    return loaded, build_state(loaded, settings).engine, prompts
 
 
 def _engine_run(engine: Any, batch: list[list[int]], params: Any) -> float:
@@ -290,6 +293,27 @@ def sampling_cost(args: argparse.Namespace) -> None:
             f"{r:.1f} ({r / g:.2f}x)" for r, g in zip(rates[name], rates["greedy"], strict=True)
         )
         print(f"| {name} | {cells} |", flush=True)
+
+
+def head_compare(args: argparse.Namespace) -> None:
+    """Offline: greedy engine tokens/s with the bf16 lm_head (the default) against the int8
+    g32 one, per concurrency, the two engines alternated in the same run."""
+    from bitserve.server.sampling import SamplingParams
+
+    engines = {h: _offline_engine(args, h)[1] for h in ("bfloat16", "int8")}
+    prompts = _offline_engine(args)[2]
+    greedy = SamplingParams(args.max_tokens, temperature=0, ignore_eos=True)
+    for engine in engines.values():
+        _engine_run(engine, prompts[:1], greedy)
+    print("| concurrency | bf16 head tok/s | int8 g32 head tok/s | int8 / bf16 |")
+    print("|---:|---:|---:|---:|")
+    for c in args.concurrency:
+        rates: dict[str, list[float]] = {h: [] for h in engines}
+        for _ in range(3):  # alternated, best of three
+            for h, engine in engines.items():
+                rates[h].append(c * args.max_tokens / _engine_run(engine, prompts[:c], greedy))
+        bf16, int8 = max(rates["bfloat16"]), max(rates["int8"])
+        print(f"| {c} | {bf16:.1f} | {int8:.1f} | {int8 / bf16:.2f}x |", flush=True)
 
 
 def engine_compare(args: argparse.Namespace) -> None:
@@ -404,6 +428,9 @@ def main() -> None:
         "--sampling", action="store_true", help="offline: sampled vs greedy engine tokens/s"
     )
     p.add_argument("--profile", action="store_true", help="profile one decode step and exit")
+    p.add_argument(
+        "--head-compare", action="store_true", help="offline: bf16 vs int8 lm_head tokens/s"
+    )
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--logdir", default=os.environ.get("TMPDIR", "/tmp"))
     p.add_argument("--out", default="bench/out/serve-results.json")
@@ -414,6 +441,8 @@ def main() -> None:
         engine_compare(args)
     elif args.sampling:
         sampling_cost(args)
+    elif args.head_compare:
+        head_compare(args)
     else:
         serve_benchmark(args)
 

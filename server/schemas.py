@@ -154,6 +154,7 @@ class ModelCard(BaseModel):
     quantization: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
     decode: dict[str, bool] | None = None  # decode set-up at start: cuda_graphs, fused_kernels
+    lm_head: str | None = None  # how the vocabulary projection runs (dtype, int8 copy)
 
 
 class ModelList(BaseModel):

@@ -41,10 +41,12 @@ class Settings(BaseSettings):
     warmup: bool = Field(
         True, description="on CUDA, tune kernels and capture decode graphs before serving"
     )
-    head_dtype: Literal["bfloat16", "float32"] = Field(
+    head_dtype: Literal["bfloat16", "int8", "float32"] = Field(
         "bfloat16",
-        description="dtype of the lm_head matmul when narrower than the model's (bf16 halves "
-        "an fp32 head's memory traffic; a 16-bit model keeps its own)",
+        description="the lm_head matmul when narrower than the model's: bfloat16 (halves an "
+        "fp32 head's memory traffic), int8 (on the CPU: an RTN W8 g32 copy, faster than bf16 "
+        "for up to about 5 concurrent sequences, slower beyond) or float32; a 16-bit model on "
+        "a GPU keeps its own",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     log_level: str = "info"

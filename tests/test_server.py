@@ -89,6 +89,7 @@ def test_health_ready_and_model_card(url: str, server_tiny_checkpoint: Path) -> 
     assert card["id"] == server_tiny_checkpoint.name
     assert (card["device"], card["dtype"]) == ("cpu", "float32")
     assert card["decode"] == {"cuda_graphs": False, "fused_kernels": False}  # CUDA-only paths
+    assert card["lm_head"] == "bfloat16"  # the default: a bf16 copy of the fp32 head
     q = card["quantization"]
     assert (q["method"], q["bits"], q["group_size"]) == ("rtn", 4, 32)
     assert q["bits_per_weight"] == pytest.approx(4 + (16 + 4) / 32)
@@ -350,3 +351,22 @@ def test_overload_answers_429_with_retry_after(
     assert codes[0] == 200 and codes[-1] == 429
     r = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 20}, timeout=300)
     assert r.status_code == 200
+
+
+def test_int8_head_over_http(server_start: ServerStarter, server_tiny_checkpoint: Path) -> None:
+    """`serve --head-dtype int8`: the card says how the head runs, and greedy completions sent
+    together are the texts each gives alone (the W8 g32 head does not depend on the batch)."""
+    url = server_start(server_tiny_checkpoint, "--head-dtype", "int8", "--threads", "1")
+    card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+    assert card["lm_head"] == "int8 g32"
+    body = {"model": card["id"], "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    alone = [complete(url, prompt=p, **body)["choices"][0]["text"] for p in PROMPTS]
+
+    async def together() -> list[str]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            rs = await asyncio.gather(
+                *[client.post(f"{url}/v1/completions", json={"prompt": p, **body}) for p in PROMPTS]
+            )
+        return [r.json()["choices"][0]["text"] for r in rs]
+
+    assert asyncio.run(together()) == alone and all(alone)

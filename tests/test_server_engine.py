@@ -201,6 +201,29 @@ def test_logprobs_of_rows_asking_for_different_counts() -> None:
     assert info[3] is None
 
 
+def test_int8_head_matches_fp32_and_is_batch_invariant() -> None:
+    """head_dtype int8: the lm_head runs as a W8 g32 QuantLinear on the cpu backend for every
+    step (no bf16 copy kept), its logits close to the fp32 head's; a row's logits do not depend
+    on how many rows share the step (so concurrent greedy requests equal sequential ones)."""
+    import copy
+
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(9)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    fp32 = LlamaRunner(copy.deepcopy(model), num_slots=8, max_len=16)
+    int8 = LlamaRunner(model, num_slots=8, max_len=16, head_dtype=torch.int8)
+    assert int8.head_int8 is not None and int8.head_int8.backend == "cpu"
+    assert int8.head_weight is None and int8.head_description() == "int8 g32"
+    ids = torch.randint(0, 100, (8, 3), generator=torch.Generator().manual_seed(1))
+    slots, starts = torch.arange(8), torch.zeros(8, dtype=torch.long)
+    got = int8.forward(ids, slots, starts)
+    assert rel_err(got, fp32.forward(ids, slots, starts)) < 1e-2
+    alone = int8.forward(ids[2:3], slots[2:3], starts[2:3])
+    assert torch.equal(alone[0], got[2])
+
+
 def test_runner_padded_batch_prefill_matches_hf(server_tiny_checkpoint: Path) -> None:
     model = load_model(server_tiny_checkpoint).model
     runner = LlamaRunner(load_model(server_tiny_checkpoint).model, num_slots=4, max_len=32)
