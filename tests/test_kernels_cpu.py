@@ -135,7 +135,8 @@ def test_default_checkpoint_loads_on_cpu_backend_with_reference_greedy(tmp_path:
 
 
 @pytest.mark.parametrize(
-    "bits,group,backend", [(4, 128, "cpu"), (3, 64, "cpu"), (2, 32, "reference")]
+    "bits,group,backend",
+    [(4, 128, "cpu"), (3, 64, "cpu"), (8, 128, "cpu"), (2, 32, "reference")],
 )
 def test_concat_outputs_matches_separate_layers(bits: int, group: int, backend: str) -> None:
     """A fused q/k/v-style layer computes the three layers' outputs side by side, on the first
