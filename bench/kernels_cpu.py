@@ -126,12 +126,71 @@ def runner_tps(src: str, tokens: int, rounds: int = 3) -> float:
     return statistics.median(rates)
 
 
+def dense_table(checkpoints: list[str]) -> None:
+    """The cpu backend's two paths for many rows, in the same run: the int4 kernel against
+    dequantized bf16 tiles and a dense GEMM (what it takes from DENSE_ROWS rows), per decoder
+    layer shape at W4 and W8 g128, then a prefill through the serving runner per checkpoint."""
+    from bitserve.kernels import cpu
+    from bitserve.models import load_model
+    from bitserve.server.runner import LlamaRunner
+
+    default = cpu.DENSE_ROWS
+
+    def path(rows: int, fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            cpu.DENSE_ROWS = rows
+            return fn()
+
+        return run
+
+    print(
+        "| layer | K x N | M | W4 int4 kernel us | W4 dense us (x) | W8 int4 kernel us | W8 dense us (x) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    torch.manual_seed(0)
+    for name, k, n in SHAPES[2:6]:
+        w = torch.randn(n, k)
+        layers = [quantize_rtn(w, QuantSpec(b, 128)).to_module() for b in (4, 8)]
+        for layer in layers:
+            layer.set_backend("cpu")
+        for m in (128, 256, 512):
+            x = torch.randn(m, k)
+            fns = [path(r, partial(layer, x)) for layer in layers for r in (1 << 30, 1)]
+            with torch.inference_mode():
+                t = interleaved(fns, rounds=3)
+            cells = f"{t[0] * 1e6:.0f} | {t[1] * 1e6:.0f} ({t[0] / t[1]:.2f}x) | "
+            cells += f"{t[2] * 1e6:.0f} | {t[3] * 1e6:.0f} ({t[2] / t[3]:.2f}x)"
+            print(f"| {name} | {k}x{n} | {m} | {cells} |", flush=True)
+    for src in checkpoints:
+        runner = LlamaRunner(load_model(src).model, 1, 1024, torch.bfloat16)
+        for tokens in (128, 256, 512):
+            ids = torch.randint(0, 40000, (1, tokens), generator=torch.Generator().manual_seed(0))
+            step = partial(runner.forward, ids, torch.tensor([0]), torch.tensor([0]))
+            kernel, dense = interleaved([path(1 << 30, step), path(default, step)], 3, 0.0)
+            print(
+                f"{src}: prefill of {tokens} tokens, int4 kernel {kernel * 1e3:.0f} ms, with "
+                f"dense GEMMs from {default} rows {dense * 1e3:.0f} ms ({kernel / dense:.2f}x)",
+                flush=True,
+            )
+    cpu.DENSE_ROWS = default
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--e2e-tokens", type=int, default=64)
     ap.add_argument("--checkpoint", default="checkpoints/rtn-w4g128")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument(
+        "--dense",
+        nargs="*",
+        metavar="CKPT",
+        help="only compare the int4 kernel with dense GEMMs on dequantized tiles (many rows), "
+        "then prefill through the runner for each checkpoint given",
+    )
     args = ap.parse_args()
+    if args.dense is not None:
+        dense_table(args.dense)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     layer_table()
     if not args.skip_e2e:

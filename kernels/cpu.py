@@ -13,6 +13,7 @@ happens in `prepare`.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,13 @@ from bitserve.kernels.quant_linear import Backend, QuantLinear, register_backend
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
 DEQUANT_CHUNK = 512  # output rows dequantized at a time by the fallback path
+# Calls with at least DENSE_ROWS rows (prefill; half as many for 8-bit's two planes) dequantize
+# DENSE_CHUNK output rows at a time to bf16 and run a dense GEMM instead of the int4 kernel,
+# where that is faster (docs/kernels.md: W4 1.2-1.4x at 256 rows, 1.6x at 512).
+DENSE_ROWS, DENSE_CHUNK = 256, 2048
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNEL_DTYPE = torch.bfloat16  # the packed kernels' fast activation dtype
+log = logging.getLogger("bitserve.kernels")
 
 
 def _round_up(x: int, m: int) -> int:
@@ -138,16 +144,79 @@ def _prepare(layer: QuantLinear) -> None:
     {"int4": _prepare_int4, "int8": _prepare_int8, "dequant": _prepare_dequant}[_kind(layer)](layer)
 
 
+def _int4_columns(
+    packed: torch.Tensor, sz: torch.Tensor, kg: int, n0: int, n1: int
+) -> torch.Tensor:
+    """Output rows n0:n1 of a packed int4 weight, dequantized to fp32 as [K, n1 - n0] (n0, n1
+    multiples of 64, or n1 the padded N). The kernel's layout (torch 2.13): blocks of 64 output
+    rows, each [K, 32] bytes, row j of the block in the low nibble of byte j and row 32 + j in
+    the high one; rows past the last whole block as [K, rest / 2] bytes, adjacent rows in the
+    two nibbles of one byte. `_layout_ok` checks this once per process."""
+    k = packed.shape[1] * 2
+    flat = packed.reshape(-1)[n0 * k // 2 : n1 * k // 2]
+    if (n1 - n0) % 64 == 0:
+        b = flat.view(-1, k, 32)
+        codes = torch.cat([b & 15, b >> 4], dim=2).permute(1, 0, 2).reshape(k, n1 - n0)
+    else:
+        b = flat.view(k, -1)
+        codes = torch.stack([b & 15, b >> 4], dim=2).reshape(k, n1 - n0)
+    # w = (c - 8) * s + zero in fp32 (the caller rounds once, to bf16): (c - 8) * s and zero
+    # are of the size of w (the offsets of `_prepare_int4`), so nothing cancels.
+    c = (codes.view(torch.int8) - 8).float().view(k // kg, kg, n1 - n0)
+    s, z = sz[:, n0:n1, 0].float().unsqueeze(1), sz[:, n0:n1, 1].float().unsqueeze(1)
+    return torch.addcmul(z, c, s).view(k, n1 - n0)
+
+
+@functools.cache
+def _layout_ok() -> bool:
+    """Whether `_int4_columns` reads this torch's packed layout right (random codes, whole
+    blocks and a tail, compared exactly); if not, many-row calls keep the int4 kernel."""
+    codes = torch.randint(0, 16, (112, 64), dtype=torch.int32, generator=torch.Generator())
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    sz = torch.zeros(2, 112, 2, dtype=KERNEL_DTYPE)
+    sz[..., 0], sz[..., 1] = 1, 8  # w = c
+    got = torch.cat(
+        [_int4_columns(packed, sz, 32, 0, 64), _int4_columns(packed, sz, 32, 64, 112)], 1
+    )
+    ok = torch.equal(got.t().int(), codes)
+    if not ok:
+        log.warning("unexpected int4 packed layout: many-row matmuls keep the int4 kernel")
+    return ok
+
+
+def _dense_int4(layer: QuantLinear, x: torch.Tensor, kg: int) -> torch.Tensor:
+    """x [M, K_pad] bf16 times the layer's int4 planes, dequantized DENSE_CHUNK output rows at a
+    time into bf16 for a dense GEMM (bf16 GEMMs are vectorised; the int4 kernel is slower than
+    them past a few dozen rows): fp32 [M, N_pad]."""
+    p = layer.prepared
+    n_pad = p["int4_sz0"].shape[1]
+    whole = n_pad // 64 * 64  # rows in whole 64-row blocks; the rest has its own layout
+    spans = [(n0, min(n0 + DENSE_CHUNK, whole)) for n0 in range(0, whole, DENSE_CHUNK)]
+    spans += [(whole, n_pad)] if whole < n_pad else []
+    planes = [(p[f"int4_weight{i}"], p[f"int4_sz{i}"]) for i in range(2) if f"int4_sz{i}" in p]
+    parts = []
+    for n0, n1 in spans:
+        w = _int4_columns(*planes[0], kg, n0, n1)
+        for packed, sz in planes[1:]:  # 8-bit: the low nibbles
+            w += _int4_columns(packed, sz, kg, n0, n1)
+        parts.append(torch.mm(x, w.to(KERNEL_DTYPE)))
+    return torch.cat(parts, dim=1)
+
+
 def _matmul_int4(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     kg, k_pad, _ = _int4_geometry(layer)
     if k_pad != layer.in_features:
         x = F.pad(x, (0, k_pad - layer.in_features))
     x, p = x.to(KERNEL_DTYPE), layer.prepared
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, p["int4_weight0"], kg, p["int4_sz0"])
-    if "int4_weight1" in p:  # the low nibbles of 8-bit codes
-        y = y.float() + torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, p["int4_weight1"], kg, p["int4_sz1"]
-        )
+    planes = 2 if "int4_weight1" in p else 1
+    if x.shape[0] * planes >= DENSE_ROWS and _layout_ok():
+        y = _dense_int4(layer, x, kg)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, p["int4_weight0"], kg, p["int4_sz0"])
+        if "int4_weight1" in p:  # the low nibbles of 8-bit codes
+            y = y.float() + torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, p["int4_weight1"], kg, p["int4_sz1"]
+            )
     return y if y.shape[1] == layer.out_features else y[:, : layer.out_features]
 
 

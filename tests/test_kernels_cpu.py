@@ -60,6 +60,32 @@ def test_cpu_matches_reference(bits: int, group: int, sym: bool) -> None:
         check(layer, 3, torch.bfloat16)
 
 
+@pytest.mark.parametrize(("bits", "group"), [(4, 128), (3, 64), (2, -1), (8, 128), (8, -1)])
+def test_many_rows_take_the_dense_path_and_match(bits: int, group: int) -> None:
+    """From DENSE_ROWS rows (half as many at 8 bits) the int4 planes are dequantized to bf16
+    tiles for a dense GEMM: it must match the reference (whole 64-row blocks, a tail of 48 rows
+    past them, K padded), and it must run (the packed layout it reads is checked, and the int4
+    kernel is not called)."""
+    assert cpu._layout_ok()
+    torch.manual_seed(bits + group)
+    for k, n in [(576, 1000), (100, 48), (256, 64)]:
+        layer = random_layer(k, n, bits, group, False, bias=True)
+        for m in (cpu.DENSE_ROWS, cpu.DENSE_ROWS + 3):
+            check(layer, m, torch.float32)
+        if cpu._kind(layer) != "int4":
+            continue
+        x = torch.randn(cpu.DENSE_ROWS, k)
+        kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)  # must not be used
+            dense = layer(x)
+            with pytest.raises(TypeError):
+                layer(x[:3])  # few rows: the int4 kernel
+        mp.undo()
+        assert torch.ops.aten._weight_int4pack_mm_for_cpu is kernel
+        assert torch.isfinite(dense).all()
+
+
 @pytest.mark.parametrize(
     ("bits", "group", "kind"),
     [(4, 128, "int4"), (3, 64, "int4"), (2, -1, "int4"), (8, -1, "int8"), (8, 128, "int4")],
