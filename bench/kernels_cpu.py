@@ -127,6 +127,17 @@ def runner_tps(src: str, tokens: int, rounds: int = 3) -> float:
 
 
 def dense_table(checkpoints: list[str]) -> None:
+    """`_dense_table`, with the cpu backend's DENSE_ROWS restored whatever happens."""
+    from bitserve.kernels import cpu
+
+    default = cpu.DENSE_ROWS
+    try:
+        _dense_table(checkpoints, default)
+    finally:
+        cpu.DENSE_ROWS = default
+
+
+def _dense_table(checkpoints: list[str], default: int) -> None:
     """The cpu backend's two paths for many rows, in the same run: the int4 kernel against
     dequantized bf16 tiles and a dense GEMM (what it takes from DENSE_ROWS rows), per decoder
     layer shape at W4 and W8 g128, then a prefill through the serving runner per checkpoint."""
@@ -134,7 +145,9 @@ def dense_table(checkpoints: list[str]) -> None:
     from bitserve.models import load_model
     from bitserve.server.runner import LlamaRunner
 
-    default = cpu.DENSE_ROWS
+    if not cpu._layout_ok():
+        print("(this CPU's int4 packed layout is not the one the dense path reads: no comparison)")
+        return
 
     def path(rows: int, fn: Callable[[], object]) -> Callable[[], object]:
         def run() -> object:
@@ -172,7 +185,6 @@ def dense_table(checkpoints: list[str]) -> None:
                 f"dense GEMMs from {default} rows {dense * 1e3:.0f} ms ({kernel / dense:.2f}x)",
                 flush=True,
             )
-    cpu.DENSE_ROWS = default
 
 
 def main() -> None:

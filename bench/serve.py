@@ -300,8 +300,8 @@ def head_compare(args: argparse.Namespace) -> None:
     g32 one, per concurrency, the two engines alternated in the same run."""
     from bitserve.server.sampling import SamplingParams
 
-    engines = {h: _offline_engine(args, h)[1] for h in ("bfloat16", "int8")}
-    prompts = _offline_engine(args)[2]
+    _, bf16, prompts = _offline_engine(args, "bfloat16")
+    engines = {"bfloat16": bf16, "int8": _offline_engine(args, "int8")[1]}
     greedy = SamplingParams(args.max_tokens, temperature=0, ignore_eos=True)
     for engine in engines.values():
         _engine_run(engine, prompts[:1], greedy)

@@ -26,7 +26,7 @@ DEQUANT_CHUNK = 512  # output rows dequantized at a time by the fallback path
 # Calls with at least DENSE_ROWS rows (prefill; half as many for 8-bit's two planes) dequantize
 # DENSE_CHUNK output rows at a time to bf16 and run a dense GEMM instead of the int4 kernel,
 # where that is faster (docs/kernels.md: W4 1.2-1.4x at 256 rows, 1.6x at 512).
-DENSE_ROWS, DENSE_CHUNK = 256, 2048
+DENSE_ROWS, DENSE_CHUNK = 256, 2048  # the chunk: whole 64-row blocks of the packed layout
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNEL_DTYPE = torch.bfloat16  # the packed kernels' fast activation dtype
 log = logging.getLogger("bitserve.kernels")
@@ -148,10 +148,11 @@ def _int4_columns(
     packed: torch.Tensor, sz: torch.Tensor, kg: int, n0: int, n1: int
 ) -> torch.Tensor:
     """Output rows n0:n1 of a packed int4 weight, dequantized to fp32 as [K, n1 - n0] (n0, n1
-    multiples of 64, or n1 the padded N). The kernel's layout (torch 2.13): blocks of 64 output
-    rows, each [K, 32] bytes, row j of the block in the low nibble of byte j and row 32 + j in
-    the high one; rows past the last whole block as [K, rest / 2] bytes, adjacent rows in the
-    two nibbles of one byte. `_layout_ok` checks this once per process."""
+    multiples of 64, or n1 the padded N). The kernel's layout on AVX512 CPUs (torch 2.13; other
+    instruction sets use smaller blocks): blocks of 64 output rows, each [K, 32] bytes, row j of
+    the block in the low nibble of byte j and row 32 + j in the high one; rows past the last
+    whole block as [K, rest / 2] bytes, adjacent rows in the two nibbles of one byte.
+    `_layout_ok` checks this once per process."""
     k = packed.shape[1] * 2
     flat = packed.reshape(-1)[n0 * k // 2 : n1 * k // 2]
     if (n1 - n0) % 64 == 0:
@@ -187,11 +188,12 @@ def _layout_ok() -> bool:
 def _dense_int4(layer: QuantLinear, x: torch.Tensor, kg: int) -> torch.Tensor:
     """x [M, K_pad] bf16 times the layer's int4 planes, dequantized DENSE_CHUNK output rows at a
     time into bf16 for a dense GEMM (bf16 GEMMs are vectorised; the int4 kernel is slower than
-    them past a few dozen rows): fp32 [M, N_pad]."""
+    them past a hundred rows or so): bf16 [M, N_pad]."""
     p = layer.prepared
     n_pad = p["int4_sz0"].shape[1]
     whole = n_pad // 64 * 64  # rows in whole 64-row blocks; the rest has its own layout
-    spans = [(n0, min(n0 + DENSE_CHUNK, whole)) for n0 in range(0, whole, DENSE_CHUNK)]
+    chunk = DENSE_CHUNK // 64 * 64
+    spans = [(n0, min(n0 + chunk, whole)) for n0 in range(0, whole, chunk)]
     spans += [(whole, n_pad)] if whole < n_pad else []
     planes = [(p[f"int4_weight{i}"], p[f"int4_sz{i}"]) for i in range(2) if f"int4_sz{i}" in p]
     parts = []

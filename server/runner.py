@@ -196,9 +196,14 @@ class LlamaRunner:
         if not isinstance(head, nn.Linear) or head_dtype is None:
             pass
         elif head_dtype == torch.int8 and head.weight.device.type == "cpu":
-            w8 = quantize_rtn(head.weight.detach(), QuantSpec(8, 32, sym=True)).to_module()
+            w8 = quantize_rtn(head.weight.detach(), QuantSpec(8, 32, sym=True)).to_module(
+                None if head.bias is None else head.bias.detach()
+            )
             w8.set_backend("cpu")
+            w8.release_packed()  # the cpu backend's planes are all it needs
             self.head_int8 = w8
+        elif head_dtype == torch.int8:
+            log.warning("an int8 lm_head runs on the CPU only: keeping the model's own head")
         elif head_dtype.is_floating_point and head_dtype.itemsize < head.weight.dtype.itemsize:
             self.head_weight = head.weight.detach().to(head_dtype)
         self.heads = config.num_attention_heads

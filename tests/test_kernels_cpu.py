@@ -66,7 +66,8 @@ def test_many_rows_take_the_dense_path_and_match(bits: int, group: int) -> None:
     tiles for a dense GEMM: it must match the reference (whole 64-row blocks, a tail of 48 rows
     past them, K padded), and it must run (the packed layout it reads is checked, and the int4
     kernel is not called)."""
-    assert cpu._layout_ok()
+    if not cpu._layout_ok():
+        pytest.skip("this CPU's int4 packed layout is not the AVX512 one the dense path reads")
     torch.manual_seed(bits + group)
     for k, n in [(576, 1000), (100, 48), (256, 64)]:
         layer = random_layer(k, n, bits, group, False, bias=True)
@@ -84,6 +85,27 @@ def test_many_rows_take_the_dense_path_and_match(bits: int, group: int) -> None:
         mp.undo()
         assert torch.ops.aten._weight_int4pack_mm_for_cpu is kernel
         assert torch.isfinite(dense).all()
+
+
+def test_many_rows_keep_the_int4_kernel_when_the_layout_is_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the packed layout is not the one `_int4_columns` reads (other instruction sets),
+    many-row calls stay on the int4 kernel and still match; several dense chunks do too."""
+    torch.manual_seed(5)
+    layer = random_layer(576, 1000, 4, 128, False)
+    monkeypatch.setattr(cpu, "DENSE_CHUNK", 192)  # several chunks, and a multiple of 64
+    check(layer, cpu.DENSE_ROWS, torch.float32)
+    monkeypatch.setattr(cpu, "_layout_ok", lambda: False)
+    calls = []
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(
+        torch.ops.aten,
+        "_weight_int4pack_mm_for_cpu",
+        lambda *a: calls.append(a[0].shape[0]) or kernel(*a),
+    )
+    check(layer, cpu.DENSE_ROWS, torch.float32)
+    assert calls == [cpu.DENSE_ROWS]
 
 
 @pytest.mark.parametrize(
