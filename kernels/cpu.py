@@ -25,7 +25,7 @@ KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
 DEQUANT_CHUNK = 512  # output rows dequantized at a time by the fallback path
 # Calls with at least DENSE_ROWS rows (prefill; half as many for 8-bit's two planes) dequantize
 # DENSE_CHUNK output rows at a time to bf16 and run a dense GEMM instead of the int4 kernel,
-# where that is faster (docs/kernels.md: W4 1.2-1.4x at 256 rows, 1.6x at 512).
+# where that is faster (docs/kernels.md, "Many rows": W4 layers 1.5-1.6x at 256 rows).
 DENSE_ROWS, DENSE_CHUNK = 256, 2048  # the chunk: whole 64-row blocks of the packed layout
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNEL_DTYPE = torch.bfloat16  # the packed kernels' fast activation dtype

@@ -315,8 +315,8 @@ def add_parser(sub: Any) -> None:
         choices=["bfloat16", "int8", "float32"],
         help="the lm_head matmul, when narrower than the model's (default bfloat16). int8, on "
         "the CPU: an RTN W8 g32 copy, as close to fp32 as bf16; its matmul is 2.75x bf16's "
-        "speed for one sequence and 1.8x for 4 (decode tokens/s: about 1.1x), slower from "
-        "about 6 concurrent sequences (docs/serving.md). An fp16 model on a GPU keeps its own",
+        "speed for one sequence and 1.8x for 4 (decode tokens/s: about 1.1x), slower for 8 "
+        "and more concurrent sequences (docs/serving.md). An fp16 model on a GPU keeps its own",
     )
     s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     s.add_argument("--log-level", help="uvicorn/bitserve log level (default info)")

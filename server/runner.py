@@ -189,7 +189,7 @@ class LlamaRunner:
         # The vocabulary projection is the largest matmul; a bf16 copy halves the bytes it reads.
         # int8 (on the CPU): an RTN W8 g32 copy instead (the cpu backend's two nibble planes), a
         # quarter of fp32's bytes and as close to fp32 as bf16; faster than bf16 for steps of
-        # up to about 5 rows, slower for more (docs/serving.md).
+        # 1-4 rows, slower for 8 and more (docs/serving.md).
         self.head_weight: torch.Tensor | None = None
         self.head_int8: QuantLinear | None = None
         head = model.lm_head

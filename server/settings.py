@@ -45,8 +45,8 @@ class Settings(BaseSettings):
         "bfloat16",
         description="the lm_head matmul when narrower than the model's: bfloat16 (halves an "
         "fp32 head's memory traffic), int8 (on the CPU: an RTN W8 g32 copy, faster than bf16 "
-        "for up to about 5 concurrent sequences, slower beyond) or float32; a 16-bit model on "
-        "a GPU keeps its own",
+        "for 1-4 concurrent sequences, slower for 8 and more) or float32; a 16-bit model on a "
+        "GPU keeps its own",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     log_level: str = "info"
