@@ -224,6 +224,21 @@ def test_int8_head_matches_fp32_and_is_batch_invariant() -> None:
     assert torch.equal(alone[0], got[2])
 
 
+def test_int8_head_off_the_cpu_warns_and_keeps_the_models_head(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The int8 head is the cpu backend's: a model elsewhere (here on the meta device, standing
+    in for a GPU) keeps its own head, and the log says why."""
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval().to("meta")
+    with caplog.at_level("WARNING", logger="bitserve.runner"):
+        runner = LlamaRunner(model, num_slots=2, max_len=16, head_dtype=torch.int8)
+    assert runner.head_int8 is None and runner.head_description() == "float32"
+    assert "int8 lm_head runs on the CPU only" in caplog.text
+
+
 def test_runner_padded_batch_prefill_matches_hf(server_tiny_checkpoint: Path) -> None:
     model = load_model(server_tiny_checkpoint).model
     runner = LlamaRunner(load_model(server_tiny_checkpoint).model, num_slots=4, max_len=32)
