@@ -108,6 +108,22 @@ def test_many_rows_keep_the_int4_kernel_when_the_layout_is_unknown(
     assert calls == [cpu.DENSE_ROWS]
 
 
+def test_layout_check_fails_on_another_layout(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A packing whose rows are ordered otherwise (as on other instruction sets) fails the
+    layout check, with a warning, instead of feeding the dense path wrong weights."""
+    convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    monkeypatch.setattr(
+        torch.ops.aten,
+        "_convert_weight_to_int4pack_for_cpu",
+        lambda codes, tiles: convert(codes.flip(0), tiles),
+    )
+    with caplog.at_level("WARNING", logger="bitserve.kernels"):
+        assert not cpu._layout_ok.__wrapped__()
+    assert "unexpected int4 packed layout" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("bits", "group", "kind"),
     [(4, 128, "int4"), (3, 64, "int4"), (2, -1, "int4"), (8, -1, "int8"), (8, 128, "int4")],
