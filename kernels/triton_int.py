@@ -841,11 +841,14 @@ def _applies(cfg: Config, layer: QuantLinear, dtype: torch.dtype) -> bool:
     """Whether cfg's variant runs as itself for this layer and activation dtype (else it runs
     as the plain kernel): "h2" needs fp16 and 2- or 4-bit codes; "lop3" and "pair" fp16,
     4-bit codes and K a multiple of 8 (and, at launch, x 4-byte aligned: `_pairs_mode`);
-    "zsub" fp16 and a K-block inside one group; "kjoin" that and 4-bit codes."""
+    "zsub" fp16 and a K-block inside one group; "kjoin" that and 4-bit codes (and, for tiles
+    of 64+ rows, N a multiple of 16)."""
     flags = cfg.flags()
     fp16 = dtype == torch.float16
     if flags & {"zsub", "kjoin"}:
         inside = fp16 and cfg.block_k <= _group(layer)
+        if "kjoin" in flags and cfg.block_m >= 64 and layer.out_features % 16:
+            return False  # Triton 3.6 failed to compile these for N = 1000 (GPU run 9)
         return inside and ("kjoin" not in flags or layer.bits == 4)
     if flags & {"lop3", "pair"}:
         return fp16 and layer.bits == 4 and layer.in_features % 8 == 0
@@ -871,6 +874,13 @@ def _pairs_mode(cfg: Config, layer: QuantLinear, x: torch.Tensor) -> int:
     return 2 if "lop3" in flags else 1 if "pair" in flags else 0
 
 
+def _config_pdl(cfg: Config, device: torch.device) -> bool:
+    """PDL for a launch of `cfg` (`use_pdl`), except the dot kernel's tiles of 64+ rows: back
+    to back, they ran 20-30% slower with it on two of four shapes and no faster on the others
+    (GPU runs 9 and 10, docs/kernels.md)."""
+    return use_pdl(device) and not (cfg.kind == "dot" and cfg.block_m >= 64)
+
+
 def _launch(
     layer: QuantLinear, x: torch.Tensor, out: torch.Tensor, cfg: Config, warmup: bool = False
 ) -> torch.Tensor:
@@ -880,7 +890,7 @@ def _launch(
     qw = p["qweight"]
     qh = p.get("qhigh", qw)
     group, groups = _group(layer), num_groups(k, layer.group_size)
-    pdl = use_pdl(x.device)
+    pdl = _config_pdl(cfg, x.device)
     common = dict(BITS=layer.bits, GROUP=group, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=pdl)
     launch: dict[str, Any] = dict(num_warps=cfg.warps, num_stages=cfg.stages, warmup=warmup)
     launch |= pdl_launch(pdl)

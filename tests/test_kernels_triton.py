@@ -82,7 +82,9 @@ def test_every_autotune_config(bucket: int, cfg: triton_int.Config) -> None:
     """Each candidate the GPU autotuner may time, on a small shape of its M bucket (M not a
     multiple of BLOCK_M, N not of BLOCK_N, two or more K-blocks, so masks and split-K run)."""
     m = 1 if bucket == 1 else max(1, min(bucket, cfg.block_m or 64) - 3)
-    _check_config(cfg, 4, 128, m, 2 * max(cfg.block_k, 128) + 64, cfg.block_n + 8)
+    # kjoin tiles of 64+ rows apply only where N is a multiple of 16 (`_applies`)
+    n = cfg.block_n + (16 if "kjoin" in cfg.flags() and cfg.block_m >= 64 else 8)
+    _check_config(cfg, 4, 128, m, 2 * max(cfg.block_k, 128) + 64, n)
 
 
 LOOP_CASES = [(4, c) for c in triton_int.CANDIDATES[1]]
@@ -171,6 +173,11 @@ def test_gemv_variants_apply_only_where_they_run() -> None:
     assert triton_int._applies(zsub, w4, f16) and not triton_int._applies(zsub, g32, f16)
     assert not triton_int._applies(kjoin_ptx, g32, f16)
     assert triton_int._kjoin_mode(kjoin_ptx, g32, f16) == 0
+    # kjoin tiles of 64+ rows failed to compile for N = 1000 on an H200: N a multiple of 16 only.
+    kjoin64 = triton_int.Config("dot", 64, 32, 64, 2, 4, 1, "zsub+kjoin+lop3")
+    n1000 = random_layer(256, 1000, 4, 64, False)
+    assert triton_int._applies(kjoin64, w4, f16) and not triton_int._applies(kjoin64, n1000, f16)
+    assert triton_int._applies(kjoin_ptx, n1000, f16)
     x = torch.randn(2, 256).half()
     shifted = x.view(-1)[1:257].view(1, 256)  # contiguous, but 2 bytes off a 4-byte boundary
     assert triton_int._pairs_mode(lop3, w4, x[:1]) == 2
@@ -231,6 +238,19 @@ def test_programmatic_dependent_launch_only_where_it_runs(monkeypatch: pytest.Mo
     monkeypatch.setattr(triton_int, "_sm_major", lambda index: 10)
     monkeypatch.setattr(triton_int, "PDL_ENABLED", False)
     assert not triton_int.use_pdl(cuda)
+
+
+def test_dot_tiles_of_64_rows_launch_without_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where PDL is on, every candidate launches with it except the dot kernel's tiles of 64 or
+    more rows (slower with it back to back on an H200, docs/kernels.md); where it is off, none."""
+    cuda = torch.device("cuda", 0)
+    cands = [c for b in triton_int.CANDIDATES.values() for c in b]
+    big = {c for c in cands if c.kind == "dot" and c.block_m >= 64}
+    assert big and len(big) < len(cands)
+    monkeypatch.setattr(triton_int, "use_pdl", lambda device: True)
+    assert {c for c in cands if not triton_int._config_pdl(c, cuda)} == big
+    monkeypatch.setattr(triton_int, "use_pdl", lambda device: False)
+    assert not any(triton_int._config_pdl(c, cuda) for c in cands)
 
 
 def test_tuned_configs_persist_on_disk(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
