@@ -1,9 +1,11 @@
 """GPU kernel benchmark for the Triton QuantLinear backend: correctness against the reference
 backend first, then timing in CUDA graphs over rotating weight copies (weights come from HBM, not
 L2) against fp16 cuBLAS and torch's int4 tinygemm, with the byte limit of each (bytes moved /
-measured copy bandwidth); then decode tokens/s of a random-init Llama-3-8B-shaped model, W4 g128
-vs fp16, at batch 1 and 16 through a minimal static-cache decode step captured in a CUDA graph,
-and through bitserve's serving runner (eager).
+measured copy bandwidth), and the M = 1 floors (the GEMV's loads alone, an empty launch); then
+decode tokens/s of a random-init Llama-3-8B-shaped model, W4 g128 vs fp16, at batch 1 and 16
+through a minimal static-cache decode step captured in a CUDA graph, and through bitserve's
+serving runner (graphs or eager, fused decode kernels or torch's ops, with and without PDL),
+with a profile of its W4 steps; then the runner with the Triton and the reference backends.
 
     python bench/kernels_gpu.py [--skip-check] [--skip-layers] [--skip-e2e] [--e2e-layers 32]
                                 [--ms 1,16,64,256,1024] [--budget-s 280]
@@ -21,6 +23,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from bitserve.kernels import QuantLinear, triton_int
 from bitserve.kernels.packing import num_groups, pack_rows
@@ -294,6 +298,106 @@ def bench_layers(bw: float, ms: tuple[int, ...] = MS) -> None:
                 flush=True,
             )
         del w16s, layers
+        torch.cuda.empty_cache()
+
+
+# ---- M = 1 floors: what the GEMV's loads alone, and an empty launch, cost ----
+# Tilings (BLOCK_N, BLOCK_K, SPLIT_K, warps) of the loads-only kernel: the GEMV candidates' and
+# larger blocks per program (more bytes in flight), to see what a tiling can reach at all.
+FLOOR_TILINGS = [
+    (64, 128, 16, 2),
+    (128, 128, 8, 4),
+    (128, 256, 8, 4),
+    (256, 128, 8, 4),
+    (64, 256, 16, 2),
+    (128, 512, 4, 4),
+    (256, 512, 4, 8),
+    (128, 1024, 2, 4),
+    (512, 256, 2, 8),
+    (32, 256, 32, 1),
+]
+
+
+@triton.jit
+def _words_xor_kernel(
+    qw_ptr, out_ptr, N, stride_w, k_blocks, split_k, BLOCK_N: tl.constexpr, WORDS: tl.constexpr
+):
+    """The 4-bit GEMV's weight traffic without its arithmetic: program (n-block, k-slice) loads
+    the [WORDS, BLOCK_N] word tiles of its K-blocks as `_gemv_kernel` does and XORs them into
+    out[k-slice, n] (a floor for the GEMV's tiling, not a result)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs_n < N
+    row = tl.arange(0, WORDS)
+    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.int32)
+    for kb in range(pid_k, k_blocks, split_k):
+        rows = kb * WORDS + row
+        acc ^= tl.load(qw_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=mask[None, :])
+    tl.store(out_ptr + pid_k * N + offs_n, tl.xor_sum(acc, 0), mask=mask)
+
+
+def words_xor(
+    qw: torch.Tensor, block_n: int, block_k: int, split_k: int, warps: int
+) -> torch.Tensor:
+    """Launch `_words_xor_kernel` over 4-bit words qw [K / 8, N]: out [split_k, N]."""
+    words, n = block_k // 8, qw.shape[1]
+    k_blocks = qw.shape[0] // words
+    out = torch.empty(split_k, n, dtype=torch.int32, device=qw.device)
+    grid = (triton.cdiv(n, block_n), split_k)
+    _words_xor_kernel[grid](
+        qw, out, n, qw.stride(0), k_blocks, split_k, BLOCK_N=block_n, WORDS=words, num_warps=warps
+    )
+    return out
+
+
+@triton.jit
+def _empty_kernel(x_ptr):
+    """Does nothing: the cost of one launch in a CUDA graph."""
+    pass
+
+
+def bench_floors(bw: float) -> None:
+    """At M = 1, W4 g128, per benchmark shape: the tuned GEMV against the same tiling's loads
+    alone, the fastest loads-only tiling of FLOOR_TILINGS, and one empty launch (all in CUDA
+    graphs over rotating copies, like the layer table). Loads-only near the GEMV: the tiling's
+    memory access is what bounds it; far below: its arithmetic, finish or launch."""
+    print("\n## M = 1 floors (W4 g128; CUDA graphs, rotating weight copies)")
+    print(
+        "| K x N | W4 limit us | GEMV us (tuned config) | loads only, same tiling us "
+        "| loads only, best tiling us (BLOCK_N, BLOCK_K, SPLIT_K, warps) | empty launch us |"
+    )
+    print("|---|---|---|---|---|---|")
+    dummy = torch.zeros(1, device=DEVICE)
+    empty = graph_time([partial(_empty_kernel[(132,)], dummy) for _ in range(64)])
+    for k, n in SHAPES:
+        if over_budget():
+            print("(budget: floors stopped)")
+            return
+        base = synthetic_layer(k, n, 4, 128, DEVICE)
+        nbytes = sum(t.numel() * t.element_size() for t in base.prepared.values())
+        layers = [base]
+        for _ in range(copies_for(nbytes) - 1):
+            c = synthetic_layer(k, n, 4, 128, "meta")
+            c.prepared = {key: t.clone() for key, t in base.prepared.items()}
+            layers.append(c)
+        x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
+        t_gemv = graph_time([partial(triton_int.matmul, q, x) for q in layers])
+        cfg = triton_int._TUNED[(k, n, 4, 128, 1, torch.float16)]
+        words = [q.prepared["qweight"] for q in layers]
+
+        def loads(tiling: tuple[int, int, int, int], words: list[torch.Tensor] = words) -> float:
+            return graph_time([partial(words_xor, w, *tiling) for w in words])
+
+        same = loads((cfg.block_n, cfg.block_k, cfg.split_k, cfg.warps))
+        best_t, best = min((loads(t), t) for t in FLOOR_TILINGS if k % t[1] == 0)
+        print(
+            f"| {k}x{n} | {(nbytes + 2 * (k + n)) / bw * 1e6:.1f} | {t_gemv * 1e6:.1f} "
+            f"({cfg.block_n}, {cfg.block_k}, {cfg.split_k}, {cfg.warps}, {cfg.variant or 'plain'}) "
+            f"| {same * 1e6:.1f} | {best_t * 1e6:.1f} {best} | {empty * 1e6:.2f} |",
+            flush=True,
+        )
+        del layers, words
         torch.cuda.empty_cache()
 
 
@@ -749,6 +853,7 @@ def main() -> None:
     sections: list[tuple[bool, Callable[[], Any]]] = [
         (args.skip_check, lambda: check_correctness(ms + (300,) if 256 in ms else ms)),
         (args.skip_layers, lambda: bench_layers(copy_bandwidth(), ms)),
+        (args.skip_layers, lambda: bench_floors(copy_bandwidth())),
         (args.skip_e2e, lambda: bench_e2e(args.e2e_layers)),
         (args.skip_e2e, lambda: bench_engine(args.e2e_layers)),
         (args.skip_e2e, bench_runner_backends),
