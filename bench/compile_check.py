@@ -54,10 +54,10 @@ def compile_sm(
     arch: int = 90,
 ) -> bytes:
     """The sm_`arch` cubin of jit function `fn`: arguments typed by `types` (else i32),
-    constexprs from `consts` (PDL on from sm_90, as `use_pdl` launches them), the ALIGNED ones
-    marked divisible by 16."""
+    constexprs from `consts` (PDL, unless given, on from sm_90, as `use_pdl` launches them),
+    the ALIGNED ones marked divisible by 16."""
     names = fn.arg_names
-    if "PDL" in names:
+    if "PDL" in names and "PDL" not in consts:
         consts = consts | {"PDL": int(arch >= 90)}
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in names}
@@ -82,6 +82,7 @@ def matmul_kernel(
     if variant in DOT_VARIANTS:
         deq, kjoin = DOT_VARIANTS[variant]
         dot = dict(BLOCK_M=block_m, DEQ=deq, KJOIN=kjoin, DOT_DTYPE=triton_int.tl.float16)
+        dot["PDL"] = int(arch >= 90 and block_m < 64)  # as `_config_pdl` launches them
         fn = triton_int._dot_kernel
         return compile_sm(fn, INT_KERNEL_TYPES, common | dot, warps, 3, arch)
     base, _, pf = variant.partition("-")  # e.g. lop3-pf: with the next block's loads early

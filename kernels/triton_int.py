@@ -848,7 +848,7 @@ def _applies(cfg: Config, layer: QuantLinear, dtype: torch.dtype) -> bool:
     if flags & {"zsub", "kjoin"}:
         inside = fp16 and cfg.block_k <= _group(layer)
         if "kjoin" in flags and cfg.block_m >= 64 and layer.out_features % 16:
-            return False  # Triton 3.6 failed to compile these for N = 1000 (GPU run 9)
+            return False  # Triton (3.6, 3.9) fails to compile them for a row stride N % 16 != 0
         return inside and ("kjoin" not in flags or layer.bits == 4)
     if flags & {"lop3", "pair"}:
         return fp16 and layer.bits == 4 and layer.in_features % 8 == 0
@@ -876,7 +876,7 @@ def _pairs_mode(cfg: Config, layer: QuantLinear, x: torch.Tensor) -> int:
 
 def _config_pdl(cfg: Config, device: torch.device) -> bool:
     """PDL for a launch of `cfg` (`use_pdl`), except the dot kernel's tiles of 64+ rows: back
-    to back, they ran 20-30% slower with it on two of four shapes and no faster on the others
+    to back, they ran 27-31% slower with it on two of four shapes, within 1.3% on the others
     (GPU runs 9 and 10, docs/kernels.md)."""
     return use_pdl(device) and not (cfg.kind == "dot" and cfg.block_m >= 64)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 os.environ["TRITON_INTERPRET"] = "1"  # set before the kernel module is imported: kernels run on CPU
 
@@ -249,6 +250,23 @@ def test_dot_tiles_of_64_rows_launch_without_pdl(monkeypatch: pytest.MonkeyPatch
     assert big and len(big) < len(cands)
     monkeypatch.setattr(triton_int, "use_pdl", lambda device: True)
     assert {c for c in cands if not triton_int._config_pdl(c, cuda)} == big
+    # What `_launch` hands the kernels (recorded in place of launching them).
+    launches: list[dict] = []
+    for name in ("_dot_kernel", "_gemv_kernel"):
+        monkeypatch.setattr(
+            triton_int, name, SimpleNamespace(run=lambda *a, **kw: launches.append(kw))
+        )
+    layer = random_layer(256, 64, 4, 64, False)
+    triton_int.BACKEND.prepare(layer)
+    for cfg, m in (
+        (min(big), 64),
+        (triton_int.CANDIDATES[16][0], 16),
+        (triton_int.CANDIDATES[1][0], 1),
+    ):
+        x = torch.randn(m, 256).half()
+        triton_int._launch(layer, x, torch.empty(m, 64).half(), cfg)
+        pdl = cfg not in big
+        assert launches[-1]["PDL"] is pdl and launches[-1].get("launch_pdl", False) is pdl, cfg
     monkeypatch.setattr(triton_int, "use_pdl", lambda device: False)
     assert not any(triton_int._config_pdl(c, cuda) for c in cands)
 
