@@ -234,6 +234,21 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(64, math.ceil(ROTATE_BYTES / nbytes)))
 
 
+def prepared_bytes(layer: QuantLinear) -> int:
+    return sum(t.numel() * t.element_size() for t in layer.prepared.values())
+
+
+def synthetic_copies(k: int, n: int, bits: int) -> list[QuantLinear]:
+    """A g128 synthetic layer and clones of it, enough to rotate through (`copies_for`)."""
+    base = synthetic_layer(k, n, bits, 128, DEVICE)
+    layers = [base]
+    for _ in range(copies_for(prepared_bytes(base)) - 1):
+        c = synthetic_layer(k, n, bits, 128, "meta")
+        c.prepared = {key: t.clone() for key, t in base.prepared.items()}
+        layers.append(c)
+    return layers
+
+
 def tinygemm_calls(k: int, n: int, x: torch.Tensor) -> list[Callable[[], Any]]:
     """torch's int4 kernel (bf16 activations, g128) over rotating weight copies."""
     xb = x.bfloat16()
@@ -262,16 +277,8 @@ def bench_layers(bw: float, ms: tuple[int, ...] = MS) -> None:
             return
         w16 = torch.randn(n, k, device=DEVICE, dtype=torch.float16) * 0.02
         w16s = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2) - 1)]
-        layers: dict[int, list[QuantLinear]] = {}
-        for bits in (4, 3, 8, 2):
-            base = synthetic_layer(k, n, bits, 128, DEVICE)
-            nbytes = sum(t.numel() * t.element_size() for t in base.prepared.values())
-            layers[bits] = [base]
-            for _ in range(copies_for(nbytes) - 1):
-                c = synthetic_layer(k, n, bits, 128, "meta")
-                c.prepared = {key: t.clone() for key, t in base.prepared.items()}
-                layers[bits].append(c)
-        w4_bytes = sum(t.numel() * t.element_size() for t in layers[4][0].prepared.values())
+        layers = {bits: synthetic_copies(k, n, bits) for bits in (4, 3, 8, 2)}
+        w4_bytes = prepared_bytes(layers[4][0])
         for m in ms:
             if over_budget():
                 break
@@ -403,13 +410,8 @@ def bench_floors(bw: float) -> None:
         if over_budget():
             print("(budget: floors stopped)")
             return
-        base = synthetic_layer(k, n, 4, 128, DEVICE)
-        nbytes = sum(t.numel() * t.element_size() for t in base.prepared.values())
-        layers = [base]
-        for _ in range(copies_for(nbytes) - 1):
-            c = synthetic_layer(k, n, 4, 128, "meta")
-            c.prepared = {key: t.clone() for key, t in base.prepared.items()}
-            layers.append(c)
+        layers = synthetic_copies(k, n, 4)
+        nbytes = prepared_bytes(layers[0])
         x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
         t_gemv = graph_time([partial(triton_int.matmul, q, x) for q in layers])
         cfg = triton_int._TUNED[(k, n, 4, 128, 1, torch.float16)]
