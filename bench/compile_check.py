@@ -76,7 +76,8 @@ def matmul_kernel(
     atomic: int = 0,
     arch: int = 90,
 ) -> bytes:
-    """`_gemv_kernel` with a GEMV variant (plain, h2, pair, lop3; "-pf" appended: prefetching),
+    """`_gemv_kernel` with a GEMV variant (plain, h2, pair, lop3; "-pf" appended: prefetching;
+    "-r2" / "-r4": over 2 / 4 rows),
     or `_dot_kernel` with a dot-* variant at this BLOCK_M, for g128 fp16."""
     common = dict(BITS=bits, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic)
     if variant in DOT_VARIANTS:
@@ -85,9 +86,11 @@ def matmul_kernel(
         dot["PDL"] = int(arch >= 90 and block_m < 64)  # as `_config_pdl` launches them
         fn = triton_int._dot_kernel
         return compile_sm(fn, INT_KERNEL_TYPES, common | dot, warps, 3, arch)
-    base, _, pf = variant.partition("-")  # e.g. lop3-pf: with the next block's loads early
+    # e.g. lop3-pf: with the next block's loads early; lop3-r4: over 4 rows (ROWS)
+    base, *mods = variant.split("-")
     lop3 = {"lop3": 2, "pair": 1}.get(base, 0)
-    gemv = dict(H2=int(base == "h2"), LOP3=lop3, PREFETCH=int(pf == "pf"))
+    rows = next((int(m[1:]) for m in mods if m.startswith("r")), 1)
+    gemv = dict(H2=int(base == "h2"), LOP3=lop3, PREFETCH=int("pf" in mods), ROWS=rows)
     return compile_sm(triton_int._gemv_kernel, INT_KERNEL_TYPES, common | gemv, warps, 1, arch)
 
 
@@ -123,6 +126,9 @@ def jobs(arch: int) -> list[tuple[str, Any]]:
     for bits in (2, 3, 8):
         out.append((f"gemv plain W{bits}", partial(mm, "plain", 128, 128, 4, bits=bits)))
     out.append(("gemv lop3 W4 red", partial(mm, "lop3", 128, 128, 4, atomic=1)))
+    for v in ("lop3-r2", "lop3-pf-r4", "pair-r4"):
+        out.append((f"gemv {v} W4", partial(mm, v, 128, 128, 4)))
+    out.append(("gemv lop3-r4 W4 atomic", partial(mm, "lop3-r4", 128, 64, 4, atomic=2)))
     out.append(("gemv plain-pf W3", partial(mm, "plain-pf", 128, 128, 4, bits=3)))
     for v in DOT_VARIANTS:
         out.append((f"{v} M16", partial(mm, v, 128, 128, 4)))

@@ -3,7 +3,7 @@
 # (correctness vs the reference backend, layer timings, end-to-end decode, the serving runner),
 # then bench/gpu_serve_check.py (`bitserve serve --device cuda` over HTTP). Output goes to
 # $OUT/kernels_gpu_run.txt (copied to docs/kernels_gpu_run.txt). Run from the repo root:
-#   OUT=/tmp/out bash bench/gpu_check.sh [--ms 1,16,64,256,1024]
+#   OUT=/tmp/out bash bench/gpu_check.sh [--ms 1,2,4,16,64,256,1024]
 # Time: KERNELS_TIMEOUT (default 300 s, KERNELS=0 skips it) + SERVE_TIMEOUT (default 240 s,
 # SERVE=0 skips it; each server warms up, tuning and capturing, before it answers)
 # + LUTGEMM_TIMEOUT (default 90 s, LUTGEMM=0 skips it). Wheels in .whl/ (the server's

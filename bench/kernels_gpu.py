@@ -1,14 +1,15 @@
 """GPU kernel benchmark for the Triton QuantLinear backend: correctness against the reference
 backend first, then timing in CUDA graphs over rotating weight copies (weights come from HBM, not
 L2) against fp16 cuBLAS and torch's int4 tinygemm, with the byte limit of each (bytes moved /
-measured copy bandwidth), and the M = 1 floors (the GEMV's loads alone, an empty launch); then
+measured copy bandwidth), the M = 1 floors (the GEMV's loads alone, an empty launch) and every
+M = 1 config timed as decode runs it and as the tuner does; then
 decode tokens/s of a random-init Llama-3-8B-shaped model, W4 g128 vs fp16, at batch 1 and 16
 through a minimal static-cache decode step captured in a CUDA graph, and through bitserve's
 serving runner (graphs or eager, fused decode kernels or torch's ops, with and without PDL),
 with a profile of its W4 steps; then the runner with the Triton and the reference backends.
 
     python bench/kernels_gpu.py [--skip-check] [--skip-layers] [--skip-e2e] [--e2e-layers 32]
-                                [--ms 1,16,64,256,1024] [--budget-s 280]
+                                [--ms 1,2,4,16,64,256,1024] [--budget-s 280]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from bitserve.kernels.packing import num_groups, pack_rows
 from bitserve.kernels.triton_int import pdl_enter
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
-MS = (1, 16, 64, 256, 1024)
+MS = (1, 2, 4, 16, 64, 256, 1024)
 ROTATE_BYTES = 256 << 20  # rotating copies of at least this many bytes in all: well beyond L2
 DEVICE = "cuda"
 
@@ -105,6 +106,8 @@ def check_correctness(ms: tuple[int, ...] = (1, 16, 64, 300)) -> bool:
             layer.set_backend("reference")
             triton_int.BACKEND.prepare(layer)
             runs = [(1, torch.float16), (64, torch.float16)]
+            if bits == 4:  # the GEMV over 2 and 4 rows (4-bit fp16 only)
+                runs += [(2, torch.float16), (4, torch.float16)]
             if bits == 4 or group == 128:
                 runs += [(16, torch.float16), (300, torch.float16)]
             if bits == 4 and group == 128:
@@ -112,7 +115,8 @@ def check_correctness(ms: tuple[int, ...] = (1, 16, 64, 300)) -> bool:
             for m, dtype in runs:
                 if m not in ms:
                     continue
-                cfg = triton_int.CANDIDATES[triton_int.bucket(m)][0]
+                cands = triton_int.CANDIDATES[triton_int.bucket(m)]
+                cfg = next(c for c in cands if triton_int._applies(c, layer, dtype))
                 x = torch.randn(m, 576, device=DEVICE).to(dtype)
                 ref = layer(x.float())
                 out = torch.full((m, 1000), float("nan"), device=DEVICE, dtype=dtype)
@@ -433,6 +437,65 @@ def bench_floors(bw: float) -> None:
         torch.cuda.empty_cache()
 
 
+def m1_sweep_configs(layer: QuantLinear, tuned: triton_int.Config) -> list[triton_int.Config]:
+    """The M = 1 configs the chain sweep times for `layer`: every GEMV candidate that runs as
+    itself on it (fp16 x), then the tuned config with other split-K counts and with the "red"
+    finish (fp32 atomics into one slice), which no candidate has: fewer k-slices mean fewer
+    partials for the last program to add up, and fewer programs to hide memory latency."""
+    cands = [c for c in triton_int.CANDIDATES[1] if triton_int._applies(c, layer, torch.float16)]
+    k_blocks = triton.cdiv(layer.in_features, tuned.block_k)
+    extra = [tuned._replace(split_k=s) for s in (1, 2, 4, 8, 16, 32) if s <= k_blocks]
+    flags = tuned.flags() - {"atomic"}
+    extra.append(tuned._replace(variant="+".join(sorted(flags | {"red"}))))
+    return list(dict.fromkeys(cands + extra))
+
+
+def bench_m1_chain() -> None:
+    """Each M = 1 configuration of `m1_sweep_configs`, W4 g128, timed the way a decode step runs
+    it (back to back in a CUDA graph over rotating weight copies, with PDL where the GPU has
+    it) and the way the tuner times it (`triton.testing.do_bench`, one launch at a time, L2
+    flushed). A chain best far ahead of the tuned config, or a ranking that differs, says the
+    tuner should time configs in a chain."""
+    print("\n## M = 1 configs in a graph chain (as decode runs them) and as the tuner times them")
+    print(
+        "| K x N | config (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, variant) | chain us "
+        "| tuner us | |"
+    )
+    print("|---|---|---|---|---|")
+    for k, n in SHAPES:
+        if over_budget():
+            print("(budget: sweep stopped)")
+            return
+        layers = synthetic_copies(k, n, 4)
+        x = torch.randn(1, k, device=DEVICE, dtype=torch.float16)
+        triton_int.matmul(layers[0], x)  # tunes it, if no earlier section did
+        tuned = triton_int._TUNED[(k, n, 4, 128, 1, torch.float16)]
+        outs = [torch.empty(1, n, device=DEVICE, dtype=torch.float16) for _ in layers]
+        rows = []
+        for cfg in m1_sweep_configs(layers[0], tuned):
+            try:
+                chain = graph_time(
+                    [
+                        partial(triton_int._launch, q, x, o, cfg)
+                        for q, o in zip(layers, outs, strict=True)
+                    ],
+                    budget_s=0.05,
+                )
+                single = triton_int._do_bench(
+                    partial(triton_int._launch, layers[0], x, outs[0], cfg)
+                )
+                rows.append((chain * 1e6, single * 1e3, cfg))
+            except Exception as e:  # e.g. out of resources on this card
+                print(f"| {k}x{n} | {tuple(cfg)[2:]} | {type(e).__name__} | | |")
+        for chain, single, cfg in sorted(rows):
+            mark = "tuned" if cfg == tuned else ""
+            print(
+                f"| {k}x{n} | {tuple(cfg)[2:]} | {chain:.1f} | {single:.1f} | {mark} |", flush=True
+            )
+        del layers, outs
+        torch.cuda.empty_cache()
+
+
 # ---- end to end: a Llama-3-8B-shaped decoder, one token per step, CUDA graph ----
 LLAMA3_8B = {
     "hidden": 4096,
@@ -713,7 +776,8 @@ def bench_engine(n_layers: int) -> None:
     """The same model shapes through the serving runner, as `bitserve serve --device cuda`
     decodes: decode steps replayed from CUDA graphs with the fused decode kernels and
     programmatic dependent launch (the default), the same without PDL, from graphs with torch's
-    ops between the matmuls, and eager (fused)."""
+    ops between the matmuls, and eager (fused). Batch 4 (the GEMV over 4 rows where it is
+    tuned in) only in the default mode."""
     modes = {"graphs, fused": (True, True, True), "graphs, fused, no PDL": (True, True, False)}
     modes |= {"graphs, torch ops": (True, False, True), "eager, fused": (False, True, True)}
     print(f"\n## serving runner, random-init Llama-3-8B shapes ({n_layers} layers)")
@@ -727,9 +791,12 @@ def bench_engine(n_layers: int) -> None:
             return
         model = llama3_shaped(n_layers, w4)
         with torch.inference_mode():
-            for batch in (1, 16):
+            for batch in (1, 4, 16):
                 cells = []
                 for mode, (graphs, fused, pdl) in modes.items():
+                    if batch == 4 and mode != "graphs, fused":
+                        cells.append("- | -")
+                        continue
                     try:  # one failed cell (say, non-finite logits) keeps the rest of the table
                         tps = runner_tps(model, batch, graphs, fused, pdl)
                     except Exception as e:
@@ -861,7 +928,7 @@ def main() -> None:
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--e2e-layers", type=int, default=32)
-    ap.add_argument("--ms", default="1,16,64,256,1024", help="M values to check and time")
+    ap.add_argument("--ms", default="1,2,4,16,64,256,1024", help="M values to check and time")
     ap.add_argument(
         "--budget-s",
         type=float,
@@ -886,6 +953,7 @@ def main() -> None:
         (args.skip_check, lambda: check_correctness(ms + (300,) if 256 in ms else ms)),
         (args.skip_layers, lambda: bench_layers(copy_bandwidth(), ms)),
         (args.skip_layers, lambda: bench_floors(copy_bandwidth())),
+        (args.skip_layers, bench_m1_chain),
         (args.skip_e2e, lambda: bench_e2e(args.e2e_layers)),
         (args.skip_e2e, lambda: bench_engine(args.e2e_layers)),
         (args.skip_e2e, bench_runner_backends),

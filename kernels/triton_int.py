@@ -202,29 +202,36 @@ def _half(v, HI: tl.constexpr):
     return (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-# The pair dot of `_pairs_dot` in PTX: masks and ORs (lop3) put two codes into the fp16 halves
-# of a register as 1024 + q (or 1024 + 16 q), one f16x2 FMA per pair makes them (q - z) / 16
-# exactly, four more meet them with the x pairs; the two halves are summed in fp32.
-_PAIRS_PTX = tl.constexpr("""
+# A 4-bit word's codes as fp16 pairs in PTX (`_pairs_dequant`): masks and ORs (lop3) put codes
+# 2i and 2i + 1 into the halves of a register as 1024 + q (or 1024 + 16 q); one f16x2 FMA per
+# pair makes them (q - z) / 16, exactly.
+_DEQUANT_PTX = tl.constexpr("""
 {
-.reg .b32 w8, p, d, acc, c0, c1;
-.reg .b16 lo, hi;
-.reg .f32 flo, fhi, fs;
+.reg .b32 w8, p, c0, c1;
 mov.b32 c0, 0x2C002C00;
 mov.b32 c1, 0x1C001C00;
-lop3.b32 p, $1, 0x000F000F, 0x64006400, 0xEA;
-fma.rn.f16x2 d, p, c0, $6;
-mul.rn.f16x2 acc, d, $2;
-lop3.b32 p, $1, 0x00F000F0, 0x64006400, 0xEA;
-fma.rn.f16x2 d, p, c1, $7;
-fma.rn.f16x2 acc, d, $3, acc;
-shr.u32 w8, $1, 8;
+lop3.b32 p, $4, 0x000F000F, 0x64006400, 0xEA;
+fma.rn.f16x2 $0, p, c0, $5;
+lop3.b32 p, $4, 0x00F000F0, 0x64006400, 0xEA;
+fma.rn.f16x2 $1, p, c1, $6;
+shr.u32 w8, $4, 8;
 lop3.b32 p, w8, 0x000F000F, 0x64006400, 0xEA;
-fma.rn.f16x2 d, p, c0, $6;
-fma.rn.f16x2 acc, d, $4, acc;
+fma.rn.f16x2 $2, p, c0, $5;
 lop3.b32 p, w8, 0x00F000F0, 0x64006400, 0xEA;
-fma.rn.f16x2 d, p, c1, $7;
-fma.rn.f16x2 acc, d, $5, acc;
+fma.rn.f16x2 $3, p, c1, $6;
+}
+""")
+# Four such pairs met with four x pairs (`_pairs_dot4`): products and sums in f16x2, the two
+# halves summed in fp32.
+_DOT4_PTX = tl.constexpr("""
+{
+.reg .b32 acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi, fs;
+mul.rn.f16x2 acc, $1, $5;
+fma.rn.f16x2 acc, $2, $6, acc;
+fma.rn.f16x2 acc, $3, $7, acc;
+fma.rn.f16x2 acc, $4, $8, acc;
 mov.b32 {lo, hi}, acc;
 cvt.f32.f16 flo, lo;
 cvt.f32.f16 fhi, hi;
@@ -235,39 +242,61 @@ mov.b32 $0, fs;
 
 
 @triton.jit
-def _pairs_dot(w, x0, x1, x2, x3, nz_lo, nz_hi, MODE: tl.constexpr):
-    """sum_j x_j (q_j - z) / 16 over the 8 codes of each 4-bit word (slots as in `_slots`),
-    float32. x_i: x[2i], x[2i + 1] as the fp16 halves of an int32; nz_lo, nz_hi: -(64 + z / 16)
-    and -(4 + z / 16) as fp16 pairs. (1024 + q) / 16 - (64 + z / 16) = (q - z) / 16 exactly in
-    fp16, as is (1024 + 16 q) / 256 - (4 + z / 16); the / 16 keeps an fp16 word partial below
-    65504 for |x| < 8000. MODE 2: inline PTX (GPU only); 1: the same codes and zeros in Triton
-    ops, with fp32 products and sums (what the interpreter runs: its tests check the layout and
-    the exact (q - z) / 16, not the PTX's fp16 rounding, which the GPU run checks)."""
+def _pairs_dequant(w, nz_lo, nz_hi, MODE: tl.constexpr):
+    """The 8 codes of each 4-bit word (slots as in `_slots`) as four int32s holding fp16 pairs
+    ((q_2i - z) / 16, (q_2i+1 - z) / 16), i = 0..3. nz_lo, nz_hi: -(64 + z / 16) and
+    -(4 + z / 16) as fp16 pairs: (1024 + q) / 16 - (64 + z / 16) = (q - z) / 16 exactly in fp16,
+    as is (1024 + 16 q) / 256 - (4 + z / 16). MODE 2: inline PTX (GPU only). MODE 1 (Triton
+    ops, what the interpreter runs): the pairs 1024 + q (or 1024 + 16 q) only, which
+    `_pairs_dot4` finishes in fp32."""
+    if MODE == 2 and not INTERPRET_JIT:
+        d0, d1, d2, d3 = tl.inline_asm_elementwise(
+            _DEQUANT_PTX,
+            "=r,=r,=r,=r,r,r,r",
+            [w, nz_lo, nz_hi],
+            dtype=(tl.int32,) * 4,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        d0 = (w & 0x000F000F) | 0x64006400
+        d1 = (w & 0x00F000F0) | 0x64006400
+        d2 = ((w >> 8) & 0x000F000F) | 0x64006400
+        d3 = ((w >> 8) & 0x00F000F0) | 0x64006400
+    return d0, d1, d2, d3
+
+
+@triton.jit
+def _pairs_dot4(d0, d1, d2, d3, x0, x1, x2, x3, nz_lo, nz_hi, MODE: tl.constexpr):
+    """sum_i d_i . x_i over the four pairs of `_pairs_dequant`, float32 (x_i: x[2i], x[2i + 1]
+    as the fp16 halves of an int32). MODE 2: inline PTX, products and sums in fp16 (the / 16 in
+    d keeps a word's partial below 65504 for |x| < 8000). MODE 1: dequantizes the pairs here
+    (nz_lo, nz_hi as for `_pairs_dequant`), products and sums in fp32; the interpreter tests
+    check the layout and the exact (q - z) / 16, tests/test_ptx.py and the GPU run the PTX's
+    fp16 rounding."""
     if MODE == 2 and not INTERPRET_JIT:
         out = tl.inline_asm_elementwise(
-            _PAIRS_PTX,
-            "=r,r,r,r,r,r,r,r",
-            [w, x0, x1, x2, x3, nz_lo, nz_hi],
+            _DOT4_PTX,
+            "=r,r,r,r,r,r,r,r,r",
+            [d0, d1, d2, d3, x0, x1, x2, x3],
             dtype=tl.int32,
             is_pure=True,
             pack=1,
         )
         return out.to(tl.float32, bitcast=True)
     else:
-        part = tl.zeros(w.shape, dtype=tl.float32)
+        part = tl.zeros(d0.shape, dtype=tl.float32)
         for i in tl.static_range(4):
-            src = w if i < 2 else (w >> 8)
-            p = (src & (0x000F000F if i % 2 == 0 else 0x00F000F0)) | 0x64006400
-            c = 0.0625 if i % 2 == 0 else 0.00390625
+            p = d0 if i == 0 else d1 if i == 1 else d2 if i == 2 else d3
             xi = x0 if i == 0 else x1 if i == 1 else x2 if i == 2 else x3
+            c = 0.0625 if i % 2 == 0 else 0.00390625
             nz = nz_lo if i % 2 == 0 else nz_hi
             for hi in tl.static_range(2):
-                d = _half(p, hi) * c + _half(nz, hi)
-                part += d * _half(xi, hi)
+                part += (_half(p, hi) * c + _half(nz, hi)) * _half(xi, hi)
         return part
 
 
-# A 4-bit word's 8 codes as fp16 q - z in PTX, 9 instructions: the `_PAIRS_PTX` masks put the
+# A 4-bit word's 8 codes as fp16 q - z in PTX, 9 instructions: the `_DEQUANT_PTX` masks put the
 # codes 2i, 2i + 1 into the halves of a register as 1024 + q (or 1024 + 16 q); one f16x2
 # subtraction of 1024 + z (or FMA by 1/16 with -(64 + z)) per pair leaves q - z, exact.
 _CODES_PTX = tl.constexpr("""
@@ -394,6 +423,7 @@ def _gemv_kernel(
     out_ptr,
     ws_ptr,
     cnt_ptr,
+    M,
     N,
     K,
     G,
@@ -410,8 +440,10 @@ def _gemv_kernel(
     ATOMIC: tl.constexpr,
     PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    """out[N] = x[K] @ dequant(W)[K, N] for one row (decode); program (n-block, k-slice).
+    """out[M, N] = x[M, K] @ dequant(W)[K, N] for M <= ROWS rows (decode; x and out
+    contiguous); program (n-block, k-slice).
 
     The word tile [words, BLOCK_N] is loaded once; an unrolled loop over the code position j
     turns plane j into floats 2**BITS + code (`_plane_f32`: shift, mask, FMA per code) and meets
@@ -427,8 +459,12 @@ def _gemv_kernel(
     fp16 over the word row, then once per row and block to fp32 with the scale (times 16).
 
     LOP3 (fp16 x, BITS 4, K a multiple of 8): packed fp16 pairs, 5 integer ops per word
-    instead of 16 (`_pairs_dot`; 2: inline PTX, products and sums in fp16; 1: the same
-    dequantization in Triton ops, products and sums in fp32).
+    instead of 16 (`_pairs_dequant`, `_pairs_dot4`; 2: inline PTX, products and sums in fp16;
+    1: the same dequantization in Triton ops, products and sums in fp32).
+
+    ROWS 2 or 4 (LOP3 only): each word is dequantized once and met with every row's x (4 f16x2
+    FMAs and a conversion per row and word), for decode batches of 2-4 rows; rows past M read
+    zeros and are not stored.
 
     PREFETCH: each iteration issues the next K-block's word loads before its arithmetic, so a
     program keeps a tile of loads in flight while it computes (a register double buffer); the
@@ -443,6 +479,11 @@ def _gemv_kernel(
     off: tl.constexpr = 1 << BITS
     row = tl.arange(0, words)
     acc = tl.zeros((words, BLOCK_N), dtype=tl.float32)
+    if ROWS >= 2:
+        acc1 = tl.zeros((words, BLOCK_N), dtype=tl.float32)
+    if ROWS >= 4:
+        acc2 = tl.zeros((words, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((words, BLOCK_N), dtype=tl.float32)
     if PREFETCH:
         first = mask_n & (offs_n * 0 + pid_k < k_blocks)  # always, as launched (split_k <= blocks)
         w_next, h_next = _gemv_words(
@@ -483,19 +524,15 @@ def _gemv_kernel(
                 p16 += x_lo[:, None] * lo + x_hi[:, None] * hi
             acc += p16.to(tl.float32) * (s * 16.0)
         elif LOP3:
-            xw = x_ptr.to(tl.pointer_type(tl.int32)) + k0 // 2  # x[k0 + 2i], x[k0 + 2i + 1]
-            xm = k0 < K  # K % 8 == 0: a word row's 8 x lie all inside K or all past it
-            part = _pairs_dot(
-                w,
-                tl.load(xw, mask=xm, other=0)[:, None],
-                tl.load(xw + 1, mask=xm, other=0)[:, None],
-                tl.load(xw + 2, mask=xm, other=0)[:, None],
-                tl.load(xw + 3, mask=xm, other=0)[:, None],
-                _h2(-(z * 0.0625 + 64.0)),
-                _h2(-(z * 0.0625 + 4.0)),
-                LOP3,
-            )
-            acc += part * (s * 16.0)
+            nz = (_h2(-(z * 0.0625 + 64.0)), _h2(-(z * 0.0625 + 4.0)))
+            d = _pairs_dequant(w, nz[0], nz[1], LOP3)
+            s16 = s * 16.0
+            acc += _row_dot(x_ptr, 0, M, K, k0, d, nz, LOP3) * s16
+            if ROWS >= 2:
+                acc1 += _row_dot(x_ptr, 1, M, K, k0, d, nz, LOP3) * s16
+            if ROWS >= 4:
+                acc2 += _row_dot(x_ptr, 2, M, K, k0, d, nz, LOP3) * s16
+                acc3 += _row_dot(x_ptr, 3, M, K, k0, d, nz, LOP3) * s16
         else:
             xj = tl.load(x_ptr + k0, mask=k0 < K, other=0.0).to(tl.float32)
             part = xj[:, None] * _plane_f32(w, h, 0, BITS)
@@ -506,9 +543,34 @@ def _gemv_kernel(
                 xsum += xj
             acc += tl.fma(part, s, -xsum[:, None] * ((z + off) * s))
     y = tl.sum(acc, axis=0)
-    _finish(
-        y, out_ptr + offs_n, mask_n, ws_ptr + offs_n, N, cnt_ptr + pid_n, pid_k, split_k, ATOMIC
-    )
+    cnt = cnt_ptr + pid_n
+    if ROWS == 1:
+        _finish(y, out_ptr + offs_n, mask_n, ws_ptr + offs_n, N, cnt, pid_k, split_k, ATOMIC)
+    else:
+        if ROWS == 2:  # [BLOCK_N, ROWS]: column r is row r
+            y = tl.join(y, tl.sum(acc1, axis=0))
+        else:
+            y1, y2, y3 = tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0)
+            y = tl.reshape(tl.join(tl.join(y, y2), tl.join(y1, y3)), (BLOCK_N, ROWS))
+        r = tl.arange(0, ROWS)[None, :]
+        at = r * N + offs_n[:, None]
+        mask = mask_n[:, None] & (r < M)
+        _finish(y, out_ptr + at, mask, ws_ptr + at, M * N, cnt, pid_k, split_k, ATOMIC)
+
+
+@triton.jit
+def _row_dot(x_ptr, r: tl.constexpr, M, K, k0, d, nz, MODE: tl.constexpr):
+    """Row r of x (contiguous [M, K], fp16) against a word row's pairs d (`_pairs_dequant`, with
+    its zero terms nz): x[r, k0 + 2i], x[r, k0 + 2i + 1] are read as one int32 each, so K is even
+    and x 4-byte aligned; rows past M read zeros."""
+    xw = x_ptr.to(tl.pointer_type(tl.int32)) + (r * K + k0) // 2
+    # K % 8 == 0: a word row's 8 x lie all inside K or all past it; a row past M reads none
+    xm = k0 < tl.where(r < M, K, 0)
+    x0 = tl.load(xw, mask=xm, other=0)[:, None]
+    x1 = tl.load(xw + 1, mask=xm, other=0)[:, None]
+    x2 = tl.load(xw + 2, mask=xm, other=0)[:, None]
+    x3 = tl.load(xw + 3, mask=xm, other=0)[:, None]
+    return _pairs_dot4(d[0], d[1], d[2], d[3], x0, x1, x2, x3, nz[0], nz[1], MODE)
 
 
 @triton.jit
@@ -690,7 +752,8 @@ def _prepare(layer: QuantLinear) -> None:
 
 
 class Config(NamedTuple):
-    """One launch configuration. kind: "gemv" (`_gemv_kernel`, M = 1), "dot" (`_dot_kernel`)
+    """One launch configuration. kind: "gemv" (`_gemv_kernel`, M <= block_m, its ROWS),
+    "dot" (`_dot_kernel`)
     or "cublas" (`_dequant_kernel` tiles of BLOCK_K x BLOCK_N, then torch.mm). variant: flags
     joined by "+": "fma" / "zsub" (the dot's DEQ 0 / 2; default: 1 where it applies), "h2" (the
     GEMV's half precision loop), "lop3" / "pair" (the GEMV's packed-pair loop, PTX / Triton
@@ -713,6 +776,30 @@ class Config(NamedTuple):
 
 def _configs(kind: str, block_m: int, rows: list[tuple[Any, ...]]) -> list[Config]:
     return [Config(kind, block_m, *r) for r in rows]
+
+
+def _small_batch(rows: int) -> list[Config]:
+    """Candidates for M = 2..`rows`: `_gemv_kernel` with ROWS = `rows` (4-bit fp16 only, where
+    `_applies`), and dot tiles for the other layers and in case they are faster."""
+    gemv = [
+        (128, 128, 8, 4, 1, "lop3"),
+        (128, 128, 16, 4, 1, "lop3"),
+        (64, 128, 16, 2, 1, "lop3"),
+        (128, 64, 16, 4, 1, "lop3"),
+        (128, 128, 8, 4, 1, "lop3+pf"),
+        (128, 128, 16, 4, 1, "lop3+pf"),
+    ]
+    if rows == 2:  # 4 rows of a 256-wide tile spill registers (`bench/sass_count.py`)
+        gemv.append((256, 128, 8, 4, 1, "lop3"))
+    dot = [
+        (64, 128, 8, 4, 3),
+        (128, 128, 4, 4, 3),
+        (64, 128, 16, 4, 3),
+        (128, 64, 8, 4, 4, "zsub"),
+        (128, 128, 8, 4, 3, "zsub"),
+        (128, 64, 8, 4, 4, "zsub+atomic"),
+    ]
+    return _configs("gemv", rows, gemv) + _configs("dot", 16, dot)
 
 
 # Candidates per M bucket (the bucket's upper end): (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages).
@@ -741,6 +828,10 @@ CANDIDATES: dict[int, list[Config]] = {
             (64, 128, 16, 2, 1, "pair"),
         ],
     ),
+    # Decode batches of 2-4 rows (`_small_batch`): the packed-pair GEMV over every row, or the
+    # M = 16 path's tiles that GPU runs 6-12 tuned most often.
+    2: _small_batch(2),
+    4: _small_batch(4),
     16: _configs(
         "dot",
         16,
@@ -818,6 +909,8 @@ CANDIDATES: dict[int, list[Config]] = {
 # In the interpreter (CPU tests) every bucket runs one small config of the same kind.
 INTERPRET_CONFIGS = {
     1: Config("gemv", 1, 32, 64, 2, 4, 1),
+    2: Config("dot", 16, 32, 64, 2, 4, 1),
+    4: Config("dot", 16, 32, 64, 2, 4, 1),
     16: Config("dot", 16, 32, 64, 2, 4, 1),
     64: Config("dot", 32, 32, 64, 2, 4, 1),
     256: Config("dot", 32, 32, 32, 1, 4, 1),
@@ -828,8 +921,8 @@ _TUNED: dict[tuple[Any, ...], Config] = {}
 
 
 def bucket(m: int) -> int:
-    """The M bucket that a config is tuned for: 1, <=16, <=64, <=256, larger."""
-    return next(b for b in (1, 16, 64, 256) if m <= b) if m <= 256 else 1024
+    """The M bucket that a config is tuned for: 1, 2, <=4, <=16, <=64, <=256, larger."""
+    return next(b for b in (1, 2, 4, 16, 64, 256) if m <= b) if m <= 256 else 1024
 
 
 def _group(layer: QuantLinear) -> int:
@@ -842,9 +935,11 @@ def _applies(cfg: Config, layer: QuantLinear, dtype: torch.dtype) -> bool:
     as the plain kernel): "h2" needs fp16 and 2- or 4-bit codes; "lop3" and "pair" fp16,
     4-bit codes and K a multiple of 8 (and, at launch, x 4-byte aligned: `_pairs_mode`);
     "zsub" fp16 and a K-block inside one group; "kjoin" that and 4-bit codes (and, for tiles
-    of 64+ rows, N a multiple of 16)."""
+    of 64+ rows, N a multiple of 16). A GEMV of several rows runs only as "lop3" / "pair"."""
     flags = cfg.flags()
     fp16 = dtype == torch.float16
+    if cfg.kind == "gemv" and cfg.block_m > 1 and not flags & {"lop3", "pair"}:
+        return False  # a GEMV of several rows has only the packed-pair loop
     if flags & {"zsub", "kjoin"}:
         inside = fp16 and cfg.block_k <= _group(layer)
         if "kjoin" in flags and cfg.block_m >= 64 and layer.out_features % 16:
@@ -941,10 +1036,16 @@ def _launch(
         target = torch.zeros(m, n, device=dev, dtype=f32) if fp32_sum else out.zero_()
     args = (x, qw, qh, p["scales"], p["zeros"], target, ws, cnt)
     if cfg.kind == "gemv":
-        if m != 1:
-            raise ValueError("the GEMV kernel takes one row")
+        lop3 = _pairs_mode(cfg, layer, x)
+        if m > cfg.block_m or (cfg.block_m > 1 and not lop3 and x.data_ptr() % 4 == 0):
+            raise ValueError(f"{cfg} cannot take {m} rows of {x.dtype} x for {layer}")
+        if cfg.block_m > 1 and not lop3:  # x read as int32 pairs: an aligned copy (a few KB)
+            x = x.clone()
+            args = (x, *args[1:])
+            lop3 = _pairs_mode(cfg, layer, x)
         _gemv_kernel.run(
             *args,
+            m,
             n,
             k,
             groups,
@@ -953,9 +1054,10 @@ def _launch(
             k_blocks,
             split_k,
             H2="h2" in flags and _applies(cfg, layer, x.dtype),
-            LOP3=_pairs_mode(cfg, layer, x),
+            LOP3=lop3,
             ATOMIC=atomic,
             PREFETCH="pf" in flags,
+            ROWS=cfg.block_m,
             grid=(grid_n, split_k),
             **common,
             **launch,

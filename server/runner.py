@@ -27,6 +27,9 @@ SUPPORTED_TYPES = ("llama",)
 # batch (larger batches run eager); attention reads the cache up to a power-of-two length of at
 # least GRAPH_MIN_KV.
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Prefill lengths the warm-up runs: one in each M bucket of the Triton tuner (kernels/triton_int.py
+# `bucket`) past M = 1, so that no short prompt waits for a tuning.
+WARMUP_PREFILLS = (2, 4, 16, 64, 256, 1024)
 GRAPH_MIN_KV = 256
 # Eager CUDA steps leave out cuDNN attention: it plans anew for every new shape, and an eager
 # step's attention length changes every token (docs/kernels.md, GPU runs 6 and 7).
@@ -278,7 +281,7 @@ class LlamaRunner:
         compile: tens of seconds on a GPU without saved configs). Returns (kind, rows) per run."""
         runs = [
             ("prefill", t)
-            for t in sorted({min(t, prefill_tokens, self.max_len) for t in (16, 64, 256, 1024)})
+            for t in sorted({min(t, prefill_tokens, self.max_len) for t in WARMUP_PREFILLS})
         ]
         batches = [b for b in GRAPH_BATCHES if b < self.num_slots]
         batches.append(next((b for b in GRAPH_BATCHES if b >= self.num_slots), self.num_slots))

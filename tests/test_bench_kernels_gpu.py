@@ -50,3 +50,29 @@ def test_loads_only_floor_kernel_xors_the_word_tiles(kg, tiling) -> None:
     for p in range(split_k):
         want = np.bitwise_xor.reduce(blocks[p::split_k].reshape(-1, 100), axis=0)
         np.testing.assert_array_equal(out[p], want)
+
+
+def test_m1_sweep_adds_split_k_counts_and_the_red_finish(kg) -> None:
+    """The chain sweep times every GEMV candidate that applies, then the tuned config with the
+    other split-K counts its K allows and with the "red" finish; those extra configs (in no
+    candidate list, so no other test runs them) match the reference backend."""
+    from bitserve.kernels import triton_int
+
+    torch.manual_seed(0)
+    k, n = 4 * 128 - 64, 136  # four K-blocks of 128 (the last short), N not a multiple of 128
+    layer = kg.random_layer(k, n, 4, 128, False, "cpu")
+    x = torch.randn(1, k).half()
+    ref = layer(x.float())  # the reference backend
+    triton_int.BACKEND.prepare(layer)
+    tuned = triton_int.Config("gemv", 1, 128, 128, 8, 4, 1, "lop3+pf")
+    configs = kg.m1_sweep_configs(layer, tuned)
+    cands = [c for c in triton_int.CANDIDATES[1] if triton_int._applies(c, layer, torch.float16)]
+    assert configs[: len(cands)] == cands and len(set(configs)) == len(configs)
+    extra = configs[len(cands) :]
+    assert {c.split_k for c in extra} == {1, 2, 4, 8}  # at most the 4 K-blocks, as _launch clamps
+    assert tuned._replace(variant="lop3+pf+red") in extra
+    for cfg in extra:
+        out = torch.full((1, n), float("nan"), dtype=torch.float16)
+        y = triton_int._launch(layer, x, out, cfg).float()
+        assert float((y - ref).norm() / ref.norm()) < 2e-3, cfg
+        assert not layer.prepared["counters"].any()

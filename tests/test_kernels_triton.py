@@ -82,7 +82,7 @@ def _check_config(cfg: triton_int.Config, bits: int, group: int, m: int, k: int,
 def test_every_autotune_config(bucket: int, cfg: triton_int.Config) -> None:
     """Each candidate the GPU autotuner may time, on a small shape of its M bucket (M not a
     multiple of BLOCK_M, N not of BLOCK_N, two or more K-blocks, so masks and split-K run)."""
-    m = 1 if bucket == 1 else max(1, min(bucket, cfg.block_m or 64) - 3)
+    m = bucket if bucket <= 4 else max(1, min(bucket, cfg.block_m or 64) - 3)
     # kjoin tiles of 64+ rows apply only where N is a multiple of 16 (`_applies`)
     n = cfg.block_n + (16 if "kjoin" in cfg.flags() and cfg.block_m >= 64 else 8)
     _check_config(cfg, 4, 128, m, 2 * max(cfg.block_k, 128) + 64, n)
@@ -98,6 +98,49 @@ def test_gemv_configs_loop_over_k_blocks(bits: int, cfg: triton_int.Config) -> N
     (the last one short), so a prefetching GEMV uses the words it loaded a block earlier (at
     2/3/8 bits too, where the 3-bit high plane is carried along; there it runs without lop3)."""
     _check_config(cfg, bits, 128, 1, (2 * cfg.split_k + 1) * cfg.block_k - 64, cfg.block_n)
+
+
+ROW_GEMVS = [c for b in (2, 4) for c in triton_int.CANDIDATES[b] if c.kind == "gemv"]
+
+
+@pytest.mark.parametrize("cfg", ROW_GEMVS, ids=str)
+def test_gemvs_of_several_rows(cfg: triton_int.Config) -> None:
+    """A GEMV of ROWS rows on fewer rows than that (rows past M read zeros, never stored), over
+    2*SPLIT_K + 1 K-blocks (the last short); each row of the output is checked on its own, so
+    rows that land in each other's place fail."""
+    for m in range(1, cfg.block_m + 1):
+        torch.manual_seed(m)
+        k, n = (2 * cfg.split_k + 1) * cfg.block_k - 64, cfg.block_n + 8
+        layer = random_layer(k, n, 4, 128, False)
+        x = torch.randn(m, k).half()
+        ref = layer(x.float())
+        triton_int.BACKEND.prepare(layer)
+        out = torch.full((m, n), float("nan"), dtype=torch.float16)
+        y = triton_int._launch(layer, x, out, cfg).float()
+        errs = [float((y[i] - ref[i]).norm() / ref[i].norm()) for i in range(m)]
+        assert max(errs) < 2e-3, (cfg, m, errs)
+        assert not layer.prepared["counters"].any()
+
+
+def test_gemv_of_several_rows_refuses_what_it_cannot_run() -> None:
+    """More rows than ROWS, or bf16 x (the packed-pair loop is fp16 only), is an error, not a
+    wrong answer; an x that is not 4-byte aligned is copied first."""
+    cfg = triton_int.Config("gemv", 2, 32, 64, 2, 4, 1, "lop3")
+    layer = random_layer(128, 40, 4, 64, False)
+    x = torch.randn(3, 129).half()[:, 1:]  # rows 1..: x[1, 0] is not 4-byte aligned
+    ref = layer(x[1:].float())
+    triton_int.BACKEND.prepare(layer)
+    with pytest.raises(ValueError, match="cannot take 3 rows"):
+        triton_int._launch(layer, x.contiguous(), torch.empty(3, 40).half(), cfg)
+    with pytest.raises(ValueError, match="cannot take"):
+        triton_int._launch(layer, x[1:].bfloat16(), torch.empty(2, 40).bfloat16(), cfg)
+    odd = torch.empty(2 * 128 + 1, dtype=torch.float16)[1:].view(2, 128)
+    odd.copy_(x[1:])
+    assert odd.data_ptr() % 4 == 2
+    y = triton_int._launch(layer, odd, torch.empty(2, 40).half(), cfg).float()
+    assert float((y - ref).norm() / ref.norm()) < 2e-3
+    assert not triton_int._applies(cfg, layer, torch.bfloat16)
+    assert not triton_int._applies(cfg._replace(variant="pf"), layer, torch.float16)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 8])
@@ -188,9 +231,18 @@ def test_gemv_variants_apply_only_where_they_run() -> None:
 
 
 def test_buckets() -> None:
-    assert [triton_int.bucket(m) for m in (1, 2, 16, 17, 64, 65, 256, 257, 4096)] == [
-        1, 16, 16, 64, 64, 256, 256, 1024, 1024
+    assert [triton_int.bucket(m) for m in (1, 2, 3, 4, 5, 16, 17, 64, 65, 256, 257, 4096)] == [
+        1, 2, 4, 4, 16, 16, 64, 64, 256, 256, 1024, 1024
     ]  # fmt: skip
+    # a GEMV config of a bucket takes every M of it
+    gemvs = [
+        (b, c) for b, cands in triton_int.CANDIDATES.items() for c in cands if c.kind == "gemv"
+    ]
+    assert {b for b, _ in gemvs} == {1, 2, 4} and all(c.block_m == b for b, c in gemvs)
+    # the serving warm-up prefills once in every bucket past M = 1
+    from bitserve.server.runner import WARMUP_PREFILLS
+
+    assert {triton_int.bucket(t) for t in WARMUP_PREFILLS} == set(triton_int.CANDIDATES) - {1}
     assert all(len(c) <= 16 for c in triton_int.CANDIDATES.values())
 
 

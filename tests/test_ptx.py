@@ -1,4 +1,4 @@
-"""The Triton backend's inline PTX (`_CODES_PTX`, `_PAIRS_PTX`), run on the CPU by a small
+"""The Triton backend's inline PTX (`_CODES_PTX`, `_DEQUANT_PTX`, `_DOT4_PTX`), run on the CPU by a small
 interpreter of the few instructions they use, with numpy's fp16 arithmetic (one IEEE rounding
 per op, as the GPU's .rn ops). It reads the very strings the kernels compile, so a wrong
 constant, operand number or output order fails here; the interpreter tests of the kernels run
@@ -131,18 +131,33 @@ def test_codes_ptx_gives_exact_q_minus_z_in_k_order() -> None:
         assert got == [q - z for q in codes], (codes, z, got)
 
 
-def test_pairs_ptx_dequantizes_exactly_and_pairs_x_by_k() -> None:
-    """`_PAIRS_PTX` ($1 word, $2..$5 the x pairs (x[2i], x[2i + 1]), $6 / $7 the negated zero
-    terms as `_gemv_kernel` passes them) -> $0 = sum_k x_k (q_k - z) / 16 as float32: exactly
-    (q_k - z) / 16 for a one-hot x at every k, and within fp16 rounding for random x."""
-    src = triton_int._PAIRS_PTX.value
+def pairs_dot(codes: list[int], z: int, x: np.ndarray) -> float:
+    """`_DEQUANT_PTX` then `_DOT4_PTX`, as `_gemv_kernel` chains them: the word and the negated
+    zero terms in, the four fp16 pairs out and into the dot with the x pairs (x[2i], x[2i + 1])."""
+    nz = {"$5": pair(-(z / 16 + 64)), "$6": pair(-(z / 16 + 4))}
+    regs = run_ptx(triton_int._DEQUANT_PTX.value, {"$4": word(codes), **nz})
+    d = {f"${1 + i}": regs[f"${i}"] for i in range(4)}
+    xs = {f"${5 + i}": bits16(x[2 * i]) | bits16(x[2 * i + 1]) << 16 for i in range(4)}
+    out = run_ptx(triton_int._DOT4_PTX.value, {**d, **xs})["$0"]
+    return float(np.array(out, dtype=np.uint32).view(np.float32))
+
+
+def test_dequant_ptx_gives_exact_pairs_in_k_order() -> None:
+    """`_DEQUANT_PTX` -> $0..$3 = fp16 pairs ((q_2i - z) / 16, (q_2i+1 - z) / 16), exactly."""
+    for codes, z, _ in cases():
+        nz = {"$5": pair(-(z / 16 + 64)), "$6": pair(-(z / 16 + 4))}
+        regs = run_ptx(triton_int._DEQUANT_PTX.value, {"$4": word(codes), **nz})
+        got = [float(f16(regs[f"${k // 2}"] >> (16 * (k % 2)))) for k in range(8)]
+        assert got == [(q - z) / 16 for q in codes], (codes, z, got)
+
+
+def test_pairs_ptx_dequantize_exactly_and_pair_x_by_k() -> None:
+    """The two PTX blocks -> sum_k x_k (q_k - z) / 16 as float32: exactly (q_k - z) / 16 for a
+    one-hot x at every k, and within fp16 rounding for random x."""
     rng = np.random.default_rng(1)
     for codes, z, k in cases():
-        w, nz = word(codes), {"$6": pair(-(z / 16 + 64)), "$7": pair(-(z / 16 + 4))}
         for x in (np.eye(8)[k], rng.standard_normal(8).astype(np.float16)):
-            xs = {f"${2 + i}": bits16(x[2 * i]) | bits16(x[2 * i + 1]) << 16 for i in range(4)}
-            out = run_ptx(src, {"$1": w, **xs, **nz})["$0"]
-            got = float(np.array(out, dtype=np.uint32).view(np.float32))
+            got = pairs_dot(codes, z, x)
             want = float(np.dot(x.astype(np.float64), (np.array(codes) - z) / 16))
             tol = 0.0 if x.max() == 1 and x.sum() == 1 else 4e-3 * (np.abs(x).sum() + 1)
             assert abs(got - want) <= tol, (codes, z, x, got, want)
