@@ -781,16 +781,21 @@ def _configs(kind: str, block_m: int, rows: list[tuple[Any, ...]]) -> list[Confi
 def _small_batch(rows: int) -> list[Config]:
     """Candidates for M = 2..`rows`: `_gemv_kernel` with ROWS = `rows` (4-bit fp16 only, where
     `_applies`), and dot tiles for the other layers and in case they are faster."""
+    # Tiles of 8 words a thread (BLOCK_K 64, or 8 warps) keep 4 rows at 118-141 registers
+    # where 16 words take 222-243 (`cuobjdump --dump-resource-usage`), at 61-67 instructions a
+    # word against 60.5 (`bench/sass_count.py`); 2 rows fit either way.
     gemv = [
         (128, 128, 8, 4, 1, "lop3"),
-        (128, 128, 16, 4, 1, "lop3"),
-        (64, 128, 16, 2, 1, "lop3"),
         (128, 64, 16, 4, 1, "lop3"),
-        (128, 128, 8, 4, 1, "lop3+pf"),
-        (128, 128, 16, 4, 1, "lop3+pf"),
+        (256, 64, 8, 8, 1, "lop3"),
+        (128, 128, 8, 8, 1, "lop3"),
+        (128, 64, 16, 4, 1, "lop3+pf"),
     ]
-    if rows == 2:  # 4 rows of a 256-wide tile spill registers (`bench/sass_count.py`)
-        gemv.append((256, 128, 8, 4, 1, "lop3"))
+    if rows == 2:
+        gemv += [(128, 128, 16, 4, 1, "lop3"), (256, 128, 8, 4, 1, "lop3")]
+        gemv += [(128, 128, 8, 4, 1, "lop3+pf")]
+    else:
+        gemv += [(64, 64, 32, 2, 1, "lop3"), (128, 128, 8, 8, 1, "lop3+pf")]
     dot = [
         (64, 128, 8, 4, 3),
         (128, 128, 4, 4, 3),
