@@ -25,4 +25,5 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s CMD python -c \
     "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready')"
 # First start quantizes the default model (W4 g128) into /app/models; later starts reuse it.
-CMD ["bitserve", "serve", "default", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["bitserve", "serve", "default", "--served-model-name", "default", "--host", "0.0.0.0", \
+     "--port", "8000"]

@@ -6,12 +6,36 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from bitserve.errors import BitserveError, UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit code 2), like every other
+    bitserve error; the usage is left to --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _spec(args: argparse.Namespace) -> Any:
@@ -99,6 +123,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )["input_ids"]
     else:
         ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise UsageError("--prompt: the prompt is empty (it encodes to no tokens)")
     with torch.no_grad():
         out = loaded.model.generate(
             input_ids=ids,
@@ -141,7 +167,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="bitserve",
         description="Quantize a causal language model into a packed low-bit checkpoint and serve it "
         "over an OpenAI-compatible HTTP API.",
@@ -195,9 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="UTF-8 text file for calibration (default: text the model generates itself)",
     )
-    q.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
     q.add_argument(
-        "--seqlen", type=int, default=512, help="tokens per calibration sequence (default 512)"
+        "--nsamples",
+        type=int_at_least(1),
+        default=128,
+        help="calibration sequences (default 128)",
+    )
+    q.add_argument(
+        "--seqlen",
+        type=int_at_least(1),
+        default=512,
+        help="tokens per calibration sequence (default 512)",
     )
     q.add_argument(
         "--seed", type=int, default=0, help="seed for sampling calibration data and methods"
@@ -225,11 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("model", help="checkpoint dir, HF folder, .gguf file, or 'default'")
     e.add_argument("--text", type=Path, required=True, help="UTF-8 evaluation text")
-    e.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument(
-        "--max-windows", type=int, default=40, help="evaluate the first N windows (default 40)"
+        "--seqlen", type=int_at_least(2), default=512, help="tokens per window (default 512)"
     )
-    e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    e.add_argument(
+        "--max-windows",
+        type=int_at_least(1),
+        default=40,
+        help="evaluate the first N windows (default 40)",
+    )
+    e.add_argument("--batch-size", type=int_at_least(1), default=4, help="windows per forward pass")
     e.add_argument(
         "--backend", default="auto", help="QuantLinear backend (default: best available)"
     )
@@ -242,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="greedy text from a checkpoint or model")
     g.add_argument("model", help="checkpoint dir, HF folder, .gguf file, or 'default'")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="tokens to generate")
     g.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"
     )

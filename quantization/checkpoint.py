@@ -29,9 +29,10 @@ from bitserve.errors import (
     NotACheckpointError,
     ShapeMismatchError,
     UnsupportedFormatError,
+    UsageError,
 )
-from bitserve.kernels import QuantLinear
-from bitserve.kernels.bcq_linear import bcq_from_entry
+from bitserve.kernels import BACKENDS, QuantLinear
+from bitserve.kernels.bcq_linear import BCQ_BACKENDS, bcq_from_entry
 from bitserve.quantization.pipeline import set_module
 
 FORMAT = "bitserve-packed"
@@ -135,8 +136,17 @@ def save_checkpoint(
     return out_dir
 
 
+def _unreadable(path: Path, why: object) -> CorruptFileError:
+    return CorruptFileError(f"{path}: unreadable safetensors file ({why})")
+
+
 def tensor_bytes(path: Path) -> dict[str, int]:
     """Stored bytes of every tensor of a safetensors file, read from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu"):
+            pass  # safetensors checks the whole header (its JSON, every entry's fields)
+    except SafetensorError as e:
+        raise _unreadable(path, e) from None
     with open(path, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     return {
@@ -146,8 +156,58 @@ def tensor_bytes(path: Path) -> dict[str, int]:
     }
 
 
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, or {} if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 100 * 2**20:
+                return {}
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):  # ValueError: bad JSON or UTF-8
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def bitserve_marker(path: Path) -> str | None:
+    """Why the folder `path` looks like a bitserve checkpoint whatever its manifest says (its
+    config.json or its weights were written by bitserve), or None when nothing does."""
+    path = Path(path)
+    quant: Any = None
+    try:
+        config = json.loads((path / "config.json").read_text())
+        quant = config.get("quantization_config") if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        pass
+    if isinstance(quant, dict):  # another quantizer's model (GPTQ, AWQ...) is not ours
+        method = quant.get("quant_method")
+        return f"config.json has quant_method {method!r}" if method == "bitserve" else None
+    for f in sorted(path.glob("*.safetensors")):
+        header = _safetensors_header(f)
+        if "bitserve_format" in (header.get("__metadata__") or {}):
+            return f"{f.name} was written by bitserve"
+        packed = next((k for k in header if k.endswith((".qweight", ".qzeros"))), None)
+        if packed is not None:
+            return f"{f.name} holds packed tensors such as {packed!r}"
+    return None
+
+
 def is_checkpoint(path: Path) -> bool:
     return Path(path, MANIFEST).is_file()
+
+
+def looks_like_checkpoint(path: Path) -> bool:
+    """A checkpoint, complete or not: loaders must read it as one (and fail cleanly if its
+    manifest is missing), never as a plain model with freshly initialised layers."""
+    return Path(path).is_dir() and (is_checkpoint(path) or bitserve_marker(path) is not None)
+
+
+def require_unquantized(path: Path) -> None:
+    """Refuse to quantize (again) a source that is already a bitserve checkpoint."""
+    if looks_like_checkpoint(path):
+        raise UsageError(
+            f"{path}: already a quantized checkpoint; quantizing needs the unquantized model"
+        )
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -156,6 +216,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise NotACheckpointError(f"{path}: not a directory")
     if not mpath.is_file():
+        marker = bitserve_marker(path)
+        if marker is not None:
+            raise NotACheckpointError(
+                f"{path}: not a bitserve checkpoint: {MANIFEST} is missing, though {marker} "
+                "(an incomplete copy? quantize the source model again)"
+            )
         raise NotACheckpointError(f"{path}: not a bitserve checkpoint (no {MANIFEST})")
     try:
         manifest = json.loads(mpath.read_text())
@@ -198,12 +264,31 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def backend_names() -> list[str]:
+    """What --backend accepts on this machine: 'auto' and every registered kernel backend."""
+    return ["auto", *sorted(set(BACKENDS) | set(BCQ_BACKENDS))]
+
+
+def check_backend(name: str) -> str:
+    """`name` if it is a backend this machine has, else a UsageError listing those it has."""
+    names = backend_names()
+    if name not in names:
+        raise UsageError(f"--backend {name}: unknown backend (available here: {', '.join(names)})")
+    return name
+
+
 def set_backends(model: nn.Module, backend: str = "auto") -> None:
     """Let every quantized module pick (and prepare) its kernel backend."""
+    check_backend(backend)
     for m in model.modules():
         setter = getattr(m, "set_backend", None)
         if callable(setter):
-            setter(backend)
+            try:
+                setter(backend)
+            except ValueError as e:  # the backend asked for cannot run this layer
+                if backend == "auto":
+                    raise
+                raise UsageError(f"--backend {backend}: {e}") from None
 
 
 @dataclass
@@ -284,7 +369,7 @@ def load_checkpoint(
                     t = t.to(dtype)
                 state[key] = t.to(device)
     except SafetensorError as e:
-        raise CorruptFileError(f"{wfile}: unreadable safetensors file ({e})") from None
+        raise _unreadable(wfile, e) from None
     model.load_state_dict(state, strict=False, assign=True)
     del state
     if tied:

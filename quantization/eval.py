@@ -18,6 +18,10 @@ from bitserve.quantization.calibration import read_text
 
 def eval_windows(tokenizer: Any, path: Path, seqlen: int, max_windows: int | None) -> torch.Tensor:
     """The evaluation text as [windows, seqlen] token ids (the tail shorter than seqlen dropped)."""
+    if seqlen < 2 or (max_windows is not None and max_windows < 1):
+        raise UsageError(
+            f"need --seqlen >= 2 and --max-windows >= 1, got {seqlen} and {max_windows}"
+        )
     text = read_text(path)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     n = ids.numel() // seqlen
@@ -39,6 +43,8 @@ def perplexity(
     progress: bool = True,
 ) -> dict[str, Any]:
     """exp(mean next-token NLL) over every predicted token of every window."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     windows = eval_windows(tokenizer, path, seqlen, max_windows)
     device = next(model.parameters()).device
     nll, count = 0.0, 0

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from bitserve.errors import UsageError
-from bitserve.models import load_model, source_hash
+from bitserve.models import load_model, resolve_source, source_hash
 from bitserve.quantization.base import get_method
 from bitserve.quantization.calibration import file_calibration, generated_calibration
-from bitserve.quantization.checkpoint import save_checkpoint
+from bitserve.quantization.checkpoint import require_unquantized, save_checkpoint
 from bitserve.quantization.grid import QuantSpec
 from bitserve.quantization.pipeline import quantize_model, swap_in_quant_linears
 from bitserve.quantization.tune import tune_scales
@@ -55,8 +55,12 @@ def quantize_to_checkpoint(
             f"--tune-steps: method {m.name!r} writes no int (QuantLinear) layers, whose group "
             "scales are what tuning learns"
         )
+    if nsamples < 1 or seqlen < 1:
+        raise UsageError(f"--nsamples and --seqlen must be >= 1, got {nsamples} and {seqlen}")
+    source = resolve_source(src)
+    require_unquantized(source)
     t0 = time.perf_counter()
-    loaded = load_model(src)
+    loaded = load_model(source)
     model, tokenizer = loaded.model, loaded.tokenizer
     calib_ids, calib_info = None, None
     if m.needs_calibration or tune_steps > 0:
@@ -74,7 +78,7 @@ def quantize_to_checkpoint(
     tuned = None
     if tune_steps > 0:
         assert calib_ids is not None
-        teacher = load_model(src).model
+        teacher = load_model(source).model
         tuned = tune_scales(model, teacher, calib_ids, tune_steps, seed=seed, progress=progress)
     manifest = {
         "method": {

@@ -14,7 +14,7 @@ import torch
 from bitserve.errors import UsageError
 from bitserve.models import load_model, resolve_source, source_files
 from bitserve.quantization.base import get_method
-from bitserve.quantization.checkpoint import read_manifest
+from bitserve.quantization.checkpoint import read_manifest, require_unquantized
 from bitserve.quantization.eval import perplexity
 from bitserve.quantization.grid import QuantSpec
 from bitserve.quantization.quantize import quantize_to_checkpoint
@@ -85,6 +85,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     bits = _int_list(args.bits, BITS, "--bits")
     groups = _int_list(args.group_size, GROUPS, "--group-size")
     src = resolve_source(args.model)
+    require_unquantized(src)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fp_ppl, fp_bits = _evaluate(src, args)
@@ -219,6 +220,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register the `report` sub-command."""
+    from bitserve.cli import int_at_least
+
     r = sub.add_parser(
         "report",
         help="quantize with several methods and bit widths and compare their perplexity",
@@ -236,10 +239,17 @@ def add_parser(sub: Any) -> None:
     r.add_argument(
         "--calib", type=Path, help="calibration text (default: text the model generates itself)"
     )
-    r.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
+    r.add_argument("--nsamples", type=int_at_least(1), default=128, help="calibration sequences")
     r.add_argument("--text", type=Path, required=True, help="UTF-8 evaluation text")
-    r.add_argument("--seqlen", type=int, default=512, help="tokens per calibration and eval window")
-    r.add_argument("--max-windows", type=int, default=40, help="evaluate the first N windows")
+    r.add_argument(
+        "--seqlen",
+        type=int_at_least(2),
+        default=512,
+        help="tokens per calibration and eval window",
+    )
+    r.add_argument(
+        "--max-windows", type=int_at_least(1), default=40, help="evaluate the first N windows"
+    )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument(
         "--tune-steps",

@@ -1,14 +1,18 @@
 """The HTTP layer: OpenAI-compatible routes over the engine, SSE streaming, OpenAI-shaped
 errors, health/readiness and Prometheus metrics. A request's path: route -> tokenize and check
--> Engine.submit (one Sequence per choice) -> StepOutputs on an asyncio queue -> JSON or SSE."""
+-> Engine.submit (one Sequence per choice) -> StepOutputs on an asyncio queue -> JSON or SSE.
+Tokenization runs in a worker thread, so a huge prompt does not stall the event loop (and with
+it every other stream)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,12 +20,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from bitserve.server import schemas as S
-from bitserve.server.engine import Engine, Overloaded, Sequence, StepOutput
+from bitserve.server.engine import (
+    Engine,
+    Overloaded,
+    Sequence,
+    StepOutput,
+    TextOffsets,
+    TokenBytes,
+    TooManySequences,
+)
 from bitserve.server.metrics import Metrics, render
 from bitserve.server.sampling import SamplingParams, TokenLogprobs
+
+log = logging.getLogger("bitserve.api")
 
 
 @dataclass
@@ -32,6 +47,10 @@ class ServerState:
     tokenizer: Any
     metrics: Metrics
     card: S.ModelCard
+    token_bytes: TokenBytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_bytes = TokenBytes(self.tokenizer)
 
 
 class APIError(Exception):
@@ -107,8 +126,15 @@ def _check_prompt(state: ServerState, ids: list[int], max_tokens: int | None) ->
     return max_tokens
 
 
+def _check_supported(req: S.SamplingFields) -> None:
+    """400 for a field set to something bitserve does not implement (rather than ignore it)."""
+    if (bad := req.unsupported()) is not None:
+        raise APIError(400, bad.message, code=bad.code, param=bad.param)
+
+
 def _params(req: S.SamplingFields, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
-    """One SamplingParams per choice; a seeded request gives choice i the seed + i."""
+    """One SamplingParams per choice; a seeded request gives choice i the seed + i (taken
+    modulo 2**64 by make_generator)."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return [
         SamplingParams(
@@ -143,6 +169,8 @@ def _submit(
     seqs = [state.engine.new_sequence(i, prompt_ids, p, emit) for i, p in enumerate(params)]
     try:
         state.engine.submit(seqs)
+    except TooManySequences as e:
+        raise APIError(400, f"n is too large: {e}", param="n") from None
     except Overloaded as e:
         raise APIError(
             429,
@@ -169,36 +197,37 @@ async def _outputs(
             state.engine.abort(seqs)
 
 
-def _token_text(state: ServerState, token: int) -> str:
-    """The text of one token, as logprobs report it."""
-    return str(state.tokenizer.decode([token]))
-
-
 def _completion_logprobs(
-    state: ServerState, ids: list[int], lps: list[TokenLogprobs | None], offset: int
+    state: ServerState, ids: list[int], lps: list[TokenLogprobs | None], offsets: TextOffsets
 ) -> S.CompletionLogprobs:
-    """Legacy completions logprobs (tokens, token_logprobs, top_logprobs, text_offset)."""
+    """Legacy completions logprobs (tokens, token_logprobs, top_logprobs, text_offset). A token
+    that holds part of a character reads U+FFFD; `offsets` (one per choice, kept across
+    streamed chunks) gives character offsets into the choice's text."""
     out = S.CompletionLogprobs()
     for token, lp in zip(ids, lps, strict=True):
         if lp is None:
             continue
-        text = _token_text(state, token)
-        out.tokens.append(text)
+        out.tokens.append(state.token_bytes.text(token))
         out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append({_token_text(state, t): v for t, v in lp.top})
-        out.text_offset.append(offset)
-        offset += len(text)
+        top: dict[str, float] = {}
+        for t, v in lp.top:  # most likely first: keep it if two tokens read the same
+            top.setdefault(state.token_bytes.text(t), v)
+        out.top_logprobs.append(top)
+        out.text_offset.append(offsets.add(token))
     return out
 
 
 def _chat_logprobs(
     state: ServerState, ids: list[int], lps: list[TokenLogprobs | None]
 ) -> S.ChatLogprobs:
-    """Chat logprobs: one entry per token with its top alternatives and UTF-8 bytes."""
+    """Chat logprobs: one entry per token with its top alternatives and the token's own bytes
+    (those of a partial character too, so that clients can rebuild the text)."""
 
     def entry(token: int, value: float) -> S.TopLogprob:
-        text = _token_text(state, token)
-        return S.TopLogprob(token=text, logprob=value, bytes=list(text.encode()))
+        raw = state.token_bytes(token)
+        return S.TopLogprob(
+            token=raw.decode("utf-8", errors="replace"), logprob=value, bytes=list(raw)
+        )
 
     content = [
         S.TokenLogprob(
@@ -226,7 +255,8 @@ def _sse(item: BaseModel | str) -> str:
 
 
 def _chat_prompt(state: ServerState, req: S.ChatRequest) -> list[int]:
-    """Token ids of the messages rendered with the tokenizer's chat template."""
+    """Token ids of the messages rendered with the tokenizer's chat template (blocking: the
+    routes call it in a worker thread)."""
     tok = state.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, "This model's tokenizer has no chat template; use /v1/completions")
@@ -291,6 +321,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid" or tuple(first["loc"]) == ("body",):
+            return _error_response(state, APIError(400, _body_problem(request, exc, first)))
         param = ".".join(str(x) for x in first["loc"] if x != "body") or None
         message = f"{param}: {first['msg']}" if param else str(first["msg"])
         return _error_response(state, APIError(422, message, param=param))
@@ -298,6 +330,24 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return _error_response(state, APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises it after this answer, so uvicorn logs the traceback as well.
+        log.error(
+            "internal error answering %s %s: %s: %s",
+            request.method,
+            request.url.path,
+            type(exc).__name__,
+            exc,
+        )
+        err = APIError(
+            500,
+            "The server had an internal error while processing the request",
+            "server_error",
+            code="internal_error",
+        )
+        return _error_response(state, err)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -325,11 +375,16 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions", response_model=None)
     async def completions(req: S.CompletionRequest, request: Request) -> Any:
         _check_model(state, req.model)
-        if isinstance(req.prompt, str):
-            prompt_ids = list(state.tokenizer(req.prompt)["input_ids"])
-        else:
-            prompt_ids = list(req.prompt)
-        max_tokens = _check_prompt(state, prompt_ids, req.max_tokens)
+        _check_supported(req)
+
+        def prepare() -> tuple[list[int], int]:
+            if isinstance(req.prompt, str):
+                ids = list(state.tokenizer(req.prompt)["input_ids"])
+            else:
+                ids = list(req.prompt)
+            return ids, _check_prompt(state, ids, req.max_tokens)
+
+        prompt_ids, max_tokens = await run_in_threadpool(prepare)
         queue, seqs = _submit(state, prompt_ids, _params(req, max_tokens, req.logprobs))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -344,7 +399,7 @@ def create_app(state: ServerState) -> FastAPI:
                 finish_reason=reasons[i],
                 logprobs=None
                 if req.logprobs is None
-                else _completion_logprobs(state, ids[i], lps[i], 0),
+                else _completion_logprobs(state, ids[i], lps[i], TextOffsets(state.token_bytes)),
             )
             for i in range(len(seqs))
         ]
@@ -355,9 +410,13 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: S.ChatRequest, request: Request) -> Any:
         _check_model(state, req.model)
-        prompt_ids = _chat_prompt(state, req)
-        requested = req.max_completion_tokens or req.max_tokens
-        max_tokens = _check_prompt(state, prompt_ids, requested)
+        _check_supported(req)
+
+        def prepare() -> tuple[list[int], int]:
+            ids = _chat_prompt(state, req)
+            return ids, _check_prompt(state, ids, req.max_completion_tokens or req.max_tokens)
+
+        prompt_ids, max_tokens = await run_in_threadpool(prepare)
         top = (req.top_logprobs or 0) if req.logprobs else None
         queue, seqs = _submit(state, prompt_ids, _params(req, max_tokens, top))
         if req.stream:
@@ -378,6 +437,26 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+def _body_problem(request: Request, exc: RequestValidationError, first: dict[str, Any]) -> str:
+    """What is wrong with a request body that is not a JSON object at all: invalid JSON, an
+    empty body, a body not sent as JSON, or JSON that is not an object."""
+    if first.get("type") == "json_invalid":
+        reason = str(first.get("ctx", {}).get("error", "invalid JSON"))
+        loc = first["loc"]
+        if isinstance(exc.body, str) and loc and isinstance(loc[-1], int):
+            err = json.JSONDecodeError(reason, exc.body, loc[-1])
+            return (
+                f"request body is not valid JSON: {reason} at line {err.lineno} column {err.colno}"
+            )
+        return f"request body is not valid JSON: {reason}"
+    if exc.body is None:
+        return "request body is empty: send a JSON object (Content-Type: application/json)"
+    if isinstance(exc.body, bytes | bytearray):
+        got = request.headers.get("content-type") or "none"
+        return f"request body must be JSON sent with Content-Type: application/json (got {got})"
+    return f"request body must be a JSON object, not {type(exc.body).__name__}"
+
+
 def _stream(events: AsyncIterator[str]) -> StreamingResponse:
     """An SSE response over an async iterator of events."""
     return StreamingResponse(
@@ -395,14 +474,13 @@ async def _completion_events(
 ) -> AsyncIterator[str]:
     """SSE chunks of a streamed completion, then the usage chunk if asked, then [DONE]."""
     base = S.CompletionResponse(model=state.card.id, choices=[])
-    offsets, total = [0] * len(seqs), 0
+    offsets, total = [TextOffsets(state.token_bytes) for _ in seqs], 0
     async for out in _outputs(state, queue, seqs):
         if not out.text and out.finish_reason is None and req.logprobs is None:
             continue
         lp = None
         if req.logprobs is not None:
             lp = _completion_logprobs(state, out.token_ids, out.logprobs, offsets[out.index])
-            offsets[out.index] += sum(len(t) for t in lp.tokens)
         choice = S.CompletionChoice(
             index=out.index, text=out.text, logprobs=lp, finish_reason=out.finish_reason
         )

@@ -16,7 +16,7 @@ import torch
 from bitserve.errors import QualityGateError, UsageError
 from bitserve.quantization.checkpoint import Loaded
 from bitserve.quantization.grid import QuantSpec
-from bitserve.server.settings import Settings
+from bitserve.server.settings import LOG_LEVELS, Settings, settings_from_flags
 
 DEFAULT_QUANTIZE = "w4g128"  # with the default method
 GATE_SEQLEN, GATE_WINDOWS = 512, 40
@@ -48,7 +48,7 @@ def resolve_checkpoint(src: str, quantize: str | None = None, calib: Path | None
     method) the source is quantized on first use and cached under models/checkpoints/, keyed by
     the source hash, the method, the format and the calibration file; else SRC is loaded as is."""
     from bitserve.models import models_dir, resolve_source, source_hash
-    from bitserve.quantization.checkpoint import is_checkpoint
+    from bitserve.quantization.checkpoint import is_checkpoint, require_unquantized
     from bitserve.quantization.quantize import quantize_to_checkpoint
 
     if quantize is None:
@@ -57,10 +57,7 @@ def resolve_checkpoint(src: str, quantize: str | None = None, calib: Path | None
         quantize = DEFAULT_QUANTIZE
     method, spec, tune_steps = parse_quantize(quantize)
     source = resolve_source(src)
-    if is_checkpoint(source):
-        raise UsageError(
-            f"{src}: already a quantized checkpoint; --quantize needs the unquantized model"
-        )
+    require_unquantized(source)
     if calib is not None and not calib.is_file():
         raise UsageError(f"{calib}: no such calibration file")
     calib_key = (
@@ -198,7 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {
         k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
     }
-    settings = Settings(**overrides)
+    settings = settings_from_flags(overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -319,5 +316,8 @@ def add_parser(sub: Any) -> None:
         "and more concurrent sequences (docs/serving.md). An fp16 model on a GPU keeps its own",
     )
     s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
-    s.add_argument("--log-level", help="uvicorn/bitserve log level (default info)")
+    s.add_argument(
+        "--log-level",
+        help=f"uvicorn/bitserve log level: {', '.join(LOG_LEVELS)} (default info)",
+    )
     s.set_defaults(func=cmd_serve)

@@ -5,7 +5,10 @@ conditions and pushes each sequence's new text to its consumer."""
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -24,6 +27,11 @@ log = logging.getLogger("bitserve.engine")
 
 class Overloaded(Exception):
     """The waiting queue is full: the client should retry later (HTTP 429)."""
+
+
+class TooManySequences(Exception):
+    """A request has more sequences than the engine could ever hold at once (every KV-cache
+    slot plus the whole waiting queue): retrying cannot help (HTTP 400)."""
 
 
 @dataclass
@@ -78,6 +86,103 @@ class Detokenizer:
         delta = self.text[self.sent : end]
         self.sent = end
         return delta
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (transformers' own table)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def tokenizer_kind(tokenizer: Any) -> str:
+    """How a tokenizer's tokens map to bytes: "byte_level" (GPT-2-style byte-level BPE),
+    "sentencepiece" ('▁' for a space, <0xNN> byte-fallback tokens) or "text" (unknown:
+    each token decoded on its own)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    try:
+        state: Any = decoder.__getstate__()  # the decoder's JSON (tokenizers)
+        spec = json.dumps(json.loads(state), ensure_ascii=False)
+    except Exception:
+        spec = ""
+    if "ByteLevel" in spec:
+        return "byte_level"
+    if any(k in spec for k in ("ByteFallback", "Metaspace", "\u2581")) or hasattr(
+        tokenizer, "sp_model"
+    ):
+        return "sentencepiece"
+    return "text"
+
+
+class TokenBytes:
+    """The UTF-8 bytes a token id stands for, as logprobs report them: a token can hold part
+    of a character (byte-level BPE splits CJK and emoji), which decoding it on its own turns
+    into U+FFFD. Byte-level tokens go through GPT-2's byte decoder, SentencePiece tokens map
+    '▁' to a space and <0xNN> to its byte; other tokenizers decode each token."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.kind = tokenizer_kind(tokenizer)
+        self.byte_of = _byte_decoder() if self.kind == "byte_level" else {}
+        self.special = set(getattr(tokenizer, "all_special_ids", None) or [])
+        self.cache: dict[int, bytes] = {}
+
+    def __call__(self, token: int) -> bytes:
+        if token not in self.cache:
+            self.cache[token] = self._bytes(token)
+        return self.cache[token]
+
+    def _bytes(self, token: int) -> bytes:
+        piece = None
+        if self.kind != "text":
+            try:
+                piece = self.tokenizer.convert_ids_to_tokens(token)
+            except Exception:
+                piece = None
+        if not isinstance(piece, str):
+            return str(self.tokenizer.decode([token])).encode()
+        if self.kind == "byte_level":  # characters outside the alphabet (added tokens) as-is
+            return b"".join(
+                bytes([self.byte_of[c]]) if c in self.byte_of else c.encode() for c in piece
+            )
+        if m := _BYTE_TOKEN.fullmatch(piece):
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("▁", " ").encode()
+
+    def text(self, token: int) -> str:
+        """The token as a string: its bytes decoded, U+FFFD where they are not whole UTF-8."""
+        return self(token).decode("utf-8", errors="replace")
+
+
+class TextOffsets:
+    """Character offsets of a sequence's tokens in the text they decode to, fed one token at
+    a time: a token's offset is the index of the character that its first byte belongs to, so
+    the tokens of one multi-byte character share that character's offset. Bytes that are not
+    UTF-8 count as U+FFFD, one per maximal invalid run, as the detokenizer's text has them.
+    Special tokens (skipped by the detokenizer) add no text."""
+
+    def __init__(self, token_bytes: TokenBytes) -> None:
+        self.token_bytes = token_bytes
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chars = 0  # characters the decoder has released
+
+    def add(self, token: int) -> int:
+        """The offset of `token`, which is then appended."""
+        if token in self.token_bytes.special:
+            return self.chars
+        data = self.token_bytes(token)
+        offset = self.chars
+        pending = self.decoder.getstate()[0]  # the start of a character not yet complete
+        if pending and data:
+            try:  # does this token go on with that character?
+                codecs.getincrementaldecoder("utf-8")().decode(pending + data[:1])
+            except UnicodeDecodeError:
+                offset += 1  # no: the held bytes end here, as one U+FFFD before this token
+        self.chars += len(self.decoder.decode(data))
+        return offset
 
 
 @dataclass
@@ -137,8 +242,19 @@ class Engine:
             seq.generator = make_generator(params.seed)
         return seq
 
+    def capacity(self) -> int:
+        """The most sequences one request may have: all KV-cache slots plus the waiting queue
+        (what `submit` accepts when the engine is idle)."""
+        return self.runner.num_slots + self.max_waiting
+
     def submit(self, seqs: list[Sequence]) -> None:
-        """Queue sequences for admission, or raise Overloaded if the waiting queue is full."""
+        """Queue sequences for admission; raise TooManySequences if they could never fit, or
+        Overloaded if the waiting queue is full now."""
+        if len(seqs) > self.capacity():
+            raise TooManySequences(
+                f"{len(seqs)} sequences, but this server holds at most {self.capacity()} "
+                f"(--max-num-seqs {self.runner.num_slots} + --max-waiting {self.max_waiting})"
+            )
         with self.lock:
             if len(self.waiting) + len(seqs) > self.max_waiting + len(self.free_slots):
                 raise Overloaded(f"{len(self.waiting)} requests are already waiting")

@@ -39,12 +39,14 @@ class TokenLogprobs:
 
 
 def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator for one sequence: seeded if asked, else from fresh entropy."""
+    """A CPU generator for one sequence: seeded if asked, else from fresh entropy. Any integer
+    is taken modulo 2**64 (torch.Generator only takes [-2**63, 2**64), and maps a negative seed
+    s to s + 2**64 itself), so a request's seed + i never overflows."""
     g = torch.Generator()
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(seed)
+        g.manual_seed(seed % 2**64)
     return g
 
 

@@ -6,16 +6,31 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+# A seed may be any signed or unsigned 64-bit integer; choice i of a request draws from
+# (seed + i) mod 2**64 (sampling.make_generator), the range torch.Generator takes.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class Unsupported(BaseModel):
+    """A request field set to something bitserve does not implement (answered with a 400)."""
+
+    param: str
+    message: str
+    code: str | None = "unsupported_parameter"
+
+
 class SamplingFields(BaseModel):
     """Parameters shared by completions and chat completions (top_k, stop_token_ids and
-    ignore_eos are extensions, as in vLLM)."""
+    ignore_eos are extensions, as in vLLM). An explicit JSON null for any top-level field means
+    "not set", as in the OpenAI API. Fields that would change the answer but are not
+    implemented (`logit_bias`, `response_format` other than text, ...) are declared so that
+    `unsupported()` can name them; unknown fields are ignored."""
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -26,17 +41,55 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = False
     user: str | None = None
+    # accepted only when they change nothing (see unsupported())
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Drop top-level fields sent as JSON null, so that they take their defaults."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    def unsupported(self) -> Unsupported | None:
+        """The first field set to a value that bitserve would otherwise silently ignore."""
+        if self.logit_bias:
+            return Unsupported(param="logit_bias", message="logit_bias is not supported")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            kind = self.response_format.get("type")
+            return Unsupported(
+                param="response_format",
+                message=f"response_format {kind!r} is not supported (only 'text')",
+            )
+        return None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    def unsupported(self) -> Unsupported | None:
+        if self.echo:
+            return Unsupported(param="echo", message="echo is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            return Unsupported(
+                param="best_of",
+                message=f"best_of is not supported (best_of {self.best_of} != n {self.n})",
+            )
+        if self.suffix:
+            return Unsupported(param="suffix", message="suffix is not supported")
+        return super().unsupported()
 
 
 class ChatMessage(BaseModel):
@@ -50,6 +103,33 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    def unsupported(self) -> Unsupported | None:
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return Unsupported(param=name, message=f"{name} (tool calling) is not supported")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                return Unsupported(param=name, message=f"{name} (tool calling) is not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            return Unsupported(
+                param="top_logprobs",
+                message="top_logprobs needs logprobs: true",
+                code=None,
+            )
+        for m in self.messages:
+            for part in m.content if isinstance(m.content, list) else []:
+                if part.get("type") != "text":
+                    return Unsupported(
+                        param="messages",
+                        message=f"message content parts of type {part.get('type')!r} are not "
+                        "supported (only 'text')",
+                    )
+        return super().unsupported()
 
 
 class Usage(BaseModel):

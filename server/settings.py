@@ -4,10 +4,14 @@ overridden by `bitserve serve` flags."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bitserve.errors import UsageError
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 class Settings(BaseSettings):
@@ -50,3 +54,37 @@ class Settings(BaseSettings):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     log_level: str = "info"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"unknown log level (choose from {', '.join(LOG_LEVELS)})")
+        return value.lower()
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from bitserve.quantization.checkpoint import backend_names
+
+        if value not in backend_names():
+            raise ValueError(f"unknown backend (available here: {', '.join(backend_names())})")
+        return value
+
+
+def settings_from_flags(flags: dict[str, Any]) -> Settings:
+    """Settings from `bitserve serve` flags over BITSERVE_* variables. A bad value is a
+    one-line UsageError naming the flag (or the variable) and what is wrong with it."""
+    try:
+        return Settings(**flags)
+    except ValidationError as e:
+        errors = e.errors()
+        first = errors[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        if field in flags:
+            where = f"--{field.replace('_', '-')} {flags[field]}"
+        else:
+            where = f"BITSERVE_{field.upper()}={first['input']!r}"
+        why = str(first["msg"]).removeprefix("Value error, ")
+        more = f" (and {len(errors) - 1} more invalid settings)" if len(errors) > 1 else ""
+        raise UsageError(f"{where}: {why[:1].lower()}{why[1:]}{more}") from None
