@@ -27,6 +27,11 @@ SUPPORTED_TYPES = ("llama",)
 # batch (larger batches run eager); attention reads the cache up to a power-of-two length of at
 # least GRAPH_MIN_KV.
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# A decode step's attention reads every row's cache up to the same length, rounded up to a
+# multiple of this (and the cache holds a multiple of it): a row's keys then fill the same SIMD
+# lanes whatever the longest row, and the masked tail only adds exact zeros, so its result does
+# not depend on the batch (checked by tests/test_server_engine.py).
+KV_ALIGN = 64
 # Prefill lengths the warm-up runs: one in each M bucket of the Triton tuner (kernels/triton_int.py
 # `bucket`) past M = 1, so that no short prompt waits for a tuning.
 WARMUP_PREFILLS = (2, 4, 16, 64, 256, 1024)
@@ -55,13 +60,18 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def cache_len(max_len: int) -> int:
+    """Positions a KV-cache slot holds for sequences of up to `max_len` tokens."""
+    return -(-max_len // KV_ALIGN) * KV_ALIGN
+
+
 def kv_bytes_per_slot(config: Any, max_len: int, dtype: torch.dtype) -> int:
     """Bytes of K and V cache one sequence slot of `max_len` tokens needs."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     layers = config.num_hidden_layers
     kv_heads = config.num_key_value_heads
-    return 2 * layers * kv_heads * max_len * head_dim * torch.finfo(dtype).bits // 8
+    return 2 * layers * kv_heads * cache_len(max_len) * head_dim * torch.finfo(dtype).bits // 8
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -218,14 +228,20 @@ class LlamaRunner:
         self.decode_graphs = self.device.type == "cuda" if decode_graphs is None else decode_graphs
         # With decode graphs, one spare slot past the last: padded rows write there.
         spare = int(self.decode_graphs)
-        shape = (len(self.layers), num_slots + spare, self.kv_heads, max_len, self.head_dim)
+        shape = (
+            len(self.layers),
+            num_slots + spare,
+            self.kv_heads,
+            cache_len(max_len),
+            self.head_dim,
+        )
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         with torch.inference_mode():
-            positions = torch.arange(max_len, device=self.device).unsqueeze(0)
+            positions = torch.arange(cache_len(max_len), device=self.device).unsqueeze(0)
             cos, sin = inner.rotary_emb(self.k_cache[0, 0], positions)
         half = self.head_dim // 2
-        self.cos = cos[0]  # [max_len, head_dim]
+        self.cos = cos[0]  # [cache_len, head_dim]
         self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
         if fused_decode is None:
             fused_decode = self.device.type == "cuda" and _triton_int() is not None
@@ -248,15 +264,24 @@ class LlamaRunner:
         copies to the host only what it needs). The index tensors may live on the CPU whatever
         the model's device.
 
-        Rows may be right-padded: padding writes K/V past the row's length, which the causal mask
-        never shows and the row's next real token overwrites before anything reads it."""
+        Rows may be right-padded: padding writes K/V past the row's length, which no attention
+        reads and the row's next real token overwrites. A row's logits do not depend on the
+        other rows (greedy texts are the same alone or batched): prefill attends row by row,
+        decode over a KV_ALIGN-rounded length; the cpu backend's dense path for 256+ rows
+        (docs/kernels.md) is the exception."""
         B, T = ids.shape
         if T == 1 and last is None and self.decode_graphs and GRAPH_BATCHES[-1] >= B:
             return self._decode(ids, slots, starts)
-        # Slots s0, s0+1, ... (the usual case) are read as a view instead of a gathered copy.
-        slot_list = slots.tolist()
-        kv_len = min(int(starts.max()) + T, self.max_len)  # from the (usually CPU) starts
+        # From the (usually CPU) index tensors: no wait for the GPU.
+        slot_list, start_list = slots.tolist(), starts.tolist()
+        spans, kv_len = None, 0
+        if T > 1 or last is not None:  # prefill: each row alone over its own real tokens
+            lengths = [T] * B if last is None else [n + 1 for n in last.tolist()]
+            spans = list(zip(slot_list, start_list, lengths, strict=True))
+        else:  # decode: all rows over the same KV_ALIGN-rounded length
+            kv_len = cache_len(max(start_list) + 1)
         ids, starts, slots = (to_device(t, self.device) for t in (ids, starts, slots))
+        # Slots s0, s0+1, ... (the usual case) are read as a view instead of a gathered copy.
         rows: slice | torch.Tensor = slots
         if slot_list == list(range(slot_list[0], slot_list[0] + B)):
             rows = slice(slot_list[0], slot_list[0] + B)
@@ -264,7 +289,7 @@ class LlamaRunner:
         pos = (starts.unsqueeze(1) + steps).clamp_max(self.max_len - 1)  # [B, T]
         cuda = self.device.type == "cuda"
         with sdpa_kernel(EAGER_SDPA) if cuda else contextlib.nullcontext():
-            return self._step(ids, slots, pos, rows, kv_len, last).float()
+            return self._step(ids, slots, pos, rows, kv_len, last, spans).float()
 
     def synchronize(self) -> None:
         """Wait until the device has run everything queued (a no-op on the CPU)."""
@@ -322,7 +347,7 @@ class LlamaRunner:
         B = ids.shape[0]
         batch = next(b for b in GRAPH_BATCHES if b >= B)
         need = int(starts.max()) + 1
-        kv_len = min(self.max_len, max(GRAPH_MIN_KV, 1 << (need - 1).bit_length()))
+        kv_len = min(cache_len(self.max_len), max(GRAPH_MIN_KV, 1 << (need - 1).bit_length()))
         step = self._decodes.get((batch, kv_len)) or self._capture(batch, kv_len)
         inputs = torch.zeros(3, batch, dtype=torch.long)
         inputs[1] = self.num_slots  # padded rows write to the spare slot
@@ -346,7 +371,7 @@ class LlamaRunner:
         step = _Decode(inputs)
 
         def run() -> None:
-            step.logits = self._step(step.ids, step.slots, step.pos, step.slots, kv_len, None)
+            step.logits = self._step(step.ids, step.slots, step.pos, step.slots, kv_len, None, None)
 
         run()
         step.run = run
@@ -405,16 +430,28 @@ class LlamaRunner:
         rows: slice | torch.Tensor,
         kv_len: int,
         last: torch.Tensor | None,
+        spans: list[tuple[int, int, int]] | None,
     ) -> torch.Tensor:
-        """The forward on device tensors (ids, slots, positions pos [B, T]; cache rows `rows`
-        read up to kv_len): logits [B, V] in the head's dtype, without a host sync."""
+        """The forward on device tensors (ids, slots, positions pos [B, T]): logits [B, V] in
+        the head's dtype, without a host sync. spans (slot, start, real tokens) per row: each row
+        attends alone over exactly its own keys (`_attend_rows`, prefill); None (decode): all
+        rows at once, cache rows `rows` read up to kv_len, masked."""
         B, T = ids.shape
         if T == 1 and self.fused_decode:
             return self._fused_step(ids[:, 0], slots, pos[:, 0], kv_len)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[pos].unsqueeze(2), self.signed_sin[pos].unsqueeze(2)  # [B, T, 1, D]
-        keys_at = torch.arange(kv_len, device=self.device).view(1, 1, kv_len)
-        mask = (keys_at <= pos.unsqueeze(2)).unsqueeze(1)
+        if spans is None:
+            keys_at = torch.arange(kv_len, device=self.device).view(1, 1, kv_len)
+            mask = (keys_at <= pos.unsqueeze(2)).unsqueeze(1)
+        else:  # causal masks of the rows with more than one query: key k <= start + t
+            masks = [
+                None
+                if n == 1
+                else torch.arange(start + n, device=self.device)
+                <= start + torch.arange(n, device=self.device).unsqueeze(1)
+                for _, start, n in spans
+            ]
         slot_col = slots.unsqueeze(1)
         h = self.embed(ids)
         for i, layer in enumerate(self.layers):
@@ -423,14 +460,18 @@ class LlamaRunner:
             qk = _rotate(qkv[:, :, : H + Hkv], cos, sin)
             self.k_cache[i][slot_col, :, pos] = qk[:, :, H:]
             self.v_cache[i][slot_col, :, pos] = qkv[:, :, H + Hkv :]
-            o = F.scaled_dot_product_attention(
-                qk[:, :, :H].transpose(1, 2),
-                self.k_cache[i][rows, :, :kv_len],
-                self.v_cache[i][rows, :, :kv_len],
-                attn_mask=mask,
-                scale=self.scale,
-                enable_gqa=True,
-            )
+            q, k, v = qk[:, :, :H].transpose(1, 2), self.k_cache[i], self.v_cache[i]
+            if spans is None:
+                o = F.scaled_dot_product_attention(
+                    q,
+                    k[rows, :, :kv_len],
+                    v[rows, :, :kv_len],
+                    attn_mask=mask,
+                    scale=self.scale,
+                    enable_gqa=True,
+                )
+            else:
+                o = self._attend_rows(q, k, v, spans, masks)
             h = h + layer.o(o.transpose(1, 2).reshape(B, T, H * D))
             gate, up = _project(layer.gate_up, _rms_norm(layer.mlp_norm, h)).chunk(2, dim=-1)
             h = h + layer.down(layer.act(gate) * up)
@@ -439,6 +480,31 @@ class LlamaRunner:
         else:
             x = self.norm(h[torch.arange(B, device=self.device), to_device(last, self.device)])
         return self._head(x)
+
+    def _attend_rows(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        spans: list[tuple[int, int, int]],
+        masks: list[torch.Tensor | None],
+    ) -> torch.Tensor:
+        """Attention of each prefill row's real queries q[b, :, :n] over its own slot's keys up
+        to start + n, one call per row: the same shapes, so the same arithmetic, whether a prompt
+        runs alone or beside others of other lengths (one masked call over the padded batch
+        rounds differently, and the 16-bit casts of the quantized matmuls carried that into
+        different greedy texts). Padding queries give zeros."""
+        o = torch.zeros_like(q)
+        for b, ((slot, start, n), mask) in enumerate(zip(spans, masks, strict=True)):
+            o[b, :, :n] = F.scaled_dot_product_attention(
+                q[b : b + 1, :, :n],
+                k[slot : slot + 1, :, : start + n],
+                v[slot : slot + 1, :, : start + n],
+                attn_mask=mask,
+                scale=self.scale,
+                enable_gqa=True,
+            )[0]
+        return o
 
     def head_description(self) -> str:
         """How the lm_head matmul runs, for the model card and the start-up log."""

@@ -1,0 +1,80 @@
+"""The serving runner's step times against another version of server/runner.py, interleaved in
+one process (the VM's noise is larger than the changes it checks): decode steps of 1, 4 and 16
+rows of other lengths, and prefills of 1 x 200, 8 x 8-30 and 4 x 30-59 tokens (right-padded).
+
+    git show bbb33a6:server/runner.py > /tmp/runner_base.py
+    OMP_NUM_THREADS=2 .venv/bin/python bench/runner_steps.py /tmp/runner_base.py \
+        [--checkpoint checkpoints/rtn-w4g128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from bitserve.models import load_model
+from bitserve.server import runner as current
+
+
+def load_module(path: str) -> Any:
+    spec = importlib.util.spec_from_file_location("runner_base", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["runner_base"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def median_ms(runners: dict[str, Any], call: Any, reps: int) -> dict[str, float]:
+    """Median time of call(runner) per runner, the runners alternated call by call."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for i in range(reps):
+        for k, r in runners.items():
+            t0 = time.perf_counter()
+            call(r, i)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("baseline", help="another server/runner.py (e.g. from `git show`)")
+    ap.add_argument("--checkpoint", default="checkpoints/rtn-w4g128")
+    args = ap.parse_args()
+    modules = {"baseline": load_module(args.baseline), "current": current}
+    runners = {
+        k: m.LlamaRunner(load_model(args.checkpoint).model, 16, 512, torch.bfloat16)
+        for k, m in modules.items()
+    }
+    g = torch.Generator().manual_seed(0)
+    print("| step | baseline ms | current ms | baseline / current |")
+    print("|---|---|---|---|")
+    for b, lo, hi in ((1, 200, 200), (8, 8, 30), (4, 30, 59)):
+        lens = torch.randint(lo, hi + 1, (b,), generator=g)
+        ids = torch.randint(0, 1000, (b, int(lens.max())), generator=g)
+        pre = (ids, torch.arange(b), torch.zeros(b, dtype=torch.long), lens - 1)
+        m = median_ms(runners, lambda r, i, pre=pre: r.forward(*pre), 7)
+        ratio = m["baseline"] / m["current"]
+        print(
+            f"| prefill {b} x {lo}-{hi} | {m['baseline']:.0f} | {m['current']:.0f} | {ratio:.2f}x |"
+        )
+    for b in (1, 4, 16):
+        lens = torch.randint(20, 200, (b,), generator=g)
+        ids = torch.randint(0, 1000, (b, int(lens.max())), generator=g)
+        for r in runners.values():
+            r.forward(ids, torch.arange(b), torch.zeros(b, dtype=torch.long), lens - 1)
+        nxt = torch.ones(b, 1, dtype=torch.long)
+        a = (nxt, torch.arange(b), lens)
+        m = median_ms(runners, lambda r, i, a=a: r.forward(a[0], a[1], a[2] + i), 60)
+        ratio = m["baseline"] / m["current"]
+        print(f"| decode {b} rows | {m['baseline']:.1f} | {m['current']:.1f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
