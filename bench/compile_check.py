@@ -10,6 +10,7 @@ it in CI; `bench/sass_count.py` uses its `matmul_kernel`.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from functools import partial
@@ -89,7 +90,7 @@ def matmul_kernel(
     # e.g. lop3-pf: with the next block's loads early; lop3-r4: over 4 rows (ROWS)
     base, *mods = variant.split("-")
     lop3 = {"lop3": 2, "pair": 1}.get(base, 0)
-    rows = next((int(m[1:]) for m in mods if m.startswith("r")), 1)
+    rows = next((int(m[1:]) for m in mods if re.fullmatch(r"r\d+", m)), 1)
     gemv = dict(H2=int(base == "h2"), LOP3=lop3, PREFETCH=int("pf" in mods), ROWS=rows)
     return compile_sm(triton_int._gemv_kernel, INT_KERNEL_TYPES, common | gemv, warps, 1, arch)
 

@@ -106,14 +106,14 @@ def check_correctness(ms: tuple[int, ...] = (1, 16, 64, 300)) -> bool:
             layer.set_backend("reference")
             triton_int.BACKEND.prepare(layer)
             runs = [(1, torch.float16), (64, torch.float16)]
-            if bits == 4:  # the GEMV over 2 and 4 rows (4-bit fp16 only)
-                runs += [(2, torch.float16), (4, torch.float16)]
+            if bits == 4:  # the GEMV over 2 and 4 rows (4-bit fp16 only; 3: a partial tile)
+                runs += [(2, torch.float16), (3, torch.float16), (4, torch.float16)]
             if bits == 4 or group == 128:
                 runs += [(16, torch.float16), (300, torch.float16)]
             if bits == 4 and group == 128:
                 runs += [(1, torch.bfloat16), (16, torch.bfloat16), (300, torch.bfloat16)]
             for m, dtype in runs:
-                if m not in ms:
+                if m not in ms and not (m == 3 and 4 in ms):
                     continue
                 cands = triton_int.CANDIDATES[triton_int.bucket(m)]
                 cfg = next(c for c in cands if triton_int._applies(c, layer, dtype))

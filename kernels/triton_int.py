@@ -783,7 +783,8 @@ def _small_batch(rows: int) -> list[Config]:
     `_applies`), and dot tiles for the other layers and in case they are faster."""
     # Tiles of 8 words a thread (BLOCK_K 64, or 8 warps) keep 4 rows at 118-141 registers
     # where 16 words take 222-243 (`cuobjdump --dump-resource-usage`), at 61-67 instructions a
-    # word against 60.5 (`bench/sass_count.py`); 2 rows fit either way.
+    # word against 60.5 (`bench/sass_count.py`); 2 rows fit either way. The first tile, 16
+    # words a thread, stays a candidate for 4 rows too, to compare.
     gemv = [
         (128, 128, 8, 4, 1, "lop3"),
         (128, 64, 16, 4, 1, "lop3"),
@@ -986,6 +987,8 @@ def _launch(
 ) -> torch.Tensor:
     """Run `cfg` on x [M, K] into out [M, N] (contiguous). warmup: only compile the kernel."""
     m, n, k = x.shape[0], layer.out_features, layer.in_features
+    if m == 0:
+        return out
     p = layer.prepared
     qw = p["qweight"]
     qh = p.get("qhigh", qw)
@@ -1042,12 +1045,12 @@ def _launch(
     args = (x, qw, qh, p["scales"], p["zeros"], target, ws, cnt)
     if cfg.kind == "gemv":
         lop3 = _pairs_mode(cfg, layer, x)
-        if m > cfg.block_m or (cfg.block_m > 1 and not lop3 and x.data_ptr() % 4 == 0):
-            raise ValueError(f"{cfg} cannot take {m} rows of {x.dtype} x for {layer}")
-        if cfg.block_m > 1 and not lop3:  # x read as int32 pairs: an aligned copy (a few KB)
-            x = x.clone()
+        if cfg.block_m > 1 and not lop3 and x.data_ptr() % 4:  # x read as int32 pairs
+            x = x.clone()  # an aligned copy (a few KB)
             args = (x, *args[1:])
             lop3 = _pairs_mode(cfg, layer, x)
+        if m > cfg.block_m or (cfg.block_m > 1 and not lop3):
+            raise ValueError(f"{cfg} cannot take {m} rows of {x.dtype} x for {layer}")
         _gemv_kernel.run(
             *args,
             m,

@@ -196,7 +196,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
     }
     settings = settings_from_flags(overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    # "trace" is uvicorn's level below debug (5), which `logging` has no name for
+    level = 5 if settings.log_level == "trace" else settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     if settings.quality_gate is not None and settings.gate_text is None:

@@ -253,7 +253,7 @@ class Engine:
         if len(seqs) > self.capacity():
             raise TooManySequences(
                 f"{len(seqs)} sequences, but this server holds at most {self.capacity()} "
-                f"(--max-num-seqs {self.runner.num_slots} + --max-waiting {self.max_waiting})"
+                f"({self.runner.num_slots} KV-cache slots + --max-waiting {self.max_waiting})"
             )
         with self.lock:
             if len(self.waiting) + len(seqs) > self.max_waiting + len(self.free_slots):

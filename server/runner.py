@@ -27,11 +27,6 @@ SUPPORTED_TYPES = ("llama",)
 # batch (larger batches run eager); attention reads the cache up to a power-of-two length of at
 # least GRAPH_MIN_KV.
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# A decode step's attention reads every row's cache up to the same length, rounded up to a
-# multiple of this (and the cache holds a multiple of it): a row's keys then fill the same SIMD
-# lanes whatever the longest row, and the masked tail only adds exact zeros, so its result does
-# not depend on the batch (checked by tests/test_server_engine.py).
-KV_ALIGN = 64
 # Prefill lengths the warm-up runs: one in each M bucket of the Triton tuner (kernels/triton_int.py
 # `bucket`) past M = 1, so that no short prompt waits for a tuning.
 WARMUP_PREFILLS = (2, 4, 16, 64, 256, 1024)
@@ -60,18 +55,13 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def cache_len(max_len: int) -> int:
-    """Positions a KV-cache slot holds for sequences of up to `max_len` tokens."""
-    return -(-max_len // KV_ALIGN) * KV_ALIGN
-
-
 def kv_bytes_per_slot(config: Any, max_len: int, dtype: torch.dtype) -> int:
     """Bytes of K and V cache one sequence slot of `max_len` tokens needs."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     layers = config.num_hidden_layers
     kv_heads = config.num_key_value_heads
-    return 2 * layers * kv_heads * cache_len(max_len) * head_dim * torch.finfo(dtype).bits // 8
+    return 2 * layers * kv_heads * max_len * head_dim * torch.finfo(dtype).bits // 8
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -228,20 +218,14 @@ class LlamaRunner:
         self.decode_graphs = self.device.type == "cuda" if decode_graphs is None else decode_graphs
         # With decode graphs, one spare slot past the last: padded rows write there.
         spare = int(self.decode_graphs)
-        shape = (
-            len(self.layers),
-            num_slots + spare,
-            self.kv_heads,
-            cache_len(max_len),
-            self.head_dim,
-        )
+        shape = (len(self.layers), num_slots + spare, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         with torch.inference_mode():
-            positions = torch.arange(cache_len(max_len), device=self.device).unsqueeze(0)
+            positions = torch.arange(max_len, device=self.device).unsqueeze(0)
             cos, sin = inner.rotary_emb(self.k_cache[0, 0], positions)
         half = self.head_dim // 2
-        self.cos = cos[0]  # [cache_len, head_dim]
+        self.cos = cos[0]  # [max_len, head_dim]
         self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
         if fused_decode is None:
             fused_decode = self.device.type == "cuda" and _triton_int() is not None
@@ -266,30 +250,23 @@ class LlamaRunner:
 
         Rows may be right-padded: padding writes K/V past the row's length, which no attention
         reads and the row's next real token overwrites. A row's logits do not depend on the
-        other rows (greedy texts are the same alone or batched): prefill attends row by row,
-        decode over a KV_ALIGN-rounded length; the cpu backend's dense path for 256+ rows
+        other rows on the CPU (greedy texts are the same alone or batched): attention runs row by
+        row (`_attend_rows`), other ops row-wise; the cpu backend's dense path for 256+ rows
         (docs/kernels.md) is the exception."""
         B, T = ids.shape
         if T == 1 and last is None and self.decode_graphs and GRAPH_BATCHES[-1] >= B:
             return self._decode(ids, slots, starts)
-        # From the (usually CPU) index tensors: no wait for the GPU.
-        slot_list, start_list = slots.tolist(), starts.tolist()
-        spans, kv_len = None, 0
-        if T > 1 or last is not None:  # prefill: each row alone over its own real tokens
-            lengths = [T] * B if last is None else [n + 1 for n in last.tolist()]
-            spans = list(zip(slot_list, start_list, lengths, strict=True))
-        else:  # decode: all rows over the same KV_ALIGN-rounded length
-            kv_len = cache_len(max(start_list) + 1)
+        # Each row's (slot, start, real tokens), from the (usually CPU) index tensors: no wait
+        # for the GPU.
+        lengths = [T] * B if last is None else [n + 1 for n in last.tolist()]
+        spans = list(zip(slots.tolist(), starts.tolist(), lengths, strict=True))
+        kv_len = min(max(start + n for _, start, n in spans), self.max_len)
         ids, starts, slots = (to_device(t, self.device) for t in (ids, starts, slots))
-        # Slots s0, s0+1, ... (the usual case) are read as a view instead of a gathered copy.
-        rows: slice | torch.Tensor = slots
-        if slot_list == list(range(slot_list[0], slot_list[0] + B)):
-            rows = slice(slot_list[0], slot_list[0] + B)
         steps = torch.arange(T, device=self.device)
         pos = (starts.unsqueeze(1) + steps).clamp_max(self.max_len - 1)  # [B, T]
         cuda = self.device.type == "cuda"
         with sdpa_kernel(EAGER_SDPA) if cuda else contextlib.nullcontext():
-            return self._step(ids, slots, pos, rows, kv_len, last, spans).float()
+            return self._step(ids, slots, pos, kv_len, last, spans).float()
 
     def synchronize(self) -> None:
         """Wait until the device has run everything queued (a no-op on the CPU)."""
@@ -347,7 +324,7 @@ class LlamaRunner:
         B = ids.shape[0]
         batch = next(b for b in GRAPH_BATCHES if b >= B)
         need = int(starts.max()) + 1
-        kv_len = min(cache_len(self.max_len), max(GRAPH_MIN_KV, 1 << (need - 1).bit_length()))
+        kv_len = min(self.max_len, max(GRAPH_MIN_KV, 1 << (need - 1).bit_length()))
         step = self._decodes.get((batch, kv_len)) or self._capture(batch, kv_len)
         inputs = torch.zeros(3, batch, dtype=torch.long)
         inputs[1] = self.num_slots  # padded rows write to the spare slot
@@ -371,7 +348,7 @@ class LlamaRunner:
         step = _Decode(inputs)
 
         def run() -> None:
-            step.logits = self._step(step.ids, step.slots, step.pos, step.slots, kv_len, None, None)
+            step.logits = self._step(step.ids, step.slots, step.pos, kv_len, None, None)
 
         run()
         step.run = run
@@ -427,15 +404,14 @@ class LlamaRunner:
         ids: torch.Tensor,
         slots: torch.Tensor,
         pos: torch.Tensor,
-        rows: slice | torch.Tensor,
         kv_len: int,
         last: torch.Tensor | None,
         spans: list[tuple[int, int, int]] | None,
     ) -> torch.Tensor:
         """The forward on device tensors (ids, slots, positions pos [B, T]): logits [B, V] in
         the head's dtype, without a host sync. spans (slot, start, real tokens) per row: each row
-        attends alone over exactly its own keys (`_attend_rows`, prefill); None (decode): all
-        rows at once, cache rows `rows` read up to kv_len, masked."""
+        attends alone over exactly its own keys (`_attend_rows`); None (a static decode step,
+        graph-captured on CUDA): all rows at once over the first kv_len positions, masked."""
         B, T = ids.shape
         if T == 1 and self.fused_decode:
             return self._fused_step(ids[:, 0], slots, pos[:, 0], kv_len)
@@ -464,8 +440,8 @@ class LlamaRunner:
             if spans is None:
                 o = F.scaled_dot_product_attention(
                     q,
-                    k[rows, :, :kv_len],
-                    v[rows, :, :kv_len],
+                    k[slots, :, :kv_len],
+                    v[slots, :, :kv_len],
                     attn_mask=mask,
                     scale=self.scale,
                     enable_gqa=True,
@@ -489,11 +465,28 @@ class LlamaRunner:
         spans: list[tuple[int, int, int]],
         masks: list[torch.Tensor | None],
     ) -> torch.Tensor:
-        """Attention of each prefill row's real queries q[b, :, :n] over its own slot's keys up
-        to start + n, one call per row: the same shapes, so the same arithmetic, whether a prompt
-        runs alone or beside others of other lengths (one masked call over the padded batch
-        rounds differently, and the 16-bit casts of the quantized matmuls carried that into
-        different greedy texts). Padding queries give zeros."""
+        """Attention of each row's real queries q[b, :, :n] over its own slot's keys up to
+        start + n, one call per row: the same call, so the same arithmetic, whether a sequence
+        runs alone or beside others of other lengths. (One masked call over the padded batch
+        rounds a row differently, by its length and by how torch splits the batch over
+        threads, and the 16-bit casts of the quantized matmuls carried that into different
+        greedy texts.) A one-token row (decode) stacks each KV head's query heads as its
+        queries: no mask, no GQA expansion, as fast as the batched call. Padding queries give
+        zeros."""
+        B, H, T, D = q.shape
+        group = H // self.kv_heads
+        if T == 1:  # decode
+            return torch.stack(
+                [
+                    F.scaled_dot_product_attention(
+                        q[b, :, 0].view(1, self.kv_heads, group, D),
+                        k[slot : slot + 1, :, : start + 1],
+                        v[slot : slot + 1, :, : start + 1],
+                        scale=self.scale,
+                    ).view(H, 1, D)
+                    for b, (slot, start, _) in enumerate(spans)
+                ]
+            )
         o = torch.zeros_like(q)
         for b, ((slot, start, n), mask) in enumerate(zip(spans, masks, strict=True)):
             o[b, :, :n] = F.scaled_dot_product_attention(

@@ -172,10 +172,18 @@ def test_runner_fused_decode_matches_torch_ops(
         assert rel_err(b, a) < 1e-5, step
         for s in slots:
             lens[s] += 1
+    # a prompt's last chunk of one token in each row (the engine's prefill, `last` given) runs
+    # the fused kernels too, over each row's own length
+    ids = torch.randint(0, 1000, (2, 1), generator=g)
+    starts, last = torch.tensor([lens[0], lens[2]]), torch.zeros(2, dtype=torch.long)
+    a = ref.forward(ids, torch.tensor([0, 2]), starts, last)
+    b = runner.forward(ids, torch.tensor([0, 2]), starts, last)
+    assert torch.isfinite(b).all() and rel_err(b, a) < 1e-5
     assert rel_err(runner.k_cache[:, :3], ref.k_cache) < 1e-5
     assert rel_err(runner.v_cache[:, :3], ref.v_cache) < 1e-5
     layers = len(runner.layers)
-    steps = 3 + int(graphs) * 2  # a static step runs once more per shape, before its capture
+    # a static step runs once more per shape, before its capture; then the one-token prefill
+    steps = 3 + int(graphs) * 2 + 1
     assert calls == {
         "add_rms_norm": steps * (2 * layers + 1),
         "rope_to_cache": steps * layers,

@@ -132,8 +132,12 @@ def test_gemv_of_several_rows_refuses_what_it_cannot_run() -> None:
     triton_int.BACKEND.prepare(layer)
     with pytest.raises(ValueError, match="cannot take 3 rows"):
         triton_int._launch(layer, x.contiguous(), torch.empty(3, 40).half(), cfg)
-    with pytest.raises(ValueError, match="cannot take"):
-        triton_int._launch(layer, x[1:].bfloat16(), torch.empty(2, 40).bfloat16(), cfg)
+    for start in (0, 1):  # bf16 x, 4-byte aligned or not (copied first, then refused)
+        xb = torch.empty(2 * 128 + 1, dtype=torch.bfloat16)[start:][: 2 * 128].view(2, 128)
+        with pytest.raises(ValueError, match="cannot take"):
+            triton_int._launch(layer, xb, torch.empty(2, 40).bfloat16(), cfg)
+    empty = torch.empty(0, 40).half()  # no rows: nothing to launch
+    assert triton_int._launch(layer, torch.empty(0, 128).half(), empty, cfg) is empty
     odd = torch.empty(2 * 128 + 1, dtype=torch.float16)[1:].view(2, 128)
     odd.copy_(x[1:])
     assert odd.data_ptr() % 4 == 2
