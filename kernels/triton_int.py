@@ -752,14 +752,13 @@ def _prepare(layer: QuantLinear) -> None:
 
 
 class Config(NamedTuple):
-    """One launch configuration. kind: "gemv" (`_gemv_kernel`, M <= block_m, its ROWS),
-    "dot" (`_dot_kernel`)
-    or "cublas" (`_dequant_kernel` tiles of BLOCK_K x BLOCK_N, then torch.mm). variant: flags
-    joined by "+": "fma" / "zsub" (the dot's DEQ 0 / 2; default: 1 where it applies), "h2" (the
-    GEMV's half precision loop), "lop3" / "pair" (the GEMV's packed-pair loop, PTX / Triton
-    ops), "pf" (the GEMV loads the next K-block before computing this one), "kjoin" (zsub on a
-    K-major tile; with "lop3" its codes from PTX), "red" / "atomic"
-    (split-K finish ATOMIC 1 / 2; default 0)."""
+    """One launch configuration. kind: "gemv" (`_gemv_kernel`, M <= block_m, its ROWS), "dot"
+    (`_dot_kernel`) or "cublas" (`_dequant_kernel` tiles of BLOCK_K x BLOCK_N, then torch.mm).
+    variant: flags joined by "+": "fma" / "zsub" (the dot's DEQ 0 / 2; default: 1 where it
+    applies), "h2" (the GEMV's half precision loop), "lop3" / "pair" (the GEMV's packed-pair
+    loop, PTX / Triton ops), "pf" (the GEMV loads the next K-block before computing this one),
+    "kjoin" (zsub on a K-major tile; with "lop3" its codes from PTX), "red" / "atomic" (split-K
+    finish ATOMIC 1 / 2; default 0)."""
 
     kind: str
     block_m: int

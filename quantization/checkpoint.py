@@ -220,7 +220,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         if marker is not None:
             raise NotACheckpointError(
                 f"{path}: not a bitserve checkpoint: {MANIFEST} is missing, though {marker} "
-                "(an incomplete copy? quantize the source model again)"
+                "(an incomplete copy, or another tool's packed weights? bitserve loads its own "
+                "checkpoints and unquantized models: quantize the source model again)"
             )
         raise NotACheckpointError(f"{path}: not a bitserve checkpoint (no {MANIFEST})")
     try:
