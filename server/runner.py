@@ -265,8 +265,10 @@ class LlamaRunner:
         steps = torch.arange(T, device=self.device)
         pos = (starts.unsqueeze(1) + steps).clamp_max(self.max_len - 1)  # [B, T]
         cuda = self.device.type == "cuda"
+        # On CUDA one masked call: a call per row would be a launch per row and layer (and its
+        # other kernels already differ by batch size, so nothing would be gained).
         with sdpa_kernel(EAGER_SDPA) if cuda else contextlib.nullcontext():
-            return self._step(ids, slots, pos, kv_len, last, spans).float()
+            return self._step(ids, slots, pos, kv_len, last, None if cuda else spans).float()
 
     def synchronize(self) -> None:
         """Wait until the device has run everything queued (a no-op on the CPU)."""
@@ -410,8 +412,8 @@ class LlamaRunner:
     ) -> torch.Tensor:
         """The forward on device tensors (ids, slots, positions pos [B, T]): logits [B, V] in
         the head's dtype, without a host sync. spans (slot, start, real tokens) per row: each row
-        attends alone over exactly its own keys (`_attend_rows`); None (a static decode step,
-        graph-captured on CUDA): all rows at once over the first kv_len positions, masked."""
+        attends alone over exactly its own keys (`_attend_rows`, the CPU); None (CUDA, and the
+        static decode step): all rows at once over the first kv_len positions, masked."""
         B, T = ids.shape
         if T == 1 and self.fused_decode:
             return self._fused_step(ids[:, 0], slots, pos[:, 0], kv_len)
