@@ -22,13 +22,25 @@ import triton
 from compile_check import DOT_VARIANTS, matmul_kernel
 
 
-def loop_counts(cubin: bytes) -> collections.Counter[str]:
-    """Opcode counts of the largest backward-branch loop in the disassembly."""
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+def _tool(name: str, cubin: bytes, *flags: str) -> str:
+    """Output of Triton's bundled CUDA binary tool `name` run on `cubin`."""
+    path = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin", name)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([path, *flags, f.name], capture_output=True, text=True).stdout
+
+
+def registers(cubin: bytes) -> int:
+    """Registers per thread (cuobjdump's resource usage): with 4 warps, 65536 / (128 x this)
+    programs fit an SM."""
+    m = re.search(r"REG:(\d+)", _tool("cuobjdump", cubin, "--dump-resource-usage"))
+    return int(m.group(1)) if m else -1
+
+
+def loop_counts(cubin: bytes) -> collections.Counter[str]:
+    """Opcode counts of the largest backward-branch loop in the disassembly."""
+    sass = _tool("nvdisasm", cubin, "-c")
     labels: dict[str, int] = {}
     code: list[tuple[int, str]] = []
     pending = None
@@ -63,17 +75,22 @@ def main() -> None:
     ap.add_argument("--block-m", type=int, default=16, help="BLOCK_M of the dot-* variants")
     args = ap.parse_args()
     print(
-        "| variant | tile (N x K) | loop instructions | words per thread | per word | top opcodes |"
+        "| variant | tile (N x K) | loop instructions | words per thread | per word "
+        "| registers | top opcodes |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for tile in args.tiles:
         block_n, block_k = (int(v) for v in tile.split("x"))
         words = block_n * block_k // 8 // (32 * args.warps)
         for variant in args.variants:
-            ops = loop_counts(matmul_kernel(variant, block_n, block_k, args.warps, args.block_m))
+            cubin = matmul_kernel(variant, block_n, block_k, args.warps, args.block_m)
+            ops = loop_counts(cubin)
             total = sum(ops.values())
             top = ", ".join(f"{op} {n}" for op, n in ops.most_common(5))
-            print(f"| {variant} | {tile} | {total} | {words} | {total / words:.1f} | {top} |")
+            print(
+                f"| {variant} | {tile} | {total} | {words} | {total / words:.1f} "
+                f"| {registers(cubin)} | {top} |"
+            )
 
 
 if __name__ == "__main__":

@@ -781,7 +781,7 @@ def _small_batch(rows: int) -> list[Config]:
     """Candidates for M = 2..`rows`: `_gemv_kernel` with ROWS = `rows` (4-bit fp16 only, where
     `_applies`), and dot tiles for the other layers and in case they are faster."""
     # Tiles of 8 words a thread (BLOCK_K 64, or 8 warps) keep 4 rows at 118-141 registers
-    # where 16 words take 222-243 (`cuobjdump --dump-resource-usage`), at 61-67 instructions a
+    # where 16 words take 222-243 (`bench/sass_count.py` registers), at 61-67 instructions a
     # word against 60.5 (`bench/sass_count.py`); 2 rows fit either way. The first tile, 16
     # words a thread, stays a candidate for 4 rows too, to compare.
     gemv = [
