@@ -270,7 +270,7 @@ def test_runner_rows_do_not_depend_on_the_batch() -> None:
     lengths: prefill padded to a longer row (and a continuation chunk), and decode steps next
     to longer and shorter rows, in non-consecutive slots. One masked attention call over the
     batch rounded differently in the last bit, and through the default model's 30 layers the
-    quantized matmuls' 16-bit casts grew that to logits 0.3 apart (different greedy texts);
+    quantized matmuls' 16-bit casts grew that into different logits and greedy texts;
     random-init models of a few layers never showed it."""
     from conftest import DEFAULT_TOKENIZER
 
