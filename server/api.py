@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -155,9 +155,10 @@ def _params(req: S.SamplingFields, max_tokens: int, logprobs: int | None) -> lis
 
 
 def _submit(
-    state: ServerState, prompt_ids: list[int], params: list[SamplingParams]
+    state: ServerState, choices: list[tuple[list[int], SamplingParams]]
 ) -> tuple[asyncio.Queue[StepOutput], list[Sequence]]:
-    """Hand one sequence per choice to the engine; outputs arrive on the returned queue."""
+    """Hand one sequence per choice (its prompt ids and parameters) to the engine; outputs
+    arrive on the returned queue."""
     if not state.engine.alive():
         raise APIError(503, "The engine is not running", "server_error", retry_after=5)
     loop = asyncio.get_running_loop()
@@ -166,11 +167,11 @@ def _submit(
     def emit(out: StepOutput) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, out)
 
-    seqs = [state.engine.new_sequence(i, prompt_ids, p, emit) for i, p in enumerate(params)]
+    seqs = [state.engine.new_sequence(i, ids, p, emit) for i, (ids, p) in enumerate(choices)]
     try:
         state.engine.submit(seqs)
     except TooManySequences as e:
-        raise APIError(400, f"n is too large: {e}", param="n") from None
+        raise APIError(400, f"n (times the prompts) is too large: {e}", param="n") from None
     except Overloaded as e:
         raise APIError(
             429,
@@ -256,7 +257,9 @@ def _sse(item: BaseModel | str) -> str:
 
 def _chat_prompt(state: ServerState, req: S.ChatRequest) -> list[int]:
     """Token ids of the messages rendered with the tokenizer's chat template (blocking: the
-    routes call it in a worker thread)."""
+    routes call it in a worker thread). A template that refuses the messages is a 400."""
+    from jinja2 import TemplateError, TemplateSyntaxError  # what chat templates run on
+
     tok = state.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, "This model's tokenizer has no chat template; use /v1/completions")
@@ -268,8 +271,28 @@ def _chat_prompt(state: ServerState, req: S.ChatRequest) -> list[int]:
         messages.append(
             {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         )
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateSyntaxError:
+        raise  # the template itself is broken: a server error
+    except TemplateError as e:  # the template refuses these messages (raise_exception)
+        raise APIError(
+            400, f"The messages do not fit this model's chat template: {e}", param="messages"
+        ) from None
     return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _completion_prompts(state: ServerState, prompt: S.Prompt) -> list[list[int]]:
+    """Token ids of each prompt of a completions request: text, token ids, or a batch of
+    either (blocking: the route calls it in a worker thread). An empty batch is one empty
+    prompt, which _check_prompt refuses."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif not prompt or isinstance(prompt[0], int):
+        return [list(cast(list[int], prompt))]
+    return [
+        list(state.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompt
+    ]
 
 
 async def _collect(
@@ -367,7 +390,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def models() -> S.ModelList:
         return S.ModelList(data=[state.card])
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")  # ids may hold a slash ("org/name")
     async def model(model_id: str) -> S.ModelCard:
         _check_model(state, model_id)
         return state.card
@@ -377,19 +400,25 @@ def create_app(state: ServerState) -> FastAPI:
         _check_model(state, req.model)
         _check_supported(req)
 
-        def prepare() -> tuple[list[int], int]:
-            if isinstance(req.prompt, str):
-                ids = list(state.tokenizer(req.prompt)["input_ids"])
-            else:
-                ids = list(req.prompt)
-            return ids, _check_prompt(state, ids, req.max_tokens)
+        def prepare() -> list[tuple[list[int], int]]:
+            prompts = _completion_prompts(state, req.prompt)
+            return [(ids, _check_prompt(state, ids, req.max_tokens)) for ids in prompts]
 
-        prompt_ids, max_tokens = await run_in_threadpool(prepare)
-        queue, seqs = _submit(state, prompt_ids, _params(req, max_tokens, req.logprobs))
+        prompts = await run_in_threadpool(prepare)
+        # choice i * n + j is prompt i's choice j, as if each prompt came alone (seed + j)
+        queue, seqs = _submit(
+            state,
+            [
+                (ids, p)
+                for ids, max_tokens in prompts
+                for p in _params(req, max_tokens, req.logprobs)
+            ],
+        )
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _stream(
-                _completion_events(state, req, queue, seqs, len(prompt_ids), include_usage)
+                _completion_events(state, req, queue, seqs, prompt_tokens, include_usage)
             )
         texts, ids, lps, reasons, total = await _collect_unless_gone(request, state, queue, seqs)
         choices = [
@@ -403,9 +432,7 @@ def create_app(state: ServerState) -> FastAPI:
             )
             for i in range(len(seqs))
         ]
-        return S.CompletionResponse(
-            model=name, choices=choices, usage=_usage(len(prompt_ids), total)
-        )
+        return S.CompletionResponse(model=name, choices=choices, usage=_usage(prompt_tokens, total))
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: S.ChatRequest, request: Request) -> Any:
@@ -418,7 +445,7 @@ def create_app(state: ServerState) -> FastAPI:
 
         prompt_ids, max_tokens = await run_in_threadpool(prepare)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        queue, seqs = _submit(state, prompt_ids, _params(req, max_tokens, top))
+        queue, seqs = _submit(state, [(prompt_ids, p) for p in _params(req, max_tokens, top)])
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _stream(_chat_events(state, req, queue, seqs, len(prompt_ids), include_usage))

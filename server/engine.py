@@ -304,7 +304,7 @@ class Engine:
         with self.lock:
             for seq in [s for s in self.waiting if s.aborted]:
                 self.waiting.remove(seq)
-                self.m.finished.labels(finish_reason="abort", **self.label).inc()
+                self._count_finished(seq, "abort")
             while self.waiting and self.free_slots:
                 seq = self.waiting.popleft()
                 seq.slot = self.free_slots.pop(0)
@@ -427,6 +427,11 @@ class Engine:
         self.running.remove(seq)
         with self.lock:
             self.free_slots.append(seq.slot)
+        self._count_finished(seq, reason)
+
+    def _count_finished(self, seq: Sequence, reason: str) -> None:
+        """Count a finished sequence by reason and observe its end-to-end latency: every
+        finished sequence, one abandoned in the queue too, so the two counts agree."""
         self.m.finished.labels(finish_reason=reason, **self.label).inc()
         self.m.e2e.labels(**self.label).observe(time.perf_counter() - seq.arrival)
 

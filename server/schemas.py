@@ -6,7 +6,15 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 # A seed may be any signed or unsigned 64-bit integer; choice i of a request draws from
 # (seed + i) mod 2**64 (sampling.make_generator), the range torch.Generator takes.
@@ -71,13 +79,29 @@ class SamplingFields(BaseModel):
         return None
 
 
+# A prompt as text or token ids, or a batch of either (one choice set per prompt). Token ids
+# are strict: in lax mode ["12", "7"] or [true] would silently read as token ids.
+Prompt = str | list[StrictInt] | list[str] | list[list[StrictInt]]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int]
+    prompt: Prompt
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Prompt:
+        """One error naming the accepted shapes, rather than the first failed union member's."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(
+                "must be a string, a list of token ids (integers), or a list of either"
+            ) from None
 
     def unsupported(self) -> Unsupported | None:
         if self.echo:
