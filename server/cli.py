@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import logging
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from bitserve.server.settings import LOG_LEVELS, Settings, settings_from_flags
 
 DEFAULT_QUANTIZE = "w4g128"  # with the default method
 GATE_SEQLEN, GATE_WINDOWS = 512, 40
+SHUTDOWN_BACKSTOP = 10.0  # seconds past --shutdown-timeout before uvicorn drops connections
 
 
 def parse_quantize(text: str) -> tuple[str, QuantSpec, int]:
@@ -229,13 +231,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         decode,
         runner.head_description(),
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(state),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        # a backstop: streams whose client stops reading cannot take their last chunk
+        timeout_graceful_shutdown=None
+        if settings.shutdown_timeout is None
+        else settings.shutdown_timeout + SHUTDOWN_BACKSTOP,
     )
+    _run_with_deadline(uvicorn.Server(config), state.engine, settings.shutdown_timeout)
     return 0
+
+
+def _run_with_deadline(server: Any, engine: Any, timeout: float | None) -> None:
+    """Run the uvicorn server; its first SIGTERM/SIGINT also starts the --shutdown-timeout
+    clock, after which the engine ends every request in flight with finish_reason "abort"
+    (so streams still close with a last chunk and [DONE]) and uvicorn can exit."""
+    default_exit = server.handle_exit
+    timer = None if timeout is None else threading.Timer(timeout, engine.cut_off)
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        if timer is not None and timer.ident is None:  # not started yet
+            timer.daemon = True
+            timer.start()
+        default_exit(sig, frame)
+
+    server.handle_exit = handle_exit  # uvicorn installs it as the signal handler in run()
+    server.run()
 
 
 def add_parser(sub: Any) -> None:
@@ -316,6 +340,14 @@ def add_parser(sub: Any) -> None:
         "the CPU: an RTN W8 g32 copy, as close to fp32 as bf16; its matmul is 2.75x bf16's "
         "speed for one sequence and 1.8x for 4 (decode tokens/s: about 1.1x), slower for 8 "
         "and more concurrent sequences (docs/serving.md). An fp16 model on a GPU keeps its own",
+    )
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl-C, stop accepting requests and wait this long for those in "
+        "flight, then end them with finish_reason 'abort' (streams still get their last chunk "
+        "and [DONE]) and exit (default: wait for every request to finish)",
     )
     s.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     s.add_argument(

@@ -231,6 +231,7 @@ class Engine:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
+        self.cutting = False  # shutdown deadline passed: end every sequence at the next step
         self.thread = threading.Thread(target=self._loop, name="bitserve-engine", daemon=True)
 
     def new_sequence(
@@ -267,6 +268,12 @@ class Engine:
             s.aborted = True
         self.wake.set()
 
+    def cut_off(self) -> None:
+        """End every running and queued sequence with finish_reason "abort" at the next step,
+        so that their streams close cleanly, and accept no more work (shutdown deadline)."""
+        self.cutting = True
+        self.wake.set()
+
     def start(self) -> None:
         """Start the engine thread (the app's lifespan calls this)."""
         self.thread.start()
@@ -279,7 +286,7 @@ class Engine:
 
     def alive(self) -> bool:
         """Whether the engine thread runs and accepts work (/ready)."""
-        return self.thread.is_alive() and not self.stopping
+        return self.thread.is_alive() and not self.stopping and not self.cutting
 
     def _loop(self) -> None:
         """Sleep until there is work, then step; a failed step fails its sequences, not the server."""
@@ -299,6 +306,9 @@ class Engine:
 
     def step(self) -> None:
         """One iteration: drop aborted, admit, prefill a batch of prompt chunks, decode the rest."""
+        if self.cutting:
+            self._end_all("abort")
+            return
         for seq in [s for s in self.running if s.aborted]:
             self._finish(seq, "abort")
         with self.lock:
@@ -323,6 +333,16 @@ class Engine:
                 s.computed += 1
             self._sample(decoding, logits)
             self.m.decode_step.labels(**self.label).observe(time.perf_counter() - t0)
+
+    def _end_all(self, reason: str) -> None:
+        """Finish every queued and running sequence now, each with a last output."""
+        with self.lock:
+            queued, self.waiting = list(self.waiting), deque()
+        for seq in queued:
+            seq.emit(self._output(seq, [], [], reason))
+            self._count_finished(seq, reason)
+        for seq in list(self.running):
+            self._finish(seq, reason)
 
     def _prefill(self, waiting: list[Sequence]) -> None:
         """Prefill the next prompt chunk of as many sequences as fit in one right-padded

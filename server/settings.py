@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         "for 1-4 concurrent sequences, slower for 8 and more) or float32; a 16-bit model on a "
         "GPU keeps its own",
     )
+    shutdown_timeout: float | None = Field(
+        None,
+        ge=0,
+        description="seconds a SIGTERM waits for requests in flight before ending them with "
+        "finish_reason 'abort' (default: wait for all)",
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
     log_level: str = "info"
 

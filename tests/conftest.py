@@ -75,6 +75,33 @@ def server_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ServerStarter = Callable[..., str]
 
 
+def launch_server(
+    model: str | Path, flags: tuple[str, ...], logdir: Path, timeout: float = 600.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Run `bitserve serve model *flags` on a free port of 127.0.0.1 and wait (bounded) for
+    /ready: (the process, its base URL). The caller stops the process."""
+    port = _free_port()
+    log_path = logdir / f"serve-{port}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 (kept open for the process)
+    cmd = [sys.executable, "-m", "bitserve.cli", "serve", str(model), "--port", str(port)]
+    cmd += ["--log-level", "warning", *flags]
+    env = {**os.environ, "BITSERVE_HOST": "127.0.0.1"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError(f"server on {url} not ready after {timeout}s")
+
+
 @pytest.fixture(scope="module")
 def server_start(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerStarter]:
     """start(model, *flags) runs `bitserve serve` on a free port, waits for /ready (bounded) and
@@ -83,35 +110,9 @@ def server_start(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerSta
     logdir = tmp_path_factory.mktemp("server-logs")
 
     def start(model: str | Path, *flags: str, timeout: float = 600.0) -> str:
-        port = _free_port()
-        log = open(logdir / f"serve-{port}.log", "wb")  # noqa: SIM115 (kept open for the process)
-        cmd = [
-            sys.executable,
-            "-m",
-            "bitserve.cli",
-            "serve",
-            str(model),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            *flags,
-        ]
-        env = {**os.environ, "BITSERVE_HOST": "127.0.0.1"}
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        proc, url = launch_server(model, flags, logdir, timeout)
         procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(logdir / f'serve-{port}.log').read_text()}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"server on {url} not ready after {timeout}s")
+        return url
 
     yield start
     for proc in procs:

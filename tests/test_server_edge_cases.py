@@ -5,13 +5,16 @@ on 127.0.0.1: chat templates that reject a conversation, batches of prompts in
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import ServerStarter
+from conftest import ServerStarter, launch_server
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_models import char_tokenizer, save_tiny_model
 
@@ -189,3 +192,55 @@ def test_request_abandoned_in_the_queue_is_counted_like_the_others(url: str) -> 
     assert diff("bitserve_e2e_request_latency_seconds_count") == 2
     assert after["bitserve_num_requests_waiting{}"] == 0
     assert after["bitserve_kv_cache_usage_ratio{}"] == 0
+
+
+def _stream_events(url: str, body: dict[str, Any], first: threading.Event, out: list) -> None:
+    """Read one streamed completion, appending each SSE data line to out; set `first` once
+    the first chunk (or the end) has arrived."""
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out.append(line[6:])
+                    first.set()
+    except httpx.HTTPError as e:
+        out.append(f"error: {e!r}")
+    first.set()
+
+
+def test_sigterm_ends_requests_in_flight_at_the_shutdown_timeout(tmp_path: Path) -> None:
+    """With --shutdown-timeout 1, a SIGTERM ends a stream that would run for many seconds, and
+    one still queued behind it, with finish_reason "abort", a last chunk and [DONE]; then the
+    server exits. (Without the flag the stream runs to its 12000 tokens.)"""
+    path = save_tiny_model(tmp_path / "tiny")
+    flags = ("--shutdown-timeout", "1", "--max-num-seqs", "1", "--max-model-len", "16384")
+    proc, url = launch_server(path, (*flags, "--threads", "1"), tmp_path)
+    try:
+        body = {"model": "tiny", "prompt": "ab", "max_tokens": 12000, "stream": True}
+        body |= {"ignore_eos": True, "temperature": 0}
+        started = [threading.Event(), threading.Event()]
+        events: list[list[str]] = [[], []]
+        readers = [
+            threading.Thread(target=_stream_events, args=(url, body, started[i], events[i]))
+            for i in range(2)
+        ]
+        readers[0].start()
+        assert started[0].wait(30), "the first stream sent nothing"
+        readers[1].start()  # one KV slot: this one waits in the queue
+        deadline = time.monotonic() + 30
+        while metrics(url).get("bitserve_num_requests_waiting{}", 0) < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        for reader in readers:
+            reader.join(timeout=45)
+            assert not reader.is_alive(), "a stream did not end after the shutdown timeout"
+        for lines in events:
+            assert lines[-1] == "[DONE]", lines[-3:]
+            assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "abort", lines[-2]
+        assert len(events[0]) < 12000  # cut short, not run to its length
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=15)
