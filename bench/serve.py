@@ -253,7 +253,7 @@ def llama_server_cmd(args: argparse.Namespace, port: int) -> list[str]:
         args.llama_server,
         *("-m", args.gguf or default_gguf(), "--host", "127.0.0.1", "--port", str(port)),
         *("-t", threads, "-tb", threads, "-np", "16", "-c", str(16 * 512), "--cont-batching"),
-        *("--alias", "m", "--log-disable"),
+        *("--alias", "m"),
     ]
 
 

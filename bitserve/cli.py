@@ -38,6 +38,17 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+SEED_MAX = 2**63 - 1
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a seed torch's generators take, 0 ... 2**63 - 1."""
+    value = int_at_least(0)(text)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {SEED_MAX}, got {value}")
+    return value
+
+
 def _spec(args: argparse.Namespace) -> Any:
     from bitserve.quantization.grid import QuantSpec
 
@@ -87,12 +98,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from bitserve.models import load_model
-    from bitserve.quantization.checkpoint import is_checkpoint, update_manifest
+    from bitserve.models import load_model, resolve_source
+    from bitserve.quantization.checkpoint import (
+        is_checkpoint,
+        looks_like_checkpoint,
+        update_manifest,
+    )
     from bitserve.quantization.eval import perplexity
 
     if not args.text.is_file():
         raise UsageError(f"{args.text}: no such text file")
+    if args.out is not None and (args.out.is_dir() or not args.out.parent.is_dir()):
+        raise UsageError(f"--out {args.out}: not a file in an existing directory")
+    if args.record and not looks_like_checkpoint(resolve_source(args.model)):
+        raise UsageError(
+            f"--record: {args.model} is not a bitserve checkpoint (nothing to record in)"
+        )
     loaded = load_model(args.model, backend=args.backend)
     result = perplexity(
         loaded.model, loaded.tokenizer, args.text, args.seqlen, args.max_windows, args.batch_size
@@ -234,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per calibration sequence (default 512)",
     )
     q.add_argument(
-        "--seed", type=int, default=0, help="seed for sampling calibration data and methods"
+        "--seed",
+        type=seed_value,
+        default=0,
+        help="seed for sampling calibration data and methods",
     )
     q.add_argument(
         "--method-arg",

@@ -16,8 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitserve.errors import UsageError
 from bitserve.kernels.packing import group_index, num_groups
-from bitserve.quantization.base import BlockContext, Method, Quantized, register_method
+from bitserve.quantization.base import (
+    BlockContext,
+    Method,
+    Quantized,
+    is_int,
+    is_number,
+    register_method,
+)
 from bitserve.quantization.gptq import InputStats, check_args, collect_stats, input_groups
 from bitserve.quantization.grid import QuantSpec, fake_quantize, quantize_rtn
 
@@ -35,6 +43,7 @@ _NORM_BEFORE = {
     "up_proj": "post_attention_layernorm",
 }
 _NO_CLIP = ("q_proj", "k_proj")  # their errors are amplified by the attention softmax
+FOLD_TOLERANCE = 1e-3  # relative change of a block's output beyond which a fold is not exact
 
 
 def _leaf(name: str) -> str:
@@ -110,6 +119,25 @@ def fold_scale(ctx: BlockContext, group: list[str], prev: nn.Module, s: torch.Te
             bias.div_(s.to(bias.dtype))
 
 
+def fold_if_exact(ctx: BlockContext, group: list[str], prev: nn.Module, s: torch.Tensor) -> bool:
+    """Fold s, and keep it only if the block's output on the first calibration call is unchanged.
+    Names alone cannot tell that a fold is exact: Gemma's norms scale by (1 + weight), Phi's one
+    norm also feeds the parallel MLP, Gemma 2's post_attention_layernorm normalises an output."""
+    params = [ctx.linears[n].weight for n in group] + [
+        t for t in (prev.weight, getattr(prev, "bias", None)) if isinstance(t, torch.Tensor)
+    ]
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        before = ctx.run(ctx.inputs[0])
+        fold_scale(ctx, group, prev, s)
+        after = ctx.run(ctx.inputs[0])
+        if (after - before).norm() <= FOLD_TOLERANCE * before.norm():
+            return True
+        for p, value in zip(params, saved, strict=True):
+            p.copy_(value)
+    return False
+
+
 def scale_block(
     ctx: BlockContext, groups: list[list[str]], stats: dict[str, InputStats]
 ) -> dict[str, torch.Tensor]:
@@ -123,7 +151,8 @@ def scale_block(
         if prev is not None and ctx.args["scale"]:
             weights = [ctx.linears[n].weight.data for n in group]
             s = search_scale(weights, stats[group[0]], ctx.spec, ctx.args["n_grid"])
-            fold_scale(ctx, group, prev, s)
+            if not fold_if_exact(ctx, group, prev, s):
+                s = torch.ones(k)
         scales[group[0]] = s
     return scales
 
@@ -160,9 +189,22 @@ def search_clip(
     return best_clip
 
 
+def check_options(a: dict[str, Any]) -> None:
+    """Refuse option values the searches cannot use (they would fail deep inside, or round
+    every weight to nothing)."""
+    for key in ("scale", "clip"):
+        if not isinstance(a[key], bool):
+            raise UsageError(f"awq: {key} must be true or false, got {a[key]!r}")
+    if not (is_int(a["n_grid"]) and a["n_grid"] >= 1):
+        raise UsageError(f"awq: n_grid must be an integer >= 1, got {a['n_grid']!r}")
+    if not (is_number(a["max_shrink"]) and 0 <= a["max_shrink"] < 1):
+        raise UsageError(f"awq: max_shrink must be a number in [0, 1), got {a['max_shrink']!r}")
+
+
 def quantize_block(ctx: BlockContext) -> dict[str, Quantized]:
     """Scale (folded), clip-search and round the block's linears."""
     check_args(ctx, DEFAULTS, "awq")
+    check_options(ctx.args)
     groups = input_groups(ctx)
     stats = collect_stats(ctx, [g[0] for g in groups], stop_early=False)
     scales = scale_block(ctx, groups, stats)

@@ -9,6 +9,7 @@ dequantized values so that the next block is calibrated on the quantized model's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -107,6 +108,16 @@ def get_method(name: str) -> Method:
 
         raise UsageError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def is_int(value: Any) -> bool:
+    """An integer method option (JSON true/false are not integers)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite real method option (an integer or a float, not a bool)."""
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def input_power(ctx: BlockContext) -> dict[str, torch.Tensor]:

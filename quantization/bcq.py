@@ -24,6 +24,7 @@ from bitserve.quantization.base import (
     Method,
     Quantized,
     input_power,
+    is_int,
     register_method,
 )
 
@@ -218,8 +219,17 @@ def fit_bcq(
 def quantize_block(ctx: BlockContext) -> dict[str, Quantized]:
     """Fit every linear of the block independently, weighing input k by its calibration E[x_k²]
     when calibrated (bcq-act); data-free (bcq) every input counts the same."""
-    iters = int(ctx.args.get("iters", 10))
-    offset = bool(ctx.args.get("offset", True))
+    if ctx.spec.sym:
+        raise UsageError(
+            "bcq: --sym does not apply (BCQ fits a per-group offset; --method-arg offset=false "
+            "drops it)"
+        )
+    iters, offset = ctx.args.get("iters", 10), ctx.args.get("offset", True)
+    if not (is_int(iters) and iters >= 0) or not isinstance(offset, bool):
+        raise UsageError(
+            f"bcq: need an integer iters >= 0 and offset true or false, got iters={iters!r}, "
+            f"offset={offset!r}"
+        )
     importance = input_power(ctx) if ctx.inputs else {}
     return {
         name: fit_bcq(

@@ -28,6 +28,8 @@ def file_calibration(
     tokenizer: Any, path: Path, nsamples: int, seqlen: int, seed: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """`nsamples` windows of `seqlen` tokens at seeded random offsets of the tokenized file."""
+    if nsamples < 1 or seqlen < 1:
+        raise UsageError(f"need --nsamples and --seqlen >= 1, got {nsamples} and {seqlen}")
     text = read_text(path)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if ids.numel() < seqlen + 1:
@@ -57,6 +59,11 @@ def generated_calibration(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Data-free calibration: the model samples `nsamples` sequences of `seqlen` tokens from its
     BOS token (temperature 1, top-k 50), each starting from a random first token."""
+    if seqlen < 3:
+        raise UsageError(
+            f"--seqlen {seqlen}: self-generated calibration needs at least 3 tokens per sequence "
+            "(BOS, a random token, a generated one); pass --calib FILE for shorter windows"
+        )
     gen = torch.Generator().manual_seed(seed)
     vocab = int(model.config.vocab_size)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0

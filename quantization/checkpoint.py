@@ -99,11 +99,26 @@ def save_checkpoint(
     """Write model.safetensors, config.json (with quantization_config), the tokenizer and the
     manifest into `out_dir`, via a temporary directory renamed into place."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise FileExistsError(f"{out_dir} exists (pass --force to overwrite)")
+    check_out_dir(out_dir, force)
     tmp = out_dir.with_name(out_dir.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_files(model, tokenizer, tmp, manifest)
+    except BaseException:  # an interrupted or failed write leaves no partial folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _write_files(
+    model: PreTrainedModel, tokenizer: Any, tmp: Path, manifest: dict[str, Any]
+) -> None:
+    """Every file of the checkpoint into `tmp`, the manifest (with their digests) last."""
     layers = layer_entries(model)
     quant = manifest.get("quantization", {})
     config = model.config
@@ -119,6 +134,7 @@ def save_checkpoint(
         str(tmp / WEIGHTS),
         metadata={"format": "pt", "bitserve_format": str(FORMAT_VERSION)},
     )
+    _sort_metadata(tmp / WEIGHTS)
     full = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -129,11 +145,39 @@ def save_checkpoint(
         "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
     }
     (tmp / MANIFEST).write_text(json.dumps(full, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out_dir)
-    return out_dir
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place (same length):
+    safetensors writes them in hash order, which changes from run to run, so the same weights
+    would get another SHA-256 each time."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # the same entries: never longer
+            f.seek(8)
+            f.write(text.ljust(size, b" "))
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse an output directory that cannot take a checkpoint before any work is done: one
+    that exists (without `force`), a file, or a folder with files that is not a checkpoint
+    (`force` would delete it: the source model, a project); or one below a file."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise UsageError(f"{out_dir} exists (pass --force to overwrite)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is a file, not a checkpoint directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not looks_like_checkpoint(out_dir):
+        raise UsageError(
+            f"{out_dir} is not a bitserve checkpoint: --force only replaces checkpoints "
+            "(choose another --out)"
+        )
+    above = next((p for p in out_dir.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UsageError(f"{out_dir}: {above} is a file, not a directory")
 
 
 def _unreadable(path: Path, why: object) -> CorruptFileError:
@@ -228,6 +272,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CorruptFileError(f"{mpath}: manifest is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise CorruptFileError(f"{mpath}: manifest is not a JSON object")
     if manifest.get("format") != FORMAT:
         raise NotACheckpointError(
             f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT!r}"
@@ -237,7 +283,32 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{mpath}: format version {manifest.get('format_version')!r} is not supported "
             f"(this bitserve reads version {FORMAT_VERSION})"
         )
+    _check_manifest_fields(mpath, manifest)
     return manifest
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_manifest_fields(mpath: Path, manifest: dict[str, Any]) -> None:
+    """The fields loaders rely on, with the right types: `layers` maps names to entries with a
+    format and positive sizes, `files` maps file names to digests."""
+    layers, files = manifest.get("layers"), manifest.get("files")
+    if not isinstance(layers, dict) or not isinstance(files, dict):
+        raise CorruptFileError(f"{mpath}: 'layers' and 'files' must be JSON objects")
+    if not all(isinstance(digest, str) for digest in files.values()):
+        raise CorruptFileError(f"{mpath}: every 'files' digest must be a string")
+    for name, entry in layers.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("format"), str)
+            and _positive_int(entry.get("in_features"))
+            and _positive_int(entry.get("out_features"))
+        ):
+            raise CorruptFileError(
+                f"{mpath}: layer {name} needs a format and positive in_features and out_features"
+            )
 
 
 def update_manifest(path: Path, **fields: Any) -> dict[str, Any]:
@@ -253,7 +324,13 @@ def update_manifest(path: Path, **fields: Any) -> dict[str, Any]:
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """Check the manifest and the SHA-256 of every file it lists; returns the manifest."""
     manifest = read_manifest(path)
-    for name, digest in manifest.get("files", {}).items():
+    unlisted = [name for name in ("config.json", WEIGHTS) if name not in manifest["files"]]
+    if unlisted:
+        raise ChecksumError(
+            f"{Path(path, MANIFEST)}: no SHA-256 for {', '.join(unlisted)}, so it cannot be "
+            "verified (the manifest was edited)"
+        )
+    for name, digest in manifest["files"].items():
         f = Path(path, name)
         if not f.is_file():
             raise MissingTensorError(f"{f}: file listed in the manifest is missing")
@@ -320,7 +397,13 @@ def _meta_model(path: Path, manifest: dict[str, Any]) -> PreTrainedModel:
             raise UnsupportedFormatError(
                 f"{path / MANIFEST}: layer {name} has unknown format {fmt!r}"
             )
-        set_module(model, name, LAYER_FORMATS[fmt](entry, "meta"))
+        try:
+            module = LAYER_FORMATS[fmt](entry, "meta")
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise CorruptFileError(
+                f"{path / MANIFEST}: layer {name} has a bad {fmt!r} entry ({type(e).__name__}: {e})"
+            ) from None
+        set_module(model, name, module)
     return model
 
 

@@ -19,7 +19,14 @@ from torch import nn
 
 from bitserve.errors import UsageError
 from bitserve.kernels.packing import group_index, num_groups
-from bitserve.quantization.base import BlockContext, Method, Quantized, register_method
+from bitserve.quantization.base import (
+    BlockContext,
+    Method,
+    Quantized,
+    is_int,
+    is_number,
+    register_method,
+)
 from bitserve.quantization.grid import (
     QuantizedWeight,
     QuantSpec,
@@ -303,6 +310,12 @@ def quantize_block(ctx: BlockContext) -> dict[str, Quantized]:
     for key in ("act_order", "sequential", "bf16_forwards"):
         if not isinstance(a[key], bool):
             raise UsageError(f"gptq: {key} must be true or false, got {a[key]!r}")
+    if not (is_int(a["block_size"]) and a["block_size"] >= 1):
+        raise UsageError(f"gptq: block_size must be an integer >= 1, got {a['block_size']!r}")
+    if not (is_int(a["clip_grid"]) and a["clip_grid"] >= 0):
+        raise UsageError(f"gptq: clip_grid must be an integer >= 0, got {a['clip_grid']!r}")
+    if not (is_number(a["damp"]) and a["damp"] >= 0):
+        raise UsageError(f"gptq: damp must be a number >= 0, got {a['damp']!r}")
     firsts = [g[0] for g in groups]
     stats: dict[str, InputStats] = {}
     if a["propagate"] == "fp":  # one full pass: the fp block's outputs and the stats it can give

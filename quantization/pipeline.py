@@ -87,6 +87,11 @@ def quantize_model(
         raise UsageError(f"method {method.name!r} needs calibration data")
     options = {**method.defaults, **(args or {})}
     blocks = decoder_blocks(model)
+    if not any(block_linears(block) for block in blocks):
+        raise UsageError(
+            f"{type(model).__name__}: its decoder blocks have no nn.Linear layers to quantize "
+            "(e.g. GPT-2's Conv1D); this architecture is not supported"
+        )
     prefix = block_prefix(model)
     calls = capture_block_inputs(model, calib_ids) if calib_ids is not None else []
     result: dict[str, Quantized] = {}

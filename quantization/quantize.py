@@ -14,7 +14,11 @@ from bitserve.errors import UsageError
 from bitserve.models import load_model, resolve_source, source_hash
 from bitserve.quantization.base import get_method
 from bitserve.quantization.calibration import file_calibration, generated_calibration
-from bitserve.quantization.checkpoint import require_unquantized, save_checkpoint
+from bitserve.quantization.checkpoint import (
+    check_out_dir,
+    require_unquantized,
+    save_checkpoint,
+)
 from bitserve.quantization.grid import QuantSpec
 from bitserve.quantization.pipeline import quantize_model, swap_in_quant_linears
 from bitserve.quantization.tune import tune_scales
@@ -46,8 +50,7 @@ def quantize_to_checkpoint(
     if unknown:
         accepted = ", ".join(sorted(m.defaults)) or "none"
         raise UsageError(f"method {m.name!r} has no option {unknown[0]!r} (accepted: {accepted})")
-    if Path(out).exists() and not force:
-        raise UsageError(f"{out} exists (pass --force to overwrite)")
+    check_out_dir(Path(out), force)
     if tune_steps < 0:
         raise UsageError(f"--tune-steps must be >= 0, got {tune_steps}")
     if tune_steps > 0 and not m.tunable:

@@ -76,6 +76,8 @@ def _evaluate(src: str | Path, args: argparse.Namespace) -> tuple[float, float]:
 def run_report(args: argparse.Namespace) -> dict[str, Any]:
     """Quantize, evaluate and tabulate every method x bits x group size; returns report.json."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise UsageError(f"--methods {args.methods!r}: no method names")
     untunable = [m for m in methods if not get_method(m).tunable]
     if args.tune_steps < 0:
         raise UsageError(f"--tune-steps must be >= 0, got {args.tune_steps}")
@@ -220,7 +222,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register the `report` sub-command."""
-    from bitserve.cli import int_at_least
+    from bitserve.cli import int_at_least, seed_value
 
     r = sub.add_parser(
         "report",
@@ -250,7 +252,7 @@ def add_parser(sub: Any) -> None:
     r.add_argument(
         "--max-windows", type=int_at_least(1), default=40, help="evaluate the first N windows"
     )
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=seed_value, default=0)
     r.add_argument(
         "--tune-steps",
         type=int,

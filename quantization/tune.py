@@ -7,6 +7,7 @@ block alone, while this corrects how the blocks' errors add up in the logits."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,8 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
 
 
 def _check(steps: int, lr: float, batch_size: int) -> None:
-    if steps < 1 or not lr > 0 or batch_size < 1:
-        raise UsageError("tune: need steps >= 1, lr > 0 and batch size >= 1")
+    if steps < 1 or not 0 < lr < math.inf or batch_size < 1:
+        raise UsageError("tune: need steps >= 1, a finite lr > 0 and batch size >= 1")
 
 
 def tune_scales(
@@ -157,13 +158,12 @@ def tune_checkpoint(
 ) -> Path:
     """Tune an existing checkpoint's scales against its source model and write a new one.
     Calibration defaults to the checkpoint's own windows (same file, count, length and seed)."""
-    from bitserve.models import load_model
+    from bitserve.models import load_model, resolve_source, source_hash
     from bitserve.quantization.calibration import file_calibration
-    from bitserve.quantization.checkpoint import read_manifest, save_checkpoint
+    from bitserve.quantization.checkpoint import check_out_dir, read_manifest, save_checkpoint
 
     _check(steps, lr, batch_size)
-    if Path(out).exists() and not force:
-        raise UsageError(f"{out} exists (pass --force to overwrite)")
+    check_out_dir(Path(out), force)
     manifest = read_manifest(Path(ckpt))
     recorded = manifest.get("calibration") or {}
     if calib is not None and not Path(calib).is_file():
@@ -174,6 +174,12 @@ def tune_checkpoint(
     src = source or manifest.get("source", {}).get("path")
     if not src or (src != "default" and not Path(src).exists()):
         raise UsageError(f"{ckpt}: source model {src!r} not found here; pass --source")
+    expected = manifest.get("source", {}).get("sha256")
+    if expected and source_hash(resolve_source(src)) != expected:
+        raise UsageError(
+            f"{src}: not the model {ckpt} was quantized from (its SHA-256 differs from the "
+            "manifest's source.sha256); pass that model as --source"
+        )
     loaded = load_model(ckpt, backend="reference")
     teacher = load_model(src).model
     seed = recorded.get("seed", 0) if seed is None else seed
@@ -213,6 +219,8 @@ def cmd_tune(args: Any) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register the `tune` sub-command."""
+    from bitserve.cli import int_at_least, seed_value
+
     t = sub.add_parser(
         "tune",
         help="tune a checkpoint's scales end to end against its unquantized source model",
@@ -240,8 +248,14 @@ def add_parser(sub: Any) -> None:
     )
     t.add_argument("--source", help="unquantized model (default: the manifest's source path)")
     t.add_argument("--calib", type=Path, help="calibration text (default: the checkpoint's own)")
-    t.add_argument("--nsamples", type=int, help="calibration windows (default: the checkpoint's)")
-    t.add_argument("--seqlen", type=int, help="tokens per window (default: the checkpoint's)")
-    t.add_argument("--seed", type=int, help="window sampling and order (default: the checkpoint's)")
+    t.add_argument(
+        "--nsamples", type=int_at_least(1), help="calibration windows (default: the checkpoint's)"
+    )
+    t.add_argument(
+        "--seqlen", type=int_at_least(1), help="tokens per window (default: the checkpoint's)"
+    )
+    t.add_argument(
+        "--seed", type=seed_value, help="window sampling and order (default: the checkpoint's)"
+    )
     t.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     t.set_defaults(func=cmd_tune)
