@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,10 @@ async def run_level(
     url: str, model: str, conc: int, rounds: int, max_tokens: int, extra: dict
 ) -> dict[str, float]:
     """`conc` clients each sending `rounds` requests back to back."""
-    async with httpx.AsyncClient(timeout=600) as client:
+    # A new connection per request: llama-server may close a kept-alive connection just as the
+    # next request goes out on it ("Server disconnected without sending a response").
+    no_reuse = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=600, limits=no_reuse) as client:
 
         async def worker(w: int) -> list[dict[str, Any]]:
             return [
@@ -175,57 +179,61 @@ def bench_server(
             proc.kill()
 
 
-def serve_benchmark(args: argparse.Namespace) -> None:
-    """Benchmark each chosen server in turn, save JSON and print the table."""
+Spec = tuple[Callable[[int], list[str]], str, dict, str]  # command of a port, model, extra, ready
+
+
+def server_specs(args: argparse.Namespace) -> dict[str, Spec]:
+    """How to start each server on a given port, the model id it serves, extra request fields
+    and its readiness path."""
     bitserve = [sys.executable, "-m", "bitserve.cli", "serve"]
     common = ["--max-num-seqs", "16", "--max-model-len", "512", "--log-level", "warning"]
-    servers: dict[str, tuple[list[str], str, dict, str, int]] = {}
-    for name, src in (("bitserve-w4", args.checkpoint), ("bitserve-fp32", args.unquantized)):
-        port = free_port()
-        servers[name] = (
-            [*bitserve, src, "--port", str(port), "--served-model-name", "m", *common],
+
+    def ours(src: str) -> Callable[[int], list[str]]:
+        return lambda port: [
+            *bitserve,
+            src,
+            "--port",
+            str(port),
+            "--served-model-name",
             "m",
-            {"ignore_eos": True},
-            "/ready",
-            port,
-        )
-    if "transformers-serve" in args.servers:
-        port = free_port()
-        servers["transformers-serve"] = (
-            [
-                str(Path(sys.executable).parent / "transformers"),
-                "serve",
-                args.unquantized,
-                "--port",
-                str(port),
-                "--host",
-                "127.0.0.1",
-                "--device",
-                "cpu",
-                "--continuous-batching",
-                "--dtype",
-                "float32",
+            *common,
+        ]
+
+    transformers = str(Path(sys.executable).parent / "transformers")
+    return {
+        "bitserve-w4": (ours(args.checkpoint), "m", {"ignore_eos": True}, "/ready"),
+        "bitserve-fp32": (ours(args.unquantized), "m", {"ignore_eos": True}, "/ready"),
+        "transformers-serve": (
+            lambda port: [
+                *(transformers, "serve", args.unquantized, "--port", str(port)),
+                *("--host", "127.0.0.1", "--device", "cpu", "--continuous-batching"),
+                *("--dtype", "float32"),
             ],
             args.unquantized,
             {},
             "/health",
-            port,
-        )
-    if "llama-server" in args.servers:
-        port = free_port()
-        servers["llama-server"] = (
-            llama_server_cmd(args, port),
+        ),
+        "llama-server": (
+            lambda port: llama_server_cmd(args, port),
             "m",
             {"ignore_eos": True},
             "/health",
-            port,
-        )
+        ),
+    }
+
+
+def serve_benchmark(args: argparse.Namespace) -> None:
+    """Benchmark each chosen server in turn (each on a port picked just before it starts),
+    save JSON and print the table."""
+    if "llama-server" in args.servers and not args.llama_server:
+        raise SystemExit("--servers llama-server needs --llama-server BIN")
     results = {}
-    for name, (cmd, model, extra, ready, port) in servers.items():
+    for name, (cmd_of, model, extra, ready) in server_specs(args).items():
         if name not in args.servers:
             continue
+        port = free_port()
         try:
-            results[name] = bench_server(name, cmd, port, model, args, extra, ready)
+            results[name] = bench_server(name, cmd_of(port), port, model, args, extra, ready)
         except Exception as e:  # a baseline that cannot run is reported, not fatal
             print(f"[{name}] failed: {e}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -246,8 +254,6 @@ def default_gguf() -> str:
 def llama_server_cmd(args: argparse.Namespace, port: int) -> list[str]:
     """llama.cpp's server on the same model, set up as bitserve is: 16 parallel sequences of 512
     tokens, continuous batching, as many threads as torch uses."""
-    if not args.llama_server:
-        raise SystemExit("--servers llama-server needs --llama-server BIN")
     threads = str(args.threads)
     return [
         args.llama_server,

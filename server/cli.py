@@ -9,8 +9,9 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,6 +22,7 @@ from bitserve.server.settings import LOG_LEVELS, Settings, settings_from_flags
 
 DEFAULT_QUANTIZE = "w4g128"  # with the default method
 GATE_SEQLEN, GATE_WINDOWS = 512, 40
+T = TypeVar("T")
 SHUTDOWN_BACKSTOP = 10.0  # seconds past --shutdown-timeout before uvicorn drops connections
 
 
@@ -187,11 +189,47 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     return ServerState(engine=engine, tokenizer=tok, metrics=metrics, card=card)
 
 
+def in_worker_thread(fn: Callable[[], T]) -> T:
+    """fn() on a thread that exits when it returns (its exception re-raised here). Loading and
+    quantizing run torch's OpenMP work; from the main thread that would leave a second thread
+    team beside the engine thread's, and with more OpenMP threads than cores libgomp stops its
+    idle workers spinning, so each small op of a CPU decode step waits for one to wake: steps
+    ran 1.7-2.2x slower (docs/serving.md, "Threads")."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # re-raised on the caller's thread
+            error.append(e)
+
+    thread = threading.Thread(target=run, name="bitserve-load", daemon=True)  # Ctrl-C exits
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _prepare_state(settings: Settings) -> tuple[Any, Path, str, torch.dtype]:
+    """Resolve (quantizing if asked), gate, load and build the engine: (state, checkpoint
+    path, device, dtype)."""
+    from bitserve.models import load_model
+
+    path = resolve_checkpoint(settings.model, settings.quantize, settings.calib)
+    if settings.quality_gate is not None and settings.gate_text is not None:
+        quality_gate(path, settings.model, settings.gate_text, settings.quality_gate)
+    device = resolve_device(settings.device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    loaded = load_model(path, device=device, dtype=dtype, backend=settings.backend)
+    return build_state(loaded, settings), path, device, dtype
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, then serve it until interrupted."""
     import uvicorn
 
-    from bitserve.models import load_model
     from bitserve.server.api import create_app
 
     overrides = {
@@ -213,13 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         and settings.model != "default"
     ):
         raise UsageError("--quality-gate needs --quantize (or SRC 'default')")
-    path = resolve_checkpoint(settings.model, settings.quantize, settings.calib)
-    if settings.quality_gate is not None and settings.gate_text is not None:
-        quality_gate(path, settings.model, settings.gate_text, settings.quality_gate)
-    device = resolve_device(settings.device)
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    loaded = load_model(path, device=device, dtype=dtype, backend=settings.backend)
-    state = build_state(loaded, settings)
+    state, path, device, dtype = in_worker_thread(lambda: _prepare_state(settings))
     runner = state.engine.runner
     decode = "CUDA graphs" if runner.decode_graphs else "eager"
     decode += ", fused decode kernels" if runner.fused_decode else ""

@@ -75,6 +75,17 @@ def server_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ServerStarter = Callable[..., str]
 
 
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Exit code and stderr of the in-process CLI (argparse errors exit through SystemExit)."""
+    from bitserve.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
 def launch_server(
     model: str | Path, flags: tuple[str, ...], logdir: Path, timeout: float = 600.0
 ) -> tuple[subprocess.Popen[bytes], str]:

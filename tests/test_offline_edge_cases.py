@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import run_main
 from tiny_models import CHARS, SPECIALS, char_tokenizer, save_tiny_model
 from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, PhiConfig
 
@@ -36,15 +37,6 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
         == 0
     )
     return root
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """Exit code and stderr of the in-process CLI (argparse errors exit through SystemExit)."""
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = int(e.code or 0)
-    return code, capsys.readouterr().err
 
 
 def assert_one_line_error(code: int, err: str, *expected: str) -> None:
