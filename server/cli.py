@@ -88,13 +88,14 @@ def quality_gate(ckpt: Path, src: str, text: Path, max_rise_pct: float) -> dict[
     """Perplexity of the checkpoint and of its unquantized source on `text`; the result is stored
     in the manifest either way, and QualityGateError is raised if it rose by more than the limit."""
     from bitserve.models import load_model
-    from bitserve.quantization.checkpoint import read_manifest, update_manifest
+    from bitserve.quantization.checkpoint import read_manifest, sha256_file, update_manifest
     from bitserve.quantization.eval import perplexity
 
     if not text.is_file():
         raise UsageError(f"{text}: no such text file for the quality gate")
     stored = read_manifest(ckpt).get("quality") or {}
-    if stored.get("text") == str(text) and "source_perplexity" in stored:
+    digest = sha256_file(text)  # the same path may hold another text since
+    if stored.get("text_sha256") == digest and "source_perplexity" in stored:
         result = stored
     else:
         fp = load_model(src)
@@ -103,6 +104,7 @@ def quality_gate(ckpt: Path, src: str, text: Path, max_rise_pct: float) -> dict[
         q = load_model(ckpt)
         result = perplexity(q.model, q.tokenizer, text, GATE_SEQLEN, GATE_WINDOWS)
         result["source_perplexity"] = base
+        result["text_sha256"] = digest
     result["rise_pct"] = 100 * (result["perplexity"] / result["source_perplexity"] - 1)
     update_manifest(ckpt, quality=result)
     if result["rise_pct"] > max_rise_pct:

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bitserve.cli import main
 from bitserve.errors import QualityGateError, UsageError
-from bitserve.quantization.checkpoint import WEIGHTS, read_manifest
+from bitserve.quantization.checkpoint import WEIGHTS, read_manifest, sha256_file
+from bitserve.quantization.eval import perplexity
 from bitserve.server.cli import parse_quantize, quality_gate, resolve_checkpoint
 
 
@@ -80,13 +81,37 @@ def test_quality_gate_passes_and_records(src: Path) -> None:
     assert stored["source_perplexity"] > 1
 
 
+def test_quality_gate_measures_again_when_the_text_changed(
+    src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored gate result is reused only for the same text (by SHA-256, not by path): a file
+    edited in place is measured again."""
+    ckpt = resolve_checkpoint(str(src), "rtn:w8gch")
+    text = src.parent / "text.txt"
+    first = quality_gate(ckpt, str(src), text, 50.0)
+    calls: list[Path] = []
+    measure = perplexity
+
+    def counted(model: object, tok: object, path: Path, *args: object) -> dict:
+        calls.append(path)
+        return measure(model, tok, path, *args)
+
+    monkeypatch.setattr("bitserve.quantization.eval.perplexity", counted)
+    assert quality_gate(ckpt, str(src), text, 50.0)["perplexity"] == first["perplexity"]
+    assert calls == []  # the same text: the stored result
+    text.write_text("Quite different words now, in another order entirely. " * 60)
+    again = quality_gate(ckpt, str(src), text, 50.0)
+    assert len(calls) == 2 and again["perplexity"] != first["perplexity"]
+    assert read_manifest(ckpt)["quality"]["text_sha256"] == sha256_file(text)
+
+
 def test_quality_gate_refuses_in_one_line(
     src: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def served(*args: object, **kwargs: object) -> None:
         raise AssertionError("served despite the quality gate")
 
-    monkeypatch.setattr("uvicorn.run", served)
+    monkeypatch.setattr("uvicorn.Server.run", served)
     text = src.parent / "text.txt"
     args = [
         "serve",
