@@ -242,6 +242,7 @@ def test_errors_from_a_real_process(work: Path) -> None:
     for args, env, expected in [
         (["serve", str(work / "ckpt"), "--port", "70000"], {}, "--port 70000"),
         (["serve", str(work / "ckpt")], {"BITSERVE_PORT": "abc"}, "BITSERVE_PORT='abc'"),
+        (["serve", str(work / "ckpt"), "--shutdown-timeout", "-1"], {}, "--shutdown-timeout -1"),
         (["generate", str(work / "ckpt"), "--prompt", "a", "--max-new-tokens", "0"], {}, "least 1"),
         # uvicorn's "trace" level, which `logging` does not know, gets as far as loading
         (["serve", str(work / "missing"), "--log-level", "trace"], {}, "no such file"),
