@@ -1,5 +1,5 @@
-"""The lm_head of the default model in fp32, bf16 (what `bitserve serve` uses), int8
-per-channel and int8 g32 (RTN, symmetric: the cpu backend's two nibble planes): perplexity on a
+"""The lm_head of the default model in fp32, bf16 (plain, and in oneDNN's layout as `bitserve
+serve` runs it on the CPU), int8 per-channel and int8 g32 (RTN, symmetric: the cpu backend's two nibble planes): perplexity on a
 text and argmax agreement with fp32 (the decoder stays fp32), then the matmul's time at M=1, 4
 and 16 against bf16, in the same run.
 
@@ -18,11 +18,15 @@ import torch.nn.functional as F
 
 from bitserve.models import load_model
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
+from bitserve.server.runner import onednn_linear, onednn_weight
 
 
 def heads(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """fp32, bf16, int8 per-channel (symmetric absmax) and int8 g32 versions of x @ weight.T."""
+    """fp32, bf16 (plain and oneDNN), int8 per-channel (symmetric absmax) and int8 g32 versions
+    of x @ weight.T."""
     wb = weight.bfloat16()
+    packed = onednn_weight(wb)
+    assert packed is not None, "this torch has no oneDNN"
     g32 = quantize_rtn(weight, QuantSpec(8, 32, sym=True)).to_module()
     assert g32.set_backend() == "cpu"
     scale = weight.abs().amax(dim=1) / 127
@@ -31,6 +35,7 @@ def heads(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tens
     return {
         "fp32": lambda x: x @ weight.t(),
         "bf16": lambda x: F.linear(x.bfloat16(), wb).float(),
+        "bf16 oneDNN": lambda x: onednn_linear(x.bfloat16(), packed, None).float(),
         "int8": lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, sb).float(),
         "int8 g32": lambda x: g32(x),
     }
@@ -85,6 +90,16 @@ def main() -> None:
                 f"| {name} | {math.exp(nll[name] / count):.3f} | {agree[name] / count:.4f} "
                 f"| {cells} |"
             )
+        wb = model.lm_head.weight.detach().bfloat16()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            wb.sum(dim=1)
+        read = wb.numel() * 2 / ((time.perf_counter() - t0) / 50)
+        one_row = {n: wb.numel() * 2 / times[n][0] for n in ("bf16", "bf16 oneDNN")}
+        print(
+            f"\nbytes/s over the bf16 weight: a sum over it {read / 1e9:.1f} GB/s; at M=1 the "
+            + ", ".join(f"{n} head {b / 1e9:.1f} GB/s" for n, b in one_row.items())
+        )
 
 
 if __name__ == "__main__":

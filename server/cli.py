@@ -370,10 +370,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument(
         "--head-dtype",
         choices=["bfloat16", "int8", "float32"],
-        help="the lm_head matmul, when narrower than the model's (default bfloat16). int8, on "
-        "the CPU: an RTN W8 g32 copy, as close to fp32 as bf16; its matmul is 2.75x bf16's "
-        "speed for one sequence and 1.8x for 4 (decode tokens/s: about 1.1x), slower for 8 "
-        "and more concurrent sequences (docs/serving.md). An fp16 model on a GPU keeps its own",
+        help="the lm_head matmul, when narrower than the model's (default bfloat16, on the "
+        "CPU in oneDNN's layout: about 2x torch's plain bf16 matmul). int8, on the CPU: an RTN "
+        "W8 g32 copy, half bf16's bytes and as close to fp32; as fast for one sequence, slower "
+        "for 4 and more (docs/serving.md). An fp16 model on a GPU keeps its own",
     )
     s.add_argument(
         "--shutdown-timeout",

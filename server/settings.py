@@ -48,9 +48,9 @@ class Settings(BaseSettings):
     head_dtype: Literal["bfloat16", "int8", "float32"] = Field(
         "bfloat16",
         description="the lm_head matmul when narrower than the model's: bfloat16 (halves an "
-        "fp32 head's memory traffic), int8 (on the CPU: an RTN W8 g32 copy, faster than bf16 "
-        "for 1-4 concurrent sequences, slower for 8 and more) or float32; a 16-bit model on a "
-        "GPU keeps its own",
+        "fp32 head's memory traffic; on the CPU in oneDNN's layout), int8 (on the CPU: an RTN "
+        "W8 g32 copy, half bf16's bytes, as fast for one sequence, slower for 4 and more) or "
+        "float32; a 16-bit model on a GPU keeps its own",
     )
     shutdown_timeout: float | None = Field(
         None,

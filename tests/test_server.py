@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 from conftest import SERVER_QUALITY, ServerStarter
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -89,7 +90,9 @@ def test_health_ready_and_model_card(url: str, server_tiny_checkpoint: Path) -> 
     assert card["id"] == server_tiny_checkpoint.name
     assert (card["device"], card["dtype"]) == ("cpu", "float32")
     assert card["decode"] == {"cuda_graphs": False, "fused_kernels": False}  # CUDA-only paths
-    assert card["lm_head"] == "bfloat16"  # the default: a bf16 copy of the fp32 head
+    # the default: a bf16 copy of the fp32 head, in oneDNN's layout where torch has oneDNN
+    onednn = " (oneDNN layout)" if torch.backends.mkldnn.is_available() else ""
+    assert card["lm_head"] == "bfloat16" + onednn
     q = card["quantization"]
     assert (q["method"], q["bits"], q["group_size"]) == ("rtn", 4, 32)
     assert q["bits_per_weight"] == pytest.approx(4 + (16 + 4) / 32)

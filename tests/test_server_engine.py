@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bitserve.kernels.quant_linear import QuantLinear
 from bitserve.models import load_model
@@ -223,6 +224,46 @@ def test_int8_head_matches_fp32_and_is_batch_invariant() -> None:
     assert rel_err(got, fp32.forward(ids, slots, starts)) < 1e-2
     alone = int8.forward(ids[2:3], slots[2:3], starts[2:3])
     assert torch.equal(alone[0], got[2])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_bf16_head_in_onednn_layout_gives_f_linears_logits(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the CPU the bf16 lm_head copy is reordered into oneDNN's layout (about 2x faster): its
+    logits are F.linear's on the bf16 weight, each row the same alone or among others; a torch
+    whose reordered matmul fails or answers differently keeps the plain layout, and says so."""
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    import bitserve.server.runner as runner_module
+
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    runner = LlamaRunner(model, num_slots=2, max_len=16, head_dtype=torch.bfloat16)
+    assert runner.head_onednn and runner.head_description() == "bfloat16 (oneDNN layout)"
+    x = torch.randn(6, model.config.hidden_size)
+    want = F.linear(x.bfloat16(), model.lm_head.weight.detach().bfloat16())
+    got = runner._head(x)
+    assert got.dtype == torch.bfloat16 and rel_err(got.float(), want.float()) < 1e-3
+    for i in range(6):
+        assert torch.equal(runner._head(x[i : i + 1])[0], got[i])
+
+    def wrong(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.zeros(x.shape[0], packed.shape[0], dtype=x.dtype)
+
+    def missing(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise RuntimeError("no such op")
+
+    monkeypatch.setattr(runner_module, "onednn_linear", wrong)
+    with caplog.at_level("INFO", logger="bitserve.runner"):
+        plain = LlamaRunner(model, num_slots=2, max_len=16, head_dtype=torch.bfloat16)
+        monkeypatch.setattr(runner_module, "onednn_linear", missing)
+        also_plain = LlamaRunner(model, num_slots=2, max_len=16, head_dtype=torch.bfloat16)
+    assert "differs from F.linear" in caplog.text and "no such op" in caplog.text
+    for r in (plain, also_plain):
+        assert not r.head_onednn and r.head_description() == "bfloat16"
+        assert torch.equal(r._head(x), want)
 
 
 def test_int8_head_off_the_cpu_warns_and_keeps_the_models_head(
