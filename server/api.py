@@ -155,10 +155,11 @@ def _params(req: S.SamplingFields, max_tokens: int, logprobs: int | None) -> lis
 
 
 def _submit(
-    state: ServerState, choices: list[tuple[list[int], SamplingParams]]
+    state: ServerState, choices: list[tuple[list[int], SamplingParams]], arrival: float
 ) -> tuple[asyncio.Queue[StepOutput], list[Sequence]]:
     """Hand one sequence per choice (its prompt ids and parameters) to the engine; outputs
-    arrive on the returned queue."""
+    arrive on the returned queue. arrival: when the route began (before tokenizing), where the
+    latency metrics start, as a client's clock would."""
     if not state.engine.alive():
         raise APIError(503, "The engine is not running", "server_error", retry_after=5)
     loop = asyncio.get_running_loop()
@@ -167,7 +168,9 @@ def _submit(
     def emit(out: StepOutput) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, out)
 
-    seqs = [state.engine.new_sequence(i, ids, p, emit) for i, (ids, p) in enumerate(choices)]
+    seqs = [
+        state.engine.new_sequence(i, ids, p, emit, arrival) for i, (ids, p) in enumerate(choices)
+    ]
     try:
         state.engine.submit(seqs)
     except TooManySequences as e:
@@ -397,6 +400,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions", response_model=None)
     async def completions(req: S.CompletionRequest, request: Request) -> Any:
+        arrival = time.perf_counter()
         _check_model(state, req.model)
         _check_supported(req)
 
@@ -413,6 +417,7 @@ def create_app(state: ServerState) -> FastAPI:
                 for ids, max_tokens in prompts
                 for p in _params(req, max_tokens, req.logprobs)
             ],
+            arrival,
         )
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         if req.stream:
@@ -436,6 +441,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: S.ChatRequest, request: Request) -> Any:
+        arrival = time.perf_counter()
         _check_model(state, req.model)
         _check_supported(req)
 
@@ -445,7 +451,8 @@ def create_app(state: ServerState) -> FastAPI:
 
         prompt_ids, max_tokens = await run_in_threadpool(prepare)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        queue, seqs = _submit(state, [(prompt_ids, p) for p in _params(req, max_tokens, top)])
+        choices = [(prompt_ids, p) for p in _params(req, max_tokens, top)]
+        queue, seqs = _submit(state, choices, arrival)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _stream(_chat_events(state, req, queue, seqs, len(prompt_ids), include_usage))

@@ -194,7 +194,8 @@ class Sequence:
     params: SamplingParams
     emit: Callable[[StepOutput], None]
     detok: Detokenizer
-    arrival: float = field(default_factory=time.perf_counter)
+    arrival: float = field(default_factory=time.perf_counter)  # the request's, before tokenizing
+    queued: float = field(default_factory=time.perf_counter)  # handed to the engine
     output_ids: list[int] = field(default_factory=list)
     slot: int = -1
     computed: int = 0  # tokens whose K/V are in the cache
@@ -235,10 +236,19 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="bitserve-engine", daemon=True)
 
     def new_sequence(
-        self, index: int, prompt_ids: list[int], params: SamplingParams, emit: Callable
+        self,
+        index: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        emit: Callable,
+        arrival: float | None = None,
     ) -> Sequence:
-        """A sequence ready to submit, with its own generator and detokenizer."""
+        """A sequence ready to submit, with its own generator and detokenizer. arrival: when its
+        request came in (time.perf_counter(), before tokenization; default now), where its
+        time-to-first-token and end-to-end latency start."""
         seq = Sequence(index, prompt_ids, params, emit, Detokenizer(self.tokenizer, params.stop))
+        if arrival is not None:
+            seq.arrival = arrival
         if params.temperature > 0:
             seq.generator = make_generator(params.seed)
         return seq
@@ -319,7 +329,7 @@ class Engine:
                 seq = self.waiting.popleft()
                 seq.slot = self.free_slots.pop(0)
                 self.running.append(seq)
-                self.m.queue.labels(**self.label).observe(time.perf_counter() - seq.arrival)
+                self.m.queue.labels(**self.label).observe(time.perf_counter() - seq.queued)
         decoding = [s for s in self.running if s.prefilled()]
         self._prefill([s for s in self.running if not s.prefilled()])
         if decoding:

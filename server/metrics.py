@@ -60,10 +60,16 @@ def create_metrics(model: str) -> Metrics:
 
     m = Metrics(
         registry=reg,
-        ttft=hist("bitserve_time_to_first_token_seconds", "Arrival to first output token."),
+        ttft=hist(
+            "bitserve_time_to_first_token_seconds",
+            "Arrival (before tokenizing) to first output token.",
+        ),
         itl=hist("bitserve_inter_token_latency_seconds", "Time between two output tokens."),
         e2e=hist("bitserve_e2e_request_latency_seconds", "Arrival to last output token."),
-        queue=hist("bitserve_request_queue_time_seconds", "Arrival to admission into a slot."),
+        queue=hist(
+            "bitserve_request_queue_time_seconds",
+            "Hand-over to the engine to admission into a slot.",
+        ),
         prefill_step=hist("bitserve_prefill_step_seconds", "One prefill forward (one chunk)."),
         decode_step=hist("bitserve_decode_step_seconds", "One batched decode forward."),
         running=Gauge(

@@ -5,6 +5,7 @@ nulls, malformed bodies and OpenAI fields that bitserve does not implement."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -124,14 +125,9 @@ class StubEngine:
         return True
 
 
-@pytest.fixture(scope="module")
-def stub() -> Iterator[tuple[str, GateTokenizer]]:
-    """The real app over a stub engine and tokenizer, served by uvicorn in a thread."""
-    tok = GateTokenizer()
-    card = ModelCard(id="stub", created=0, max_model_len=64)
-    state = ServerState(
-        engine=cast(Any, StubEngine()), tokenizer=tok, metrics=create_metrics("stub"), card=card
-    )
+@contextlib.contextmanager
+def serving(state: ServerState) -> Iterator[str]:
+    """The real app over `state`, served by uvicorn in a thread on 127.0.0.1: its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
@@ -144,10 +140,24 @@ def stub() -> Iterator[tuple[str, GateTokenizer]]:
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started
-    yield f"http://127.0.0.1:{port}", tok
-    tok.release.set()
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[tuple[str, GateTokenizer]]:
+    """The real app over a stub engine and tokenizer."""
+    tok = GateTokenizer()
+    card = ModelCard(id="stub", created=0, max_model_len=64)
+    state = ServerState(
+        engine=cast(Any, StubEngine()), tokenizer=tok, metrics=create_metrics("stub"), card=card
+    )
+    with serving(state) as url:
+        yield url, tok
+        tok.release.set()
 
 
 def test_unexpected_exception_is_a_counted_json_500(stub: tuple[str, GateTokenizer]) -> None:
@@ -190,6 +200,53 @@ def test_tokenization_does_not_block_the_event_loop(
         tok.release.set()
         sender.join(timeout=30)
     assert error_of(result["r"], 400)["code"] == "context_length_exceeded"
+
+
+class SlowTokenizer:
+    """A tokenizer that takes SLOW seconds longer to tokenize (as a long prompt does)."""
+
+    SLOW = 0.5
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tok, name)
+
+    def __call__(self, text: str, **kw: Any) -> Any:
+        time.sleep(self.SLOW)
+        return self.tok(text, **kw)
+
+
+def metric_sums(url: str, names: list[str]) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    sums = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return {n: sums[f"{n}_sum"] for n in names}
+
+
+def test_latency_metrics_start_before_tokenization(server_tiny_checkpoint: Path) -> None:
+    """Time to first token and end-to-end latency run from the request's arrival, tokenizing
+    included, as a client measures them; the queue time starts when the engine gets the
+    sequence. A real engine over the tiny model, its tokenizer made slow."""
+    from bitserve.models import load_model
+    from bitserve.server.cli import build_state
+    from bitserve.server.settings import Settings
+
+    settings = Settings(max_num_seqs=2, max_model_len=128, warmup=False)
+    state = build_state(load_model(server_tiny_checkpoint), settings)
+    state.tokenizer = SlowTokenizer(state.tokenizer)
+    names = [
+        "bitserve_time_to_first_token_seconds",
+        "bitserve_e2e_request_latency_seconds",
+        "bitserve_request_queue_time_seconds",
+    ]
+    with serving(state) as url:
+        body = {"prompt": "hi", "max_tokens": 2, "ignore_eos": True}
+        r = post(url, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        ttft, e2e, queue = metric_sums(url, names).values()
+    assert ttft >= SlowTokenizer.SLOW and e2e >= ttft
+    assert queue < SlowTokenizer.SLOW
 
 
 def test_huge_prompt_does_not_stall_the_server(url: str) -> None:
