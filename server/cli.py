@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from bitserve.errors import QualityGateError, UsageError
+from bitserve.errors import CheckpointError, QualityGateError, UsageError
 from bitserve.quantization.checkpoint import Loaded
 from bitserve.quantization.grid import QuantSpec
 from bitserve.server.settings import LOG_LEVELS, Settings, settings_from_flags
@@ -52,7 +52,11 @@ def resolve_checkpoint(src: str, quantize: str | None = None, calib: Path | None
     method) the source is quantized on first use and cached under models/checkpoints/, keyed by
     the source hash, the method, the format and the calibration file; else SRC is loaded as is."""
     from bitserve.models import models_dir, resolve_source, source_hash
-    from bitserve.quantization.checkpoint import is_checkpoint, require_unquantized
+    from bitserve.quantization.checkpoint import (
+        is_checkpoint,
+        require_unquantized,
+        verify_checkpoint,
+    )
     from bitserve.quantization.quantize import quantize_to_checkpoint
 
     if quantize is None:
@@ -74,13 +78,17 @@ def resolve_checkpoint(src: str, quantize: str | None = None, calib: Path | None
     key = hashlib.sha256(args.encode()).hexdigest()
     name = source.stem if source.is_file() else source.name
     out = models_dir() / "checkpoints" / f"{name}-{method}-{spec.label()}{tuned}-{key[:12]}"
-    if not is_checkpoint(out):
-        logging.getLogger("bitserve").info(
-            "quantizing %s with %s %s%s -> %s", source, method, spec.label(), tuned, out
-        )
-        quantize_to_checkpoint(
-            source, out, method, spec, calib=calib, force=True, tune_steps=tune_steps
-        )
+    log = logging.getLogger("bitserve")
+    if is_checkpoint(out):
+        try:
+            verify_checkpoint(out)
+            return out
+        except CheckpointError as e:  # a cache damaged on disk would fail every start
+            log.warning("cached checkpoint %s is damaged (%s): quantizing again", out, e)
+    log.info("quantizing %s with %s %s%s -> %s", source, method, spec.label(), tuned, out)
+    quantize_to_checkpoint(
+        source, out, method, spec, calib=calib, force=True, tune_steps=tune_steps
+    )
     return out
 
 

@@ -60,6 +60,23 @@ def test_quantize_once_then_reuse_the_cache(src: Path) -> None:
         resolve_checkpoint(str(first), "rtn:w4g64")
 
 
+def test_damaged_cache_is_quantized_again(src: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A cached checkpoint whose weights were damaged on disk (or whose file went missing) is
+    quantized again, with a warning, instead of failing every start until deleted by hand."""
+    first = resolve_checkpoint(str(src), "rtn:w4g64")
+    digest = sha256_file(first / WEIGHTS)
+    with open(first / WEIGHTS, "r+b") as f:  # flip bytes in the middle of the tensor data
+        f.seek((first / WEIGHTS).stat().st_size // 2)
+        f.write(b"\xff\x00\xff\x00")
+    with caplog.at_level("WARNING", logger="bitserve"):
+        again = resolve_checkpoint(str(src), "rtn:w4g64")
+    assert again == first and sha256_file(first / WEIGHTS) == digest
+    assert "is damaged" in caplog.text and "SHA-256 mismatch" in caplog.text
+    (first / WEIGHTS).unlink()
+    assert resolve_checkpoint(str(src), "rtn:w4g64") == first
+    assert sha256_file(first / WEIGHTS) == digest
+
+
 def test_quantize_and_tune_once(src: Path) -> None:
     """'+tuneN' quantizes, tunes the scales on the calibration text, and caches the result apart
     from the untuned checkpoint, whose cache key is unchanged."""
