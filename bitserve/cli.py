@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--calib",
         type=Path,
-        help="UTF-8 text file for calibration (default: text the model generates itself)",
+        help="UTF-8 text file for calibration (default: text the model generates itself); "
+        "rtn (without --tune-steps) and bcq read none and refuse it",
     )
     q.add_argument(
         "--nsamples",

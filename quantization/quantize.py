@@ -58,6 +58,11 @@ def quantize_to_checkpoint(
             f"--tune-steps: method {m.name!r} writes no int (QuantLinear) layers, whose group "
             "scales are what tuning learns"
         )
+    if calib is not None and not (m.needs_calibration or tune_steps > 0):
+        raise UsageError(
+            f"--calib {calib}: method {m.name!r} uses no calibration data (drop --calib, or tune "
+            "on it with --tune-steps N)"
+        )
     if nsamples < 1 or seqlen < 1:
         raise UsageError(f"--nsamples and --seqlen must be >= 1, got {nsamples} and {seqlen}")
     source = resolve_source(src)

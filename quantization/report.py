@@ -120,7 +120,9 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
             for g in groups:
                 spec = QuantSpec(b, g)
                 ckpt = out / "checkpoints" / f"{method}-{spec.label()}"
-                quantize_to_checkpoint(src, ckpt, method, spec, **common)
+                # --calib goes to the methods that read it (and to tuning, below)
+                calib = args.calib if get_method(method).needs_calibration else None
+                quantize_to_checkpoint(src, ckpt, method, spec, **{**common, "calib": calib})
                 seconds = read_manifest(ckpt)["method"]["wall_time_s"]
                 rows = [(method, ckpt, seconds)]
                 if args.tune_steps:  # the same checkpoint, its scales then tuned end to end

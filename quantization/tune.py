@@ -169,8 +169,15 @@ def tune_checkpoint(
     if calib is not None and not Path(calib).is_file():
         raise UsageError(f"{calib}: no such file")
     path = calib or (Path(recorded["path"]) if recorded.get("source") == "file" else None)
-    if path is None or not Path(path).is_file():
-        raise UsageError(f"{ckpt}: its calibration file is not available here; pass --calib FILE")
+    if path is None:
+        how = "without calibration" if not recorded else f"on {recorded.get('source')} calibration"
+        raise UsageError(
+            f"{ckpt} was quantized {how}, so there are no windows to reuse: pass --calib FILE"
+        )
+    if not Path(path).is_file():
+        raise UsageError(
+            f"{ckpt}: its calibration file {path} is not available here; pass --calib FILE"
+        )
     src = source or manifest.get("source", {}).get("path")
     if not src or (src != "default" and not Path(src).exists()):
         raise UsageError(f"{ckpt}: source model {src!r} not found here; pass --source")

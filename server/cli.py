@@ -327,7 +327,10 @@ def add_parser(sub: Any) -> None:
         "source hash and arguments under models/checkpoints/",
     )
     s.add_argument(
-        "--calib", type=Path, help="calibration text for --quantize (default: data-free)"
+        "--calib",
+        type=Path,
+        help="calibration text for --quantize (default: data-free); refused by methods that "
+        "read none (rtn, bcq) unless +tune",
     )
     s.add_argument(
         "--quality-gate",

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, PhiConfi
 
 from bitserve.cli import main
 from bitserve.models import load_model
+from bitserve.quantization.base import get_method
 from bitserve.quantization.checkpoint import MANIFEST, WEIGHTS
 
 VOCAB = len(SPECIALS) + len(CHARS)
@@ -176,7 +177,8 @@ def test_bad_method_option_values_are_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     args = ["quantize", str(work / "src"), "--out", str(tmp_path / "out"), "--method", method]
-    args += ["--calib", str(work / "text.txt"), "--nsamples", "2", "--seqlen", "16"]
+    if get_method(method).needs_calibration:
+        args += ["--calib", str(work / "text.txt"), "--nsamples", "2", "--seqlen", "16"]
     code, err = run_main([*args, "--bits", "3", "--method-arg", option], capsys)
     assert_one_line_error(code, err, method, expected)
     assert not (tmp_path / "out").exists()
@@ -287,6 +289,34 @@ def test_eval_checks_out_and_record_before_evaluating(
     args = ["eval", str(work / "src"), "--text", str(work / "text.txt"), "--seqlen", "16"]
     code, err = run_main([*args, "--max-windows", "1", "--record"], capsys)
     assert_one_line_error(code, err, "--record", "not a bitserve checkpoint")
+
+
+# Calibration that would not be used: --calib with a method that reads none, and tune on a
+# checkpoint quantized without calibration (it said its calibration file was "not available").
+
+
+def test_calib_that_a_method_would_ignore_is_refused(
+    work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["quantize", str(work / "src"), "--out", str(tmp_path / "out")]
+    code, err = run_main([*args, "--calib", str(work / "text.txt")], capsys)
+    assert_one_line_error(code, err, "--calib", "'rtn' uses no calibration data")
+    assert not (tmp_path / "out").exists()
+    # with tuning, the windows are used: accepted
+    tuned = [*args, "--calib", str(work / "text.txt"), "--tune-steps", "1", "--nsamples", "2"]
+    code, err = run_main([*tuned, "--seqlen", "16"], capsys)
+    assert code == 0, err
+    calibration = json.loads((tmp_path / "out" / MANIFEST).read_text())["calibration"]
+    assert calibration["source"] == "file"
+
+
+def test_tune_without_calib_on_a_checkpoint_quantized_without_any(
+    work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["tune", str(work / "ckpt"), "--out", str(tmp_path / "out"), "--steps", "1"]
+    code, err = run_main([*args, "--source", str(work / "src")], capsys)
+    assert_one_line_error(code, err, "quantized without calibration", "pass --calib FILE")
+    assert "not available" not in err
 
 
 # Finding 8: tune distilled from whatever --source named, and recorded the original source.

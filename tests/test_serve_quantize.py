@@ -81,7 +81,7 @@ def test_quantize_and_tune_once(src: Path) -> None:
     """'+tuneN' quantizes, tunes the scales on the calibration text, and caches the result apart
     from the untuned checkpoint, whose cache key is unchanged."""
     calib = src.parent / "text.txt"
-    plain = resolve_checkpoint(str(src), "rtn:w4g32", calib)
+    plain = resolve_checkpoint(str(src), "rtn:w4g32")
     tuned = resolve_checkpoint(str(src), "rtn:w4g32+tune3", calib)
     assert tuned != plain and tuned.name.startswith("src-rtn-w4g32-tune3-")
     assert "tune" not in read_manifest(plain)

@@ -120,11 +120,11 @@ def test_quantize_with_tune_steps_tunes_the_fresh_checkpoint(tmp_path: Path) -> 
     """`quantize --tune-steps N` = quantize, then tune on the same calibration windows: same
     codes as the plain run, tuned scales, and both records in the manifest."""
     src, calib = _tiny_and_text(tmp_path)
-    common = ["--bits", "2", "--group-size", "32", "--calib", str(calib), "--nsamples", "8"]
-    common += ["--seqlen", "32"]
+    common = ["--bits", "2", "--group-size", "32"]
     plain, tuned = tmp_path / "plain", tmp_path / "tuned"
-    assert _run("quantize", str(src), "--out", str(plain), *common).returncode == 0
-    r = _run("quantize", str(src), "--out", str(tuned), *common, "--tune-steps", "12")
+    assert _run("quantize", str(src), "--out", str(plain), *common).returncode == 0  # RTN: no calib
+    windows = ["--calib", str(calib), "--nsamples", "8", "--seqlen", "32"]
+    r = _run("quantize", str(src), "--out", str(tuned), *common, *windows, "--tune-steps", "12")
     assert r.returncode == 0, r.stderr
     a = load_model(plain, backend="reference")
     b = load_model(tuned, backend="reference")
