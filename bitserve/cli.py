@@ -305,8 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="greedy text from a checkpoint or model")
     g.add_argument("model", help="checkpoint dir, HF folder, .gguf file, or 'default'")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int_at_least(1), default=64, help="tokens to generate")
+    g.add_argument(
+        "--prompt", required=True, help="text to continue (with --chat: the user's message)"
+    )
+    g.add_argument(
+        "--max-new-tokens", type=int_at_least(1), default=64, help="tokens to generate (default 64)"
+    )
     g.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"
     )
@@ -318,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser(
         "inspect", help="verify a checkpoint and print its manifest and per-layer formats"
     )
-    i.add_argument("checkpoint")
+    i.add_argument("checkpoint", help="a bitserve checkpoint directory")
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     i.set_defaults(func=cmd_inspect)
 

@@ -254,7 +254,12 @@ def add_parser(sub: Any) -> None:
     r.add_argument(
         "--max-windows", type=int_at_least(1), default=40, help="evaluate the first N windows"
     )
-    r.add_argument("--seed", type=seed_value, default=0)
+    r.add_argument(
+        "--seed",
+        type=seed_value,
+        default=0,
+        help="seed of calibration sampling and methods (default 0)",
+    )
     r.add_argument(
         "--tune-steps",
         type=int,

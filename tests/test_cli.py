@@ -35,6 +35,22 @@ def test_help_lists_every_command() -> None:
     assert "short" in bitserve("quantize", "--help").stdout  # documents the short last group
 
 
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    """`bitserve COMMAND --help` explains each argument: none is listed without a help text."""
+    import argparse
+
+    from bitserve.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [
+        f"{name} {' '.join(action.option_strings) or action.dest}"
+        for name, parser in commands.choices.items()
+        for action in parser._actions
+        if not action.help and action.dest != "help"
+    ]
+    assert not bare, bare
+
+
 def test_quantize_inspect_eval_generate(workdir: Path) -> None:
     ckpt = workdir / "w4"
     bitserve(
