@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugin_modules() -> list[Any]:
-    """Sub-commands that live beside their code (serve in server/, report and tune in
+    """Sub-commands that live beside their code (serve in server/, report, tune and export in
     quantization/)."""
     import importlib
 
@@ -341,6 +341,7 @@ def _plugin_modules() -> list[Any]:
         "bitserve.server.cli",
         "bitserve.quantization.report",
         "bitserve.quantization.tune",
+        "bitserve.quantization.export",
     ):
         try:
             found.append(importlib.import_module(name))

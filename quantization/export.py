@@ -1,0 +1,174 @@
+"""Export a bitserve checkpoint to compressed-tensors' "pack-quantized" layout: the format vLLM
+serves natively (its WNA16 kernels) and transformers loads through the compressed-tensors package.
+The codes, scales and zero points are carried over as they are (no re-rounding: the exported
+weights dequantize to exactly ours); the packing is the compressed-tensors library's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from bitserve.errors import UsageError
+from bitserve.kernels.quant_linear import QuantLinear
+from bitserve.kernels.reference import dequantized_weight
+
+WEIGHTS = "model.safetensors"
+MARKER = "bitserve_export"  # in the weights' metadata: what `export --force` may replace
+
+
+def _is_export(path: Path) -> bool:
+    """Whether `path` holds an earlier export (its weights carry our marker)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            return MARKER in (f.metadata() or {})
+    except (OSError, SafetensorError):
+        return False
+
+
+def _weight_args(layer: QuantLinear) -> Any:
+    """The compressed-tensors QuantizationArgs of one of our int layers."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    per_channel = layer.group_size == -1 or layer.group_size >= layer.in_features
+    return QuantizationArgs(
+        num_bits=layer.bits,
+        type="int",
+        symmetric=layer.sym,
+        strategy="channel" if per_channel else "group",
+        group_size=None if per_channel else layer.group_size,
+    )
+
+
+def _check_exportable(model: torch.nn.Module) -> dict[str, QuantLinear]:
+    """The model's int layers; UsageError for what the layout cannot hold."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    others = [
+        (n, m.manifest_entry().get("format"))
+        for n, m in model.named_modules()
+        if not isinstance(m, QuantLinear) and hasattr(m, "manifest_entry")
+    ]
+    if others:
+        name, fmt = others[0]
+        raise UsageError(
+            f"{name} is a {fmt!r} layer: compressed-tensors holds int layers (codes, group "
+            "scales and zero points) only"
+        )
+    if not layers:
+        raise UsageError("the checkpoint has no int layers to export")
+    for name, m in layers.items():
+        g = m.group_size
+        if 0 < g < m.in_features and m.in_features % g:
+            raise UsageError(
+                f"{name}: group size {g} does not divide its {m.in_features} inputs (a short "
+                "last group), which compressed-tensors and vLLM cannot hold; quantize with a "
+                "group size that divides every layer's inputs (e.g. 32 or 64 here)"
+            )
+    return layers
+
+
+def export_compressed_tensors(ckpt: Path, out: Path, force: bool = False) -> Path:
+    """Write `out`: config.json (with compressed-tensors' quantization_config), the tokenizer,
+    generation config and model.safetensors; int layers as weight_packed / weight_scale /
+    weight_shape (/ weight_zero_point when asymmetric), everything else as stored (fp16)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    from bitserve.models import load_model
+    from bitserve.quantization.checkpoint import check_out_dir, is_checkpoint
+
+    ckpt, out = Path(ckpt), Path(out)
+    if not is_checkpoint(ckpt):
+        raise UsageError(f"{ckpt}: not a bitserve checkpoint (export reads one)")
+    if out.resolve() == ckpt.resolve():
+        raise UsageError(f"--out {out} is the checkpoint itself; choose another folder")
+    if not (force and _is_export(out)):
+        check_out_dir(out, force)  # --force replaces only a checkpoint or an empty folder
+    loaded = load_model(ckpt, backend="reference")
+    model = loaded.model
+    layers = _check_exportable(model)
+    state: dict[str, torch.Tensor] = {}
+    groups: dict[str, tuple[Any, list[str]]] = {}
+    for name, m in layers.items():
+        args = _weight_args(m)
+        key = json.dumps(args.model_dump(), sort_keys=True)
+        groups.setdefault(key, (args, []))[1].append(name)
+        # theirs: w = (c - zp) * scale with signed codes c = q - 2^(b-1), zp = z - 2^(b-1)
+        half = 1 << (m.bits - 1)
+        zero = (m.zero_codes().t().to(torch.int16) - half).to(torch.int8).contiguous()
+        tensors = {
+            "weight": dequantized_weight(m),
+            "weight_scale": m.scales.t().contiguous(),
+            "weight_zero_point": zero,
+        }
+        scheme = QuantizationScheme(targets=[name], weights=args)
+        for k, v in PackedQuantizationCompressor.compress(tensors, scheme).items():
+            state[f"{name}.{k}"] = v.contiguous()
+        if m.bias is not None:
+            state[f"{name}.bias"] = m.bias.to(torch.float16).contiguous()
+    prefixes = tuple(f"{n}." for n in layers)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for k, v in model.state_dict().items():
+        if k.startswith(prefixes) or (tied and k == "lm_head.weight"):
+            continue
+        state[k] = (v.to(torch.float16) if v.is_floating_point() else v).contiguous()
+    config_groups = {
+        f"group_{i}": QuantizationScheme(targets=names, weights=args)
+        for i, (args, names) in enumerate(groups.values())
+    }
+    qconfig = QuantizationConfig(
+        config_groups=config_groups,
+        format="pack-quantized",
+        quantization_status="compressed",
+        ignore=[] if "lm_head" in layers else ["lm_head"],
+    )
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.config.quantization_config = qconfig.model_dump(exclude_none=True)
+        model.config.torch_dtype = torch.float16
+        model.config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", MARKER: "1"})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return out
+
+
+def cmd_export(args: Any) -> int:
+    print(export_compressed_tensors(Path(args.checkpoint), Path(args.out), force=args.force))
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """Register the `export` sub-command."""
+    e = sub.add_parser(
+        "export",
+        help="write a checkpoint in compressed-tensors' pack-quantized layout (vLLM, transformers)",
+        description="Convert a bitserve checkpoint of int layers into a Hugging Face folder in "
+        "compressed-tensors' pack-quantized layout, which vLLM serves with its own kernels and "
+        "transformers loads through the compressed-tensors package. Codes, scales and zero "
+        "points are carried over exactly. Needs group sizes that divide every layer's inputs; "
+        "vLLM's kernels take 4- and 8-bit weights.",
+    )
+    e.add_argument("checkpoint", help="bitserve checkpoint directory with int layers")
+    e.add_argument("--out", required=True, help="folder to write (a Hugging Face model folder)")
+    e.add_argument(
+        "--force", action="store_true", help="replace --out if it holds an earlier export"
+    )
+    e.set_defaults(func=cmd_export)
