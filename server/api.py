@@ -97,21 +97,24 @@ def _check_model(state: ServerState, model: str | None) -> None:
         )
 
 
-def _check_prompt(state: ServerState, ids: list[int], max_tokens: int | None) -> int:
-    """Validate the prompt against the context; return the effective max_tokens."""
+def _check_prompt(
+    state: ServerState, ids: list[int], max_tokens: int | None, param: str = "prompt"
+) -> int:
+    """Validate the prompt (the request field `param`) against the context; return the
+    effective max_tokens."""
     limit = state.card.max_model_len
     if not ids:
-        raise APIError(400, "The prompt is empty", param="prompt")
+        raise APIError(400, "The prompt is empty", param=param)
     vocab = state.engine.runner.lm_head.out_features
     if min(ids) < 0 or max(ids) >= vocab:
-        raise APIError(400, f"Prompt token ids must be in [0, {vocab})", param="prompt")
+        raise APIError(400, f"Prompt token ids must be in [0, {vocab})", param=param)
     if len(ids) >= limit:
         raise APIError(
             400,
             f"This model's maximum context length is {limit} tokens, but the prompt has "
             f"{len(ids)} tokens",
             code="context_length_exceeded",
-            param="prompt",
+            param=param,
         )
     if max_tokens is None:
         return limit - len(ids)
@@ -141,7 +144,7 @@ def _params(req: S.SamplingFields, max_tokens: int, logprobs: int | None) -> lis
             max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
-            top_k=req.top_k,
+            top_k=max(req.top_k, 0),
             seed=None if req.seed is None else req.seed + i,
             stop=stop,
             stop_token_ids=list(req.stop_token_ids or []),
@@ -270,7 +273,8 @@ def _chat_prompt(state: ServerState, req: S.ChatRequest) -> list[int]:
     for m in req.messages:
         content = m.content
         if isinstance(content, list):
-            content = "".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+            # text parts one per line, as vLLM joins them (not glued into one word)
+            content = "\n".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
         messages.append(
             {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         )
@@ -355,7 +359,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error_response(state, APIError(exc.status_code, str(exc.detail)))
+        response = _error_response(state, APIError(exc.status_code, str(exc.detail)))
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -447,7 +453,8 @@ def create_app(state: ServerState) -> FastAPI:
 
         def prepare() -> tuple[list[int], int]:
             ids = _chat_prompt(state, req)
-            return ids, _check_prompt(state, ids, req.max_completion_tokens or req.max_tokens)
+            max_tokens = req.max_completion_tokens or req.max_tokens
+            return ids, _check_prompt(state, ids, max_tokens, "messages")
 
         prompt_ids, max_tokens = await run_in_threadpool(prepare)
         top = (req.top_logprobs or 0) if req.logprobs else None

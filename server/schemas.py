@@ -21,6 +21,23 @@ from pydantic import (
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
+def _valid_unicode(value: Any) -> Any:
+    """`value` unchanged, unless a string in it holds an unpaired UTF-16 surrogate (valid JSON,
+    "\\ud800", sent by clients that cut strings by UTF-16 units), which no tokenizer can encode."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for t in texts:
+        if isinstance(t, dict):
+            _valid_unicode(t.get("text"))
+        elif isinstance(t, str):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    "contains an unpaired UTF-16 surrogate (not valid Unicode)"
+                ) from None
+    return value
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -43,7 +60,7 @@ class SamplingFields(BaseModel):
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1)  # 0 or -1 (vLLM's spelling): no top-k
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -66,8 +83,16 @@ class SamplingFields(BaseModel):
             return {k: v for k, v in data.items() if v is not None}
         return data
 
+    valid_stop = field_validator("stop")(_valid_unicode)
+
     def unsupported(self) -> Unsupported | None:
         """The first field set to a value that bitserve would otherwise silently ignore."""
+        if self.stream_options is not None and not self.stream:
+            return Unsupported(
+                param="stream_options",
+                message="stream_options is only allowed with stream: true",
+                code=None,
+            )
         if self.logit_bias:
             return Unsupported(param="logit_bias", message="logit_bias is not supported")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -97,11 +122,12 @@ class CompletionRequest(SamplingFields):
     def _prompt_shape(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Prompt:
         """One error naming the accepted shapes, rather than the first failed union member's."""
         try:
-            return handler(value)
+            prompt = handler(value)
         except ValidationError:
             raise ValueError(
                 "must be a string, a list of token ids (integers), or a list of either"
             ) from None
+        return _valid_unicode(prompt)
 
     def unsupported(self) -> Unsupported | None:
         if self.echo:
@@ -119,6 +145,8 @@ class CompletionRequest(SamplingFields):
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    valid_content = field_validator("content")(_valid_unicode)
 
 
 class ChatRequest(SamplingFields):

@@ -90,6 +90,63 @@ def test_chat_template_rejecting_messages_is_a_400(url: str) -> None:
     assert ok.status_code == 200, ok.text
 
 
+def raw_post(url: str, path: str, body: str) -> httpx.Response:
+    """A JSON body sent as written (json= would refuse a lone surrogate before sending it)."""
+    headers = {"content-type": "application/json"}
+    return httpx.post(f"{url}{path}", content=body.encode(), headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", '{"prompt": "Hi \\ud800 there", "max_tokens": 2}', "prompt"),
+        ("/v1/completions", '{"prompt": ["ok", "x\\udfff"], "max_tokens": 2}', "prompt"),
+        ("/v1/completions", '{"prompt": "ok", "stop": "\\ud83d", "max_tokens": 2}', "stop"),
+        (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": "Hi \\ud83d"}], "max_tokens": 2}',
+            "messages.0.content",
+        ),
+    ],
+)
+def test_unpaired_surrogate_is_a_clear_4xx_not_a_500(
+    url: str, path: str, body: str, param: str
+) -> None:
+    """A lone UTF-16 surrogate is valid JSON but not Unicode: the tokenizer raised a TypeError
+    (a 500); now a 422 naming the field."""
+    before = metrics(url).get("bitserve_request_errors_total{status=500}", 0)
+    r = raw_post(url, path, body)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and "surrogate" in err["message"]
+    assert metrics(url).get("bitserve_request_errors_total{status=500}", 0) == before
+
+
+def test_openai_and_vllm_conventions(url: str) -> None:
+    """Chat text parts are joined one per line (vLLM; they were glued into one word);
+    top_k -1 means no top-k (vLLM; it was a 422); stream_options without stream is a 400
+    (OpenAI, vLLM); a chat prompt over the context names `messages`; a 405 keeps its Allow."""
+    parts = [{"type": "text", "text": "ab"}, {"type": "text", "text": "cd"}]
+    usage = []
+    for content in (parts, "ab\ncd"):
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1}
+        r = post(url, "/v1/chat/completions", body)
+        assert r.status_code == 200, r.text
+        usage.append(r.json()["usage"]["prompt_tokens"])
+    assert usage[0] == usage[1]
+    base = {"prompt": "ab", "max_tokens": 3, "temperature": 1.0, "seed": 5}
+    with_minus = post(url, "/v1/completions", {**base, "top_k": -1})
+    assert with_minus.status_code == 200, with_minus.text
+    assert texts(with_minus.json()) == texts(post(url, "/v1/completions", base).json())
+    r = post(url, "/v1/completions", {**base, "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    long = {"messages": [{"role": "user", "content": "a" * 5000}], "max_tokens": 1}
+    r = post(url, "/v1/chat/completions", long)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    r = httpx.delete(f"{url}/v1/models", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+
+
 def test_model_id_with_a_slash(url: str) -> None:
     r = httpx.get(f"{url}/v1/models/{MODEL}", timeout=10)
     assert r.status_code == 200, r.text
