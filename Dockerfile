@@ -1,15 +1,21 @@
-# bitserve image. CPU by default; for one NVIDIA GPU build with a CUDA torch wheel:
-#   docker build -t bitserve .                                   # CPU (set TORCH_INDEX_URL to a CPU wheel index)
-#   docker build -t bitserve:gpu --build-arg TORCH_SPEC=torch==2.13.0 --build-arg EXTRAS=gpu .
+# bitserve image. CPU by default (torch's CPU wheel); for one NVIDIA GPU, torch's CUDA wheel from
+# PyPI (empty TORCH_INDEX_URL) and Triton:
+#   docker build -t bitserve .                                                      # CPU
+#   docker build -t bitserve:gpu --build-arg TORCH_INDEX_URL= --build-arg EXTRAS=gpu .   # GPU
 #   docker run --rm -p 8000:8000 [--gpus 1] -v bitserve-models:/app/models bitserve
+# Settings are BITSERVE_* variables (docker run -e BITSERVE_MAX_NUM_SEQS=32 -e BITSERVE_PORT=...);
+# another model is another command: docker run ... bitserve bitserve serve /app/models/CKPT
 # The install steps live in deploy/install.sh, which `make setup` and CI run too.
 FROM python:3.11-slim
 
 ARG TORCH_SPEC=torch==2.13.0
-ARG TORCH_INDEX_URL=
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG EXTRAS=
+# BITSERVE_CACHE_DIR: Triton configs tuned at warm-up are kept in the models volume, so that a new
+# container on the same GPU does not tune them again.
 ENV VENV=/opt/bitserve PATH=/opt/bitserve/bin:$PATH PYTHONUNBUFFERED=1 \
-    BITSERVE_MODELS=/app/models BITSERVE_HOST=0.0.0.0
+    BITSERVE_MODELS=/app/models BITSERVE_CACHE_DIR=/app/models/.cache/bitserve \
+    BITSERVE_HOST=0.0.0.0 BITSERVE_PORT=8000 BITSERVE_SHUTDOWN_TIMEOUT=5
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -18,13 +24,23 @@ COPY kernels kernels
 COPY quantization quantization
 COPY server server
 COPY deploy deploy
+# Triton (GPU image) builds its launchers with a C compiler at run time: python:*-slim has none.
 RUN TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH_INDEX_URL" EXTRAS="$EXTRAS" deploy/install.sh \
+    && if python -c "import triton" 2>/dev/null; then \
+        apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
     && bitserve fetch-default
 
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=3s --start-period=120s CMD python -c \
-    "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready')"
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s CMD ["python", "-c", \
+    "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('BITSERVE_PORT', '8000'), timeout=2)"]
+# bitserve is PID 1: the kernel drops a signal it has no handler for, and until uvicorn runs
+# (loading, first-start quantization) only SIGINT has one, so `docker stop` would wait its 10 s
+# and kill. uvicorn treats SIGINT like SIGTERM; the exit status is then 130.
+STOPSIGNAL SIGINT
 # First start quantizes the default model (W4 g128) into /app/models; later starts reuse it.
-# `docker stop` waits 10 s after SIGTERM: requests still running at 8 s end with "abort".
-CMD ["bitserve", "serve", "default", "--served-model-name", "default", "--host", "0.0.0.0", \
-     "--port", "8000", "--shutdown-timeout", "8"]
+# `docker stop` waits 10 s: requests still running after BITSERVE_SHUTDOWN_TIMEOUT (5 s) end
+# with "abort", and exiting takes 1.5-3 s more (with 8 s, 9.5-11 s: killed). Raise both
+# together (docker stop -t, compose stop_grace_period).
+CMD ["bitserve", "serve", "default", "--served-model-name", "default"]

@@ -69,7 +69,9 @@ def start_server(
 async def one_request(
     client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, extra: dict
 ) -> dict[str, Any]:
-    """One streamed completion: arrival times of each content chunk and the token count."""
+    """One streamed completion: arrival times of each content chunk and the token count, and
+    `error` when the stream failed: an error object, no finish_reason or no final [DONE] (a
+    stream cut short is not a success)."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -82,23 +84,33 @@ async def one_request(
     t0 = time.perf_counter()
     stamps: list[float] = []
     tokens = 0
+    done, finish, error = False, None, None
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if line == "data: [DONE]":
+                done = True
+            if not line.startswith("data: ") or done:
                 continue
             chunk = json.loads(line[6:])
+            if chunk.get("error"):
+                error = str(chunk["error"].get("message", chunk["error"]))
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
+            choice = (chunk.get("choices") or [{}])[0]
+            finish = choice.get("finish_reason") or finish
+            if choice.get("text"):
                 stamps.append(time.perf_counter())
     end = time.perf_counter()
+    if error is None and (not done or finish in (None, "error")):
+        error = "no final [DONE]" if not done else f"finish_reason {finish}"
     return {
         "ttft": stamps[0] - t0 if stamps else end - t0,
         "stamps": stamps,
         "start": t0,
         "end": end,
         "tokens": tokens or len(stamps),
+        "error": error,
     }
 
 
@@ -122,6 +134,12 @@ async def run_level(
         t0 = time.perf_counter()
         results = [x for xs in await asyncio.gather(*[worker(w) for w in range(conc)]) for x in xs]
         wall = time.perf_counter() - t0
+    failed = [r["error"] for r in results if r["error"]]
+    if failed:
+        print(f"  {len(failed)} of {len(results)} requests failed, e.g. {failed[0]}", flush=True)
+    results = [r for r in results if not r["error"]]
+    if not results:
+        raise RuntimeError(f"every request of this level failed, e.g. {failed[0]}")
     ttfts = [r["ttft"] for r in results]
     itls = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:], strict=False)]
     decode = [
@@ -135,6 +153,7 @@ async def run_level(
         "itl_p50": _pct(itls, 50),
         "itl_p99": _pct(itls, 99),
         "tokens_per_request": statistics.mean(r["tokens"] for r in results),
+        "failed": len(failed),
     }
 
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-dev}
+EXTRAS=${EXTRAS-dev}  # unset: dev; empty (the CPU image): none
 PY=${PY:-python3}
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -1,0 +1,49 @@
+"""The serving benchmark's client (bench/serve.py) counts a stream that ends without a
+finish_reason and [DONE], or that carries an error object, as failed, never as a success."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sse(*chunks: Any) -> str:
+    return "".join(f"data: {c if isinstance(c, str) else json.dumps(c)}\n\n" for c in chunks)
+
+
+def run(body: str) -> dict[str, Any]:
+    async def go() -> dict[str, Any]:
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return dict(await bench().one_request(client, "http://stub", "m", "hi", 4, {}))
+
+    return asyncio.run(go())
+
+
+def test_a_stream_counts_only_when_it_finished() -> None:
+    text = {"choices": [{"index": 0, "text": "a", "finish_reason": None}]}
+    last = {"choices": [{"index": 0, "text": "b", "finish_reason": "length"}]}
+    usage = {"choices": [], "usage": {"completion_tokens": 2}}
+    ok = run(sse(text, last, usage, "[DONE]"))
+    assert ok["error"] is None and ok["tokens"] == 2 and len(ok["stamps"]) == 2
+    assert run(sse(text, last, usage))["error"] == "no final [DONE]"
+    assert run(sse(text, "[DONE]"))["error"] == "finish_reason None"
+    failed = {"choices": [{"index": 0, "text": "", "finish_reason": "error"}]}
+    assert run(sse(text, failed, "[DONE]"))["error"] == "finish_reason error"
+    err = {"error": {"message": "engine failed", "type": "server_error"}}
+    assert run(sse(text, err, "[DONE]"))["error"] == "engine failed"
