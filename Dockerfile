@@ -41,6 +41,7 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=120s CMD ["python", "-c",
 STOPSIGNAL SIGINT
 # First start quantizes the default model (W4 g128) into /app/models; later starts reuse it.
 # `docker stop` waits 10 s: requests still running after BITSERVE_SHUTDOWN_TIMEOUT (5 s) end
-# with "abort", and exiting takes 1.5-3 s more (with 8 s, 9.5-11 s: killed). Raise both
-# together (docker stop -t, compose stop_grace_period).
+# with "abort", and the process must then exit before the kill
+# (tests/test_deploy.py::test_docker_stop_fits_the_grace_period). Raise both together
+# (docker stop -t, compose stop_grace_period).
 CMD ["bitserve", "serve", "default", "--served-model-name", "default"]

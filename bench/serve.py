@@ -70,8 +70,9 @@ async def one_request(
     client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, extra: dict
 ) -> dict[str, Any]:
     """One streamed completion: arrival times of each content chunk and the token count, and
-    `error` when the stream failed: an error object, no finish_reason or no final [DONE] (a
-    stream cut short is not a success)."""
+    `error` when it failed: an HTTP error, an error object in the stream, or no finish_reason
+    (a stream cut short is not a success). [DONE] is not required: `transformers serve` sends
+    none."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -84,26 +85,28 @@ async def one_request(
     t0 = time.perf_counter()
     stamps: list[float] = []
     tokens = 0
-    done, finish, error = False, None, None
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line == "data: [DONE]":
-                done = True
-            if not line.startswith("data: ") or done:
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("error"):
-                error = str(chunk["error"].get("message", chunk["error"]))
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            choice = (chunk.get("choices") or [{}])[0]
-            finish = choice.get("finish_reason") or finish
-            if choice.get("text"):
-                stamps.append(time.perf_counter())
+    finish, error = None, None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("error"):  # an object (OpenAI) or a string (transformers serve)
+                    err = chunk["error"]
+                    error = str(err.get("message", err) if isinstance(err, dict) else err)
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                choice = (chunk.get("choices") or [{}])[0]
+                finish = choice.get("finish_reason") or finish
+                if choice.get("text"):
+                    stamps.append(time.perf_counter())
+    except httpx.HTTPError as e:
+        error = f"{type(e).__name__}: {e}"
     end = time.perf_counter()
-    if error is None and (not done or finish in (None, "error")):
-        error = "no final [DONE]" if not done else f"finish_reason {finish}"
+    if error is None and finish in (None, "error", "abort"):
+        error = f"finish_reason {finish}"
     return {
         "ttft": stamps[0] - t0 if stamps else end - t0,
         "stamps": stamps,

@@ -1,11 +1,13 @@
-"""Export a bitserve checkpoint to compressed-tensors' "pack-quantized" layout: the format vLLM
-serves natively (its WNA16 kernels) and transformers loads through the compressed-tensors package.
-The codes, scales and zero points are carried over as they are (no re-rounding: the exported
-weights dequantize to exactly ours); the packing is the compressed-tensors library's own."""
+"""Export a bitserve checkpoint to compressed-tensors' "pack-quantized" layout: the format
+llm-compressor writes and vLLM serves with its WNA16 kernels (not run here), which transformers
+loads through the compressed-tensors package. The library packs: it rounds our dequantized weight
+with our scales and zero points, which gives back our codes (tests/test_export.py checks them
+exactly)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +20,7 @@ from bitserve.errors import UsageError
 from bitserve.kernels.quant_linear import QuantLinear
 from bitserve.kernels.reference import dequantized_weight
 
+log = logging.getLogger("bitserve")
 WEIGHTS = "model.safetensors"
 MARKER = "bitserve_export"  # in the weights' metadata: what `export --force` may replace
 
@@ -78,8 +81,13 @@ def export_compressed_tensors(ckpt: Path, out: Path, force: bool = False) -> Pat
     """Write `out`: config.json (with compressed-tensors' quantization_config), the tokenizer,
     generation config and model.safetensors; int layers as weight_packed / weight_scale /
     weight_shape (/ weight_zero_point when asymmetric), everything else as stored (fp16)."""
-    from compressed_tensors.compressors import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    try:
+        from compressed_tensors.compressors import PackedQuantizationCompressor
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    except ImportError:
+        raise UsageError(
+            "export needs the compressed-tensors package: pip install 'bitserve[export]'"
+        ) from None
 
     from bitserve.models import load_model
     from bitserve.quantization.checkpoint import check_out_dir, is_checkpoint
@@ -89,11 +97,22 @@ def export_compressed_tensors(ckpt: Path, out: Path, force: bool = False) -> Pat
         raise UsageError(f"{ckpt}: not a bitserve checkpoint (export reads one)")
     if out.resolve() == ckpt.resolve():
         raise UsageError(f"--out {out} is the checkpoint itself; choose another folder")
-    if not (force and _is_export(out)):
-        check_out_dir(out, force)  # --force replaces only a checkpoint or an empty folder
+    if not out.exists():
+        check_out_dir(out, force)  # e.g. a path below a file
+    elif not force:
+        raise UsageError(f"{out} exists (pass --force to overwrite)")
+    elif not out.is_dir():
+        raise UsageError(f"{out} is a file, not a folder")
+    elif any(out.iterdir()) and not _is_export(out):
+        raise UsageError(f"{out} is not an earlier export: --force replaces only those")
     loaded = load_model(ckpt, backend="reference")
     model = loaded.model
     layers = _check_exportable(model)
+    if not all(m.sym for m in layers.values()):
+        log.warning(
+            "asymmetric layers: vLLM loads them, transformers with compressed-tensors 0.20 does "
+            "not (quantize with --sym for transformers)"
+        )
     state: dict[str, torch.Tensor] = {}
     groups: dict[str, tuple[Any, list[str]]] = {}
     for name, m in layers.items():

@@ -52,6 +52,7 @@ def resolve_checkpoint(src: str, quantize: str | None = None, calib: Path | None
     method) the source is quantized on first use and cached under models/checkpoints/, keyed by
     the source hash, the method, the format and the calibration file; else SRC is loaded as is."""
     from bitserve.models import models_dir, resolve_source, source_hash
+    from bitserve.quantization.base import get_method
     from bitserve.quantization.checkpoint import (
         is_checkpoint,
         require_unquantized,
@@ -68,6 +69,11 @@ def resolve_checkpoint(src: str, quantize: str | None = None, calib: Path | None
     require_unquantized(source)
     if calib is not None and not calib.is_file():
         raise UsageError(f"{calib}: no such calibration file")
+    if calib is not None and not (get_method(method).needs_calibration or tune_steps):
+        raise UsageError(  # here too: a cache made before this check would be served silently
+            f"--calib {calib}: method {method!r} uses no calibration data (drop --calib, or "
+            "append +tune to tune on it)"
+        )
     calib_key = (
         "self-generated" if calib is None else hashlib.sha256(calib.read_bytes()).hexdigest()
     )

@@ -78,17 +78,21 @@ def onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:
     oneDNN is missing here or its answer on a random input is not F.linear's."""
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
-    x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    x = torch.randn(16, weight.shape[1], generator=torch.Generator().manual_seed(0))
     x = x.to(weight.dtype)
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-        got = onednn_linear(x, packed, None).float()
+        got = onednn_linear(x, packed, None)
+        alone = onednn_linear(x[3:4], packed, None)
     except (RuntimeError, AttributeError) as e:  # a build without the op, or one that refuses
         log.info("lm_head keeps torch's plain layout (%s)", e)
         return None
     want = F.linear(x, weight).float()
-    if (got - want).norm() > 1e-3 * want.norm():
+    if (got.float() - want).norm() > 1e-3 * want.norm():
         log.warning("oneDNN's reordered lm_head differs from F.linear: keeping the plain layout")
+        return None
+    if not torch.equal(alone[0], got[3]):  # the runner's rows must not depend on the batch
+        log.warning("oneDNN's reordered lm_head rounds rows by batch: keeping the plain layout")
         return None
     return packed
 
@@ -220,8 +224,8 @@ class LlamaRunner:
         self.lm_head = model.lm_head
         # The vocabulary projection is the largest matmul; a bf16 copy halves the bytes it reads.
         # int8 (on the CPU): an RTN W8 g32 copy instead (the cpu backend's two nibble planes), a
-        # quarter of fp32's bytes and as close to fp32 as bf16; faster than bf16 for steps of
-        # 1-4 rows, slower for 8 and more (docs/serving.md).
+        # quarter of fp32's bytes and as close to fp32 as bf16; as fast as the oneDNN bf16 head
+        # at one row, slower from four (docs/serving.md).
         self.head_weight: torch.Tensor | None = None
         self.head_int8: QuantLinear | None = None
         head = model.lm_head

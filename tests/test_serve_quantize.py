@@ -77,6 +77,14 @@ def test_damaged_cache_is_quantized_again(src: Path, caplog: pytest.LogCaptureFi
     assert sha256_file(first / WEIGHTS) == digest
 
 
+def test_calib_for_a_method_that_reads_none_is_refused_even_when_cached(src: Path) -> None:
+    calib = src.parent / "text.txt"
+    resolve_checkpoint(str(src), "rtn:w4g64")  # a cache exists either way
+    with pytest.raises(UsageError, match="'rtn' uses no calibration data"):
+        resolve_checkpoint(str(src), "rtn:w4g64", calib)
+    assert resolve_checkpoint(str(src), "rtn:w4g64+tune2", calib).name.startswith("src-rtn")
+
+
 def test_quantize_and_tune_once(src: Path) -> None:
     """'+tuneN' quantizes, tunes the scales on the calibration text, and caches the result apart
     from the untuned checkpoint, whose cache key is unchanged."""

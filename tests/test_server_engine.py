@@ -255,13 +255,20 @@ def test_bf16_head_in_onednn_layout_gives_f_linears_logits(
     def missing(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise RuntimeError("no such op")
 
-    monkeypatch.setattr(runner_module, "onednn_linear", wrong)
+    real = runner_module.onednn_linear
+
+    def by_batch(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = real(x, packed, bias)
+        return y if x.shape[0] > 1 else y * (1 + 2**-7)  # one row rounded otherwise
+
+    runners = []
     with caplog.at_level("INFO", logger="bitserve.runner"):
-        plain = LlamaRunner(model, num_slots=2, max_len=16, head_dtype=torch.bfloat16)
-        monkeypatch.setattr(runner_module, "onednn_linear", missing)
-        also_plain = LlamaRunner(model, num_slots=2, max_len=16, head_dtype=torch.bfloat16)
+        for fake in (wrong, missing, by_batch):
+            monkeypatch.setattr(runner_module, "onednn_linear", fake)
+            runners.append(LlamaRunner(model, num_slots=2, max_len=16, head_dtype=torch.bfloat16))
     assert "differs from F.linear" in caplog.text and "no such op" in caplog.text
-    for r in (plain, also_plain):
+    assert "rounds rows by batch" in caplog.text
+    for r in runners:
         assert not r.head_onednn and r.head_description() == "bfloat16"
         assert torch.equal(r._head(x), want)
 

@@ -219,9 +219,15 @@ class SlowTokenizer:
 
 
 def metric_sums(url: str, names: list[str]) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    sums = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    return {n: sums[f"{n}_sum"] for n in names}
+    """The histograms' sums, once each has an observation (the engine records the end-to-end
+    latency just after the response's last output, so poll, bounded)."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        got = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        if all(got.get(f"{n}_count", 0) >= 1 for n in names) or time.monotonic() > deadline:
+            return {n: got[f"{n}_sum"] for n in names}
+        time.sleep(0.05)
 
 
 def test_latency_metrics_start_before_tokenization(server_tiny_checkpoint: Path) -> None:
