@@ -128,14 +128,19 @@ def resolve_source(src: str | Path) -> Path:
 
 
 def load_model(
-    src: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto"
+    src: str | Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    verify: bool = True,
 ) -> Loaded:
-    """Load a packed checkpoint, an unquantized HF folder, or a .gguf file (dequantized)."""
+    """Load a packed checkpoint, an unquantized HF folder, or a .gguf file (dequantized).
+    verify=False skips a checkpoint's SHA-256 check (for one just checked or written)."""
     check_backend(backend)
     path = resolve_source(src)
     # Even without its manifest (then NotACheckpointError), never as an HF model with new layers.
     if looks_like_checkpoint(path):
-        return load_checkpoint(path, device=device, dtype=dtype, backend=backend)
+        return load_checkpoint(path, device=device, dtype=dtype, backend=backend, verify=verify)
     if path.is_file() and path.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -238,7 +238,11 @@ def _prepare_state(settings: Settings) -> tuple[Any, Path, str, torch.dtype]:
         quality_gate(path, settings.model, settings.gate_text, settings.quality_gate)
     device = resolve_device(settings.device)
     dtype = torch.float16 if device == "cuda" else torch.float32
-    loaded = load_model(path, device=device, dtype=dtype, backend=settings.backend)
+    # resolve_checkpoint verified (or just wrote) a quantized cache: no second SHA-256 pass
+    cached = settings.quantize is not None or settings.model == "default"
+    loaded = load_model(
+        path, device=device, dtype=dtype, backend=settings.backend, verify=not cached
+    )
     return build_state(loaded, settings), path, device, dtype
 
 

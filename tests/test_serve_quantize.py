@@ -85,6 +85,29 @@ def test_calib_for_a_method_that_reads_none_is_refused_even_when_cached(src: Pat
     assert resolve_checkpoint(str(src), "rtn:w4g64+tune2", calib).name.startswith("src-rtn")
 
 
+def test_serving_a_cached_checkpoint_hashes_its_weights_once(
+    src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resolve_checkpoint checks a cache's SHA-256; loading it for serving does not again
+    (seconds per start for a model of some GB)."""
+    import bitserve.quantization.checkpoint as checkpoint
+    from bitserve.server.cli import _prepare_state
+    from bitserve.server.settings import Settings
+
+    resolve_checkpoint(str(src), "rtn:w4g64")
+    hashed: list[str] = []
+    real = checkpoint.sha256_file
+
+    def counting(path: Path, chunk: int = 1 << 22) -> str:
+        hashed.append(Path(path).name)
+        return real(path, chunk)
+
+    monkeypatch.setattr(checkpoint, "sha256_file", counting)
+    settings = Settings(model=str(src), quantize="rtn:w4g64", max_model_len=64, warmup=False)
+    _prepare_state(settings)
+    assert hashed.count(WEIGHTS) == 1
+
+
 def test_quantize_and_tune_once(src: Path) -> None:
     """'+tuneN' quantizes, tunes the scales on the calibration text, and caches the result apart
     from the untuned checkpoint, whose cache key is unchanged."""
