@@ -4,7 +4,7 @@
 #   docker build -t bitserve:gpu --build-arg TORCH_INDEX_URL= --build-arg EXTRAS=gpu .   # GPU
 #   docker run --rm -p 8000:8000 [--gpus 1] -v bitserve-models:/app/models bitserve
 # Settings are BITSERVE_* variables (docker run -e BITSERVE_MAX_NUM_SEQS=32 -e BITSERVE_PORT=...);
-# another model is another command: docker run ... bitserve bitserve serve /app/models/CKPT
+# another model: docker run -e BITSERVE_MODEL=/app/models/CKPT -e BITSERVE_SERVED_MODEL_NAME=ID ...
 # The install steps live in deploy/install.sh, which `make setup` and CI run too.
 FROM python:3.11-slim
 
@@ -15,7 +15,8 @@ ARG EXTRAS=
 # container on the same GPU does not tune them again.
 ENV VENV=/opt/bitserve PATH=/opt/bitserve/bin:$PATH PYTHONUNBUFFERED=1 \
     BITSERVE_MODELS=/app/models BITSERVE_CACHE_DIR=/app/models/.cache/bitserve \
-    BITSERVE_HOST=0.0.0.0 BITSERVE_PORT=8000 BITSERVE_SHUTDOWN_TIMEOUT=5
+    BITSERVE_HOST=0.0.0.0 BITSERVE_PORT=8000 BITSERVE_SHUTDOWN_TIMEOUT=5 \
+    BITSERVE_MODEL=default BITSERVE_SERVED_MODEL_NAME=default
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -44,4 +45,4 @@ STOPSIGNAL SIGINT
 # with "abort", and the process must then exit before the kill
 # (tests/test_deploy.py::test_docker_stop_fits_the_grace_period). Raise both together
 # (docker stop -t, compose stop_grace_period).
-CMD ["bitserve", "serve", "default", "--served-model-name", "default"]
+CMD ["bitserve", "serve"]

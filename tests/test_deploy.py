@@ -202,14 +202,20 @@ def docker_serve_settings(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) 
 
 def test_docker_settings_follow_bitserve_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     """`docker run -e BITSERVE_PORT=... -e BITSERVE_SHUTDOWN_TIMEOUT=...` (a Kubernetes grace
-    period of 30 s) take effect: the CMD's flags used to win over them, silently."""
+    period of 30 s) or `-e BITSERVE_MODEL=...` take effect: the CMD's flags and its SRC used to
+    win over them, silently. By default the image serves the default model as `default`, the id
+    the README's curl asks for."""
     s = docker_serve_settings(monkeypatch, {})
     assert (s.model, s.served_model_name, s.host, s.port) == ("default", "default", "0.0.0.0", 8000)
+    assert '"model": "default"' in (ROOT / "README.md").read_text()  # the id its curl asks for
     assert s.shutdown_timeout is not None and s.shutdown_timeout < DOCKER_STOP_GRACE
     s = docker_serve_settings(
         monkeypatch, {"BITSERVE_PORT": "9001", "BITSERVE_SHUTDOWN_TIMEOUT": "25"}
     )
     assert (s.port, s.shutdown_timeout) == (9001, 25)
+    other = {"BITSERVE_MODEL": "/app/models/ckpt", "BITSERVE_SERVED_MODEL_NAME": "mine"}
+    s = docker_serve_settings(monkeypatch, other)
+    assert (s.model, s.served_model_name) == ("/app/models/ckpt", "mine")
 
 
 class _Ready(http.server.BaseHTTPRequestHandler):
