@@ -100,12 +100,19 @@ def save_checkpoint(
     manifest into `out_dir`, via a temporary directory renamed into place."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force)
+    return write_folder(out_dir, lambda tmp: _write_files(model, tokenizer, tmp, manifest))
+
+
+def write_folder(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Have `write` fill a temporary folder beside `out_dir`, then put it in `out_dir`'s place
+    (replacing what was there): an interrupted or failed write leaves no partial folder behind,
+    and never one that looks complete."""
     tmp = out_dir.with_name(out_dir.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_files(model, tokenizer, tmp, manifest)
-    except BaseException:  # an interrupted or failed write leaves no partial folder behind
+        write(tmp)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out_dir.exists():

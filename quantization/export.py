@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +88,7 @@ def export_compressed_tensors(ckpt: Path, out: Path, force: bool = False) -> Pat
         ) from None
 
     from bitserve.models import load_model
-    from bitserve.quantization.checkpoint import check_out_dir, is_checkpoint
+    from bitserve.quantization.checkpoint import check_out_dir, is_checkpoint, write_folder
 
     ckpt, out = Path(ckpt), Path(out)
     if not is_checkpoint(ckpt):
@@ -148,25 +146,17 @@ def export_compressed_tensors(ckpt: Path, out: Path, force: bool = False) -> Pat
         quantization_status="compressed",
         ignore=[] if "lm_head" in layers else ["lm_head"],
     )
-    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        model.config.quantization_config = qconfig.model_dump(exclude_none=True)
-        model.config.torch_dtype = torch.float16
+    model.config.quantization_config = qconfig.model_dump(exclude_none=True)
+    model.config.torch_dtype = torch.float16
+
+    def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", MARKER: "1"})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    return out
+
+    return write_folder(out, write)
 
 
 def cmd_export(args: Any) -> int:
