@@ -62,8 +62,6 @@ def _check_exportable(model: torch.nn.Module) -> dict[str, QuantLinear]:
             f"{name} is a {fmt!r} layer: compressed-tensors holds int layers (codes, group "
             "scales and zero points) only"
         )
-    if not layers:
-        raise UsageError("the checkpoint has no int layers to export")
     for name, m in layers.items():
         g = m.group_size
         if 0 < g < m.in_features and m.in_features % g:
@@ -147,7 +145,7 @@ def export_compressed_tensors(ckpt: Path, out: Path, force: bool = False) -> Pat
         ignore=[] if "lm_head" in layers else ["lm_head"],
     )
     model.config.quantization_config = qconfig.model_dump(exclude_none=True)
-    model.config.torch_dtype = torch.float16
+    model.config.dtype = torch.float16
 
     def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)

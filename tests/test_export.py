@@ -55,7 +55,10 @@ def test_symmetric_export_loads_in_transformers_with_our_logits(
 
 
 def test_asymmetric_export_unpacks_to_exactly_our_weights(
-    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    src: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -63,7 +66,9 @@ def test_asymmetric_export_unpacks_to_exactly_our_weights(
 
     ckpt = quantize(src, tmp_path / "ckpt", capsys, "--bits", "8", "--group-size", "-1")
     out = tmp_path / "ct"
-    assert run_main(["export", str(ckpt), "--out", str(out)], capsys)[0] == 0
+    with caplog.at_level("WARNING", logger="bitserve"):
+        assert run_main(["export", str(ckpt), "--out", str(out)], capsys)[0] == 0
+    assert "asymmetric layers" in caplog.text  # transformers cannot load them
     qc = QuantizationConfig.model_validate(
         json.loads((out / "config.json").read_text())["quantization_config"]
     )
@@ -115,7 +120,24 @@ def test_export_refusals_are_one_line(
     code, err = run_main(["export", str(ckpt), "--out", str(out)], capsys)
     assert code == 2 and "exists" in err
     assert run_main(["export", str(ckpt), "--out", str(out), "--force"], capsys)[0] == 0
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = run_main(["export", str(ckpt), "--out", str(afile), "--force"], capsys)
+    assert code == 2 and "is a file, not a folder" in err and afile.read_text() == "x"
     for folder in (src, short):  # --force replaces neither a model nor a checkpoint
         code, err = run_main(["export", str(ckpt), "--out", str(folder), "--force"], capsys)
         assert code == 2 and "not an earlier export" in err
         assert (folder / "config.json").is_file()
+
+
+def test_export_without_compressed_tensors_says_what_to_install(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    ckpt = quantize(src, tmp_path / "ckpt", capsys, "--group-size", "32", "--sym")
+    for name in ("compressed_tensors.compressors", "compressed_tensors.quantization"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it fails
+    code, err = run_main(["export", str(ckpt), "--out", str(tmp_path / "ct")], capsys)
+    assert code == 2 and "pip install 'bitserve[export]'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "ct").exists()
