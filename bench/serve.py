@@ -446,6 +446,7 @@ def profile_step(args: argparse.Namespace) -> None:
         "int8pack": "quant matmul",
         "aten::mm": "dense mm",
         "aten::addmm": "dense mm",
+        "mkldnn::_linear": "dense mm",  # the lm_head in oneDNN's layout
         "scaled_dot": "attention",
         "index": "kv gather/scatter",
     }

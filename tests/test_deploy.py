@@ -317,8 +317,8 @@ def test_docker_stop_signal_stops_a_loading_server(tmp_path: Path) -> None:
 def test_docker_stop_fits_the_grace_period(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`docker stop` kills 10 s after its signal. With a stream in flight, the image's stop
     signal to PID 1 must end that stream at BITSERVE_SHUTDOWN_TIMEOUT (finish_reason "abort",
-    [DONE]) and the process must exit by itself before the kill: with the old 8 s it took
-    9.5-11.1 s (SIGKILL, status 137)."""
+    [DONE]) and the process must exit by itself before the kill (with the old 8 s it could
+    overrun the grace period and be killed)."""
     prefix = _pid_namespace_prefix()
     if prefix is None:
         pytest.skip("no PID namespace here (unshare unavailable or not permitted)")
