@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bitserve.kernels.packing import group_index
-from bitserve.kernels.quant_linear import Backend, QuantLinear, register_backend
+from bitserve.kernels.quant_linear import Backend, Direct, QuantLinear, register_backend
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
 DEQUANT_CHUNK = 512  # output rows dequantized at a time by the fallback path
@@ -245,6 +245,26 @@ def _matmul_dequant(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 MATMULS = {"int4": _matmul_int4, "int8": _matmul_int8, "dequant": _matmul_dequant}
 
 
+def _direct(layer: QuantLinear) -> Direct | None:
+    """The int4 path on bf16 rows, for the runner's decode loop: one kernel call where K and N
+    need no padding, else `_matmul_int4`; None for the other paths and for layers with a bias
+    (they run through `_forward`)."""
+    if _kind(layer) != "int4" or layer.bias is not None:
+        return None
+    kg, k_pad, n_pad = _int4_geometry(layer)
+    p = layer.prepared
+    if k_pad != layer.in_features or n_pad != layer.out_features or "int4_weight1" in p:
+        return KERNEL_DTYPE, functools.partial(_matmul_int4, layer)
+    weight, sz, mm = p["int4_weight0"], p["int4_sz0"], torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= DENSE_ROWS:  # the dense path, as _matmul_int4 takes it
+            return _matmul_int4(layer, x)
+        return mm(x, weight, kg, sz)
+
+    return KERNEL_DTYPE, call
+
+
 def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     dtype = x.dtype
@@ -259,5 +279,5 @@ def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 BACKEND = register_backend(
-    Backend(name="cpu", priority=10, supports=_supports, prepare=_prepare, forward=_forward)
+    Backend("cpu", 10, supports=_supports, prepare=_prepare, forward=_forward, direct=_direct)
 )

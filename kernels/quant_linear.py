@@ -151,16 +151,23 @@ def concat_outputs(layers: list[QuantLinear]) -> QuantLinear | None:
     return fused
 
 
+Direct = tuple[torch.dtype, Callable[[torch.Tensor], torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class Backend:
     """How one kind of kernel runs QuantLinear. `supports` returns None when it can run the
-    layer on its device, else the reason it cannot; `prepare` repacks once at load."""
+    layer on its device, else the reason it cannot; `prepare` repacks once at load. `direct`
+    (optional) gives the layer's matmul as one call on [M, K] rows already in the dtype it
+    names, the same arithmetic as `forward` without its per-call reshapes and casts, for the
+    serving runner's CPU decode loop; None where it has none for this layer."""
 
     name: str
     priority: int
     supports: Callable[[QuantLinear], str | None]
     prepare: Callable[[QuantLinear], None]
     forward: Callable[[QuantLinear, torch.Tensor], torch.Tensor]
+    direct: Callable[[QuantLinear], Direct | None] | None = None
 
 
 BACKENDS: dict[str, Backend] = {}

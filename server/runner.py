@@ -7,9 +7,11 @@ which costs more than the matmuls for a 135M model on CPU."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bitserve.errors import UsageError
-from bitserve.kernels.quant_linear import QuantLinear, concat_outputs
+from bitserve.kernels.quant_linear import BACKENDS, QuantLinear, concat_outputs
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
 
 SUPPORTED_TYPES = ("llama",)
@@ -136,10 +138,10 @@ def _project(mods: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
 class _Layer:
     """One decoder layer's weights as the runner uses them."""
 
-    attn_norm: nn.Module
+    attn_norm: Any  # HF's RMSNorm modules: .weight, .variance_epsilon
     qkv: tuple[nn.Module, ...]
     o: nn.Module
-    mlp_norm: nn.Module
+    mlp_norm: Any
     gate_up: tuple[nn.Module, ...]
     down: nn.Module
     act: nn.Module
@@ -147,6 +149,61 @@ class _Layer:
 
 def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+Project = tuple[torch.dtype | None, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _direct(mods: tuple[nn.Module, ...]) -> Project | None:
+    """A fused projection as `LlamaRunner._cpu_step` calls it on [B, K] rows: the dtype its
+    input should come in (None: the residual stream's) and the function, the backend's direct
+    kernel call where it has one (`Backend.direct`); None for an unfused group."""
+    if len(mods) != 1:
+        return None
+    mod = mods[0]
+    if isinstance(mod, QuantLinear):
+        direct = BACKENDS[mod.backend].direct
+        found = None if direct is None else direct(mod)
+        return found or (None, mod)
+    if type(mod) is nn.Linear:
+        return None, functools.partial(F.linear, weight=mod.weight, bias=mod.bias)
+    return None, mod
+
+
+@dataclass
+class _Rows:
+    """One decoder layer as the CPU decode loop runs it: the projections (`_direct`), the two
+    norms' weights and epsilons and the MLP's activation, looked up once (module attribute
+    lookups and calls cost more than the small ops they wrap)."""
+
+    qkv: Project
+    o: Project
+    gate_up: Project
+    down: Project
+    attn_norm: tuple[torch.Tensor, float]
+    mlp_norm: tuple[torch.Tensor, float]
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _cpu_rows(layers: list[_Layer], silu: bool) -> list[_Rows] | None:
+    """The layers as `_Rows`; None if a projection group is not one module (not fused)."""
+    rows = []
+    for x in layers:
+        qkv, o, gate_up, down = (_direct(m) for m in (x.qkv, (x.o,), x.gate_up, (x.down,)))
+        if qkv is None or o is None or gate_up is None or down is None:
+            return None
+        attn_norm = (x.attn_norm.weight, x.attn_norm.variance_epsilon)
+        mlp_norm = (x.mlp_norm.weight, x.mlp_norm.variance_epsilon)
+        rows.append(_Rows(qkv, o, gate_up, down, attn_norm, mlp_norm, F.silu if silu else x.act))
+    return rows
+
+
+def _norm_into(norm: tuple[torch.Tensor, float], h: torch.Tensor, dtype: Any) -> torch.Tensor:
+    """_rms_norm of fp32 rows h rounded once into `dtype` (None: h's), the next matmul's
+    input, instead of cast by a second op: the same values."""
+    weight, eps = norm
+    out = torch.empty(h.shape, dtype=dtype or h.dtype)
+    return torch.mul(F.rms_norm(h, weight.shape, None, eps), weight, out=out)
 
 
 @dataclass
@@ -187,7 +244,8 @@ class LlamaRunner:
 
     fused_decode (default: on CUDA with Triton): one-token steps run the ops between the
     matmuls as fused Triton kernels (`bitserve.kernels.triton_decode`: residual add + norm,
-    rotary + cache write, attention read from the cache in place, SiLU * up)."""
+    rotary + cache write, attention read from the cache in place, SiLU * up). On the CPU,
+    one-token steps of an fp32 model run `_cpu_step`: the same arithmetic in fewer ops."""
 
     def __init__(
         self,
@@ -271,6 +329,9 @@ class LlamaRunner:
             fused_decode = self.device.type == "cuda" and _triton_int() is not None
         self.fused_decode = fused_decode
         self.silu = config.hidden_act in ("silu", "swish")  # the MLP's act_fn, fused with up
+        # One-token CPU steps in fewer ops (`_cpu_step`), for an fp32 model whose groups fused.
+        cpu_fp32 = self.device.type == "cpu" and dtype == torch.float32
+        self.cpu_rows = _cpu_rows(self.layers, self.silu) if cpu_fp32 else None
         self._graphable = self.device.type == "cuda"  # capture decode steps (else run them)
         self._decodes: dict[tuple[int, int], _Decode] = {}
         self._pool: Any = None  # one CUDA graph memory pool for every captured step
@@ -457,6 +518,8 @@ class LlamaRunner:
         B, T = ids.shape
         if T == 1 and self.fused_decode:
             return self._fused_step(ids[:, 0], slots, pos[:, 0], kv_len)
+        if T == 1 and spans is not None and self.cpu_rows is not None:
+            return self._cpu_step(ids[:, 0], slots, pos[:, 0], spans)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[pos].unsqueeze(2), self.signed_sin[pos].unsqueeze(2)  # [B, T, 1, D]
         if spans is None:
@@ -499,6 +562,31 @@ class LlamaRunner:
             x = self.norm(h[torch.arange(B, device=self.device), to_device(last, self.device)])
         return self._head(x)
 
+    def _cpu_step(
+        self, ids: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, spans: list[Any]
+    ) -> torch.Tensor:
+        """`_step` for one token per row on the CPU (ids, slots, pos: [B]): the same arithmetic,
+        so the same logits bit for bit, in fewer ops (1.1x faster at one row, docs/serving.md):
+        2-D rows, each projection called directly (`_direct`), norms and the activation written
+        straight in the dtype the next matmul reads."""
+        assert self.cpu_rows is not None
+        B, H, Hkv, D = ids.shape[0], self.heads, self.kv_heads, self.head_dim
+        cos, sin = self.cos[pos].unsqueeze(1), self.signed_sin[pos].unsqueeze(1)  # [B, 1, D]
+        h = self.embed(ids)
+        for i, rows in enumerate(self.cpu_rows):
+            (qkv_dtype, qkv_fn), (o_dtype, o_fn) = rows.qkv, rows.o
+            qkv = qkv_fn(_norm_into(rows.attn_norm, h, qkv_dtype)).float().view(B, -1, D)
+            qk = _rotate(qkv[:, : H + Hkv], cos, sin)
+            k, v = self.k_cache[i], self.v_cache[i]
+            k[slots, :, pos], v[slots, :, pos] = qk[:, H:], qkv[:, H + Hkv :]
+            o = self._attend_rows(qk[:, :H].unsqueeze(2), k, v, spans, [], o_dtype)
+            h = h + o_fn(o.view(B, H * D))
+            (gu_dtype, gu_fn), (down_dtype, down_fn) = rows.gate_up, rows.down
+            gate, up = gu_fn(_norm_into(rows.mlp_norm, h, gu_dtype)).float().chunk(2, dim=-1)
+            act = torch.empty(gate.shape, dtype=down_dtype or h.dtype)
+            h = h + down_fn(torch.mul(rows.act(gate), up, out=act))
+        return self._head(self.norm(h))
+
     def _attend_rows(
         self,
         q: torch.Tensor,
@@ -506,6 +594,7 @@ class LlamaRunner:
         v: torch.Tensor,
         spans: list[tuple[int, int, int]],
         masks: list[torch.Tensor | None],
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Attention of each row's real queries q[b, :, :n] over its own slot's keys up to
         start + n, one call per row: the same call, so the same arithmetic, whether a sequence
@@ -513,22 +602,20 @@ class LlamaRunner:
         rounds a row differently, by its length and by how torch splits the batch over
         threads, and the 16-bit casts of the quantized matmuls carried that into different
         greedy texts.) A one-token row (decode) stacks each KV head's query heads as its
-        queries: no mask, no GQA expansion, as fast as the batched call. Padding queries give
-        zeros."""
+        queries: no mask, no GQA expansion, as fast as the batched call; its output comes in
+        `dtype` (default q's), rounded once. Padding queries give zeros."""
         B, H, T, D = q.shape
         group = H // self.kv_heads
         if T == 1:  # decode
-            return torch.stack(
-                [
-                    F.scaled_dot_product_attention(
-                        q[b, :, 0].view(1, self.kv_heads, group, D),
-                        k[slot : slot + 1, :, : start + 1],
-                        v[slot : slot + 1, :, : start + 1],
-                        scale=self.scale,
-                    ).view(H, 1, D)
-                    for b, (slot, start, _) in enumerate(spans)
-                ]
-            )
+            out = torch.empty(q.shape, dtype=dtype or q.dtype)
+            for b, (slot, start, _) in enumerate(spans):
+                out[b] = F.scaled_dot_product_attention(
+                    q[b, :, 0].view(1, self.kv_heads, group, D),
+                    k[slot : slot + 1, :, : start + 1],
+                    v[slot : slot + 1, :, : start + 1],
+                    scale=self.scale,
+                ).view(H, 1, D)
+            return out
         o = torch.zeros_like(q)
         for b, ((slot, start, n), mask) in enumerate(zip(spans, masks, strict=True)):
             o[b, :, :n] = F.scaled_dot_product_attention(

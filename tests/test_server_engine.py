@@ -600,6 +600,83 @@ def test_a_broken_row_fails_only_its_sequence(server_tiny_checkpoint: Path) -> N
         )
 
 
+def _tiny_llama(spec: Any, arch: str = "llama") -> Any:
+    """A random 2-layer model of tiny_config (hidden 96, MLP 160), quantized in memory with
+    RTN at `spec` (None: left in fp32), its QuantLinears on the cpu backend."""
+    from transformers import AutoModelForCausalLM
+
+    from bitserve.quantization import get_method
+    from bitserve.quantization.pipeline import quantize_model, swap_in_quant_linears
+    from tests.tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    if spec is not None:
+        with torch.no_grad():
+            quantized, _ = quantize_model(model, get_method("rtn"), spec, None, progress=False)
+        swap_in_quant_linears(model, quantized)
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.set_backend("cpu")
+    return model
+
+
+@pytest.mark.parametrize(
+    "spec, direct",
+    [
+        ((4, 32), torch.bfloat16),  # one int4 kernel call per projection
+        ((4, 64), torch.bfloat16),  # K = 96 padded to the group: through _matmul_int4
+        ((8, 32), torch.bfloat16),  # two nibble planes
+        ((8, -1), None),  # int8 per channel: the module itself
+        (None, None),  # fp32 nn.Linear
+    ],
+)
+def test_cpu_decode_step_gives_the_generic_steps_logits_bit_for_bit(
+    spec: tuple[int, int] | None, direct: torch.dtype | None
+) -> None:
+    """The CPU one-token step (`_cpu_step`: projections called directly, norms and activations
+    rounded straight into the matmul's dtype) computes exactly what the generic step does:
+    equal logits and equal KV caches, step after step, rows in any order and length."""
+    import copy
+
+    from bitserve.quantization.grid import QuantSpec
+
+    model = _tiny_llama(None if spec is None else QuantSpec(*spec))
+    fast = LlamaRunner(copy.deepcopy(model), num_slots=3, max_len=64)
+    generic = LlamaRunner(model, num_slots=3, max_len=64)
+    assert fast.cpu_rows is not None and fast.cpu_rows[0].qkv[0] == direct
+    generic.cpu_rows = None
+    g = torch.Generator().manual_seed(1)
+    lens = [9, 3, 20]
+    for r in (fast, generic):
+        for slot, n in enumerate(lens):
+            ids = torch.randint(0, 40, (1, n), generator=torch.Generator().manual_seed(slot))
+            r.forward(ids, torch.tensor([slot]), torch.tensor([0]))
+    for step in range(4):
+        slots = [2, 0, 1] if step % 2 else [1]
+        ids = torch.randint(0, 40, (len(slots), 1), generator=g)
+        starts = torch.tensor([lens[s] for s in slots])
+        a = fast.forward(ids, torch.tensor(slots), starts)
+        b = generic.forward(ids, torch.tensor(slots), starts)
+        assert torch.isfinite(a).all() and a.std() > 0
+        assert torch.equal(a, b), (step, (a - b).abs().max())
+        for s in slots:
+            lens[s] += 1
+    assert torch.equal(fast.k_cache, generic.k_cache)
+    assert torch.equal(fast.v_cache, generic.v_cache)
+
+
+def test_cpu_decode_step_is_kept_for_fp32_models_whose_projections_fuse() -> None:
+    """A half-precision model, or one whose q/k/v could not be fused, keeps the generic step."""
+    from bitserve.quantization.grid import QuantSpec
+
+    assert LlamaRunner(_tiny_llama(None).to(torch.bfloat16), 1, 8).cpu_rows is None
+    model = _tiny_llama(QuantSpec(4, 32))
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.bias = torch.zeros(attn.k_proj.out_features)  # q/k/v differ: not fused
+    assert LlamaRunner(model, 1, 8).cpu_rows is None
+
+
 def test_static_decode_steps_match_eager(server_tiny_checkpoint: Path) -> None:
     """The decode step that CUDA graphs capture (batch padded to 4 rows writing to a spare slot,
     attention over a fixed cache length, inputs copied into static buffers) gives the eager
