@@ -37,7 +37,11 @@ PROMPTS = [
 
 SERVERS = ["bitserve-w4", "bitserve-fp32", "transformers-serve"]
 # Opt-in: llama.cpp's own server, built from source (bench/build_llama_server.sh).
-OTHER_SERVERS = ["llama-server"]
+OTHER_SERVERS = ["bitserve-w4-prefix-cache", "llama-server"]
+PREAMBLE = (
+    "You are a careful assistant who answers in plain English, keeps to the facts it is "
+    "given, says so when it does not know, and writes short paragraphs for a general reader."
+)
 
 
 def free_port() -> int:
@@ -117,10 +121,17 @@ async def one_request(
     }
 
 
+def bench_prompts(shared_words: int) -> list[str]:
+    """The benchmark's prompts, each after the same preamble of about `shared_words` words (a
+    system prompt's stand-in, which a prefix cache need prefill only once)."""
+    words = (PREAMBLE * (shared_words // len(PREAMBLE.split()) + 1)).split()[:shared_words]
+    return [" ".join([*words, p]) for p in PROMPTS]
+
+
 async def run_level(
-    url: str, model: str, conc: int, rounds: int, max_tokens: int, extra: dict
+    url: str, model: str, conc: int, rounds: int, max_tokens: int, extra: dict, texts: list[str]
 ) -> dict[str, float]:
-    """`conc` clients each sending `rounds` requests back to back."""
+    """`conc` clients each sending `rounds` requests of `texts` back to back."""
     # A new connection per request: llama-server may close a kept-alive connection just as the
     # next request goes out on it ("Server disconnected without sending a response").
     no_reuse = httpx.Limits(max_keepalive_connections=0)
@@ -129,7 +140,7 @@ async def run_level(
         async def worker(w: int) -> list[dict[str, Any]]:
             return [
                 await one_request(
-                    client, url, model, PROMPTS[(w + r) % len(PROMPTS)], max_tokens, extra
+                    client, url, model, texts[(w + r) % len(texts)], max_tokens, extra
                 )
                 for r in range(rounds)
             ]
@@ -183,11 +194,13 @@ def bench_server(
     proc = start_server(cmd, port, ready, log, args.start_timeout)
     url = f"http://127.0.0.1:{port}"
     try:
-        asyncio.run(run_level(url, model, 1, 1, 8, extra))  # warm-up
+        texts = bench_prompts(args.shared_prefix_words)
+        asyncio.run(run_level(url, model, 1, 1, 8, extra, texts))  # warm-up
         out = {}
         for conc in args.concurrency:
             rounds = max(1, args.requests // conc)
-            out[conc] = asyncio.run(run_level(url, model, conc, rounds, args.max_tokens, extra))
+            level = run_level(url, model, conc, rounds, args.max_tokens, extra, texts)
+            out[conc] = asyncio.run(level)
             print(
                 f"[{name}] c={conc}: {json.dumps({k: round(v, 4) for k, v in out[conc].items()})}",
                 flush=True,
@@ -210,7 +223,7 @@ def server_specs(args: argparse.Namespace) -> dict[str, Spec]:
     bitserve = [sys.executable, "-m", "bitserve.cli", "serve"]
     common = ["--max-num-seqs", "16", "--max-model-len", "512", "--log-level", "warning"]
 
-    def ours(src: str) -> Callable[[int], list[str]]:
+    def ours(src: str, *flags: str) -> Callable[[int], list[str]]:
         return lambda port: [
             *bitserve,
             src,
@@ -219,12 +232,19 @@ def server_specs(args: argparse.Namespace) -> dict[str, Spec]:
             "--served-model-name",
             "m",
             *common,
+            *flags,
         ]
 
     transformers = str(Path(sys.executable).parent / "transformers")
     return {
         "bitserve-w4": (ours(args.checkpoint), "m", {"ignore_eos": True}, "/ready"),
         "bitserve-fp32": (ours(args.unquantized), "m", {"ignore_eos": True}, "/ready"),
+        "bitserve-w4-prefix-cache": (
+            ours(args.checkpoint, "--prefix-cache"),
+            "m",
+            {"ignore_eos": True},
+            "/ready",
+        ),
         "transformers-serve": (
             lambda port: [
                 *(transformers, "serve", args.unquantized, "--port", str(port)),
@@ -488,6 +508,13 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument(
+        "--shared-prefix-words",
+        type=int,
+        default=0,
+        help="start every prompt with the same preamble of this many words (a system prompt's "
+        "stand-in, for bitserve-w4-prefix-cache against bitserve-w4)",
+    )
     p.add_argument("--servers", nargs="+", default=SERVERS, choices=SERVERS + OTHER_SERVERS)
     p.add_argument("--baseline", default="bitserve-fp32", help="the server ratios are against")
     p.add_argument(

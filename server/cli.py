@@ -190,7 +190,16 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos |= set(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
     metrics = create_metrics(name)
-    engine = Engine(runner, tok, metrics, name, eos, settings.prefill_chunk, settings.max_waiting)
+    engine = Engine(
+        runner,
+        tok,
+        metrics,
+        name,
+        eos,
+        settings.prefill_chunk,
+        settings.max_waiting,
+        settings.prefix_cache,
+    )
     card = ModelCard(
         id=name,
         created=int(time.time()),
@@ -199,7 +208,11 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
         dtype=str(weight.dtype).removeprefix("torch."),
         quantization=quant,
         quality=quality,
-        decode={"cuda_graphs": runner.decode_graphs, "fused_kernels": runner.fused_decode},
+        decode={
+            "cuda_graphs": runner.decode_graphs,
+            "fused_kernels": runner.fused_decode,
+            "prefix_cache": settings.prefix_cache,
+        },
         lm_head=runner.head_description(),
     )
     return ServerState(engine=engine, tokenizer=tok, metrics=metrics, card=card)
@@ -275,6 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runner = state.engine.runner
     decode = "CUDA graphs" if runner.decode_graphs else "eager"
     decode += ", fused decode kernels" if runner.fused_decode else ""
+    decode += ", prefix cache" if state.engine.prefix_cache else ""
     logging.getLogger("bitserve").info(
         "serving %s on %s (%s, decode %s, lm_head %s)",
         path,
@@ -365,6 +379,16 @@ def add_parser(sub: Any) -> None:
         "else cpu with fp32)",
     )
     s.add_argument("--backend", help="QuantLinear backend (default: best available)")
+    s.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep each finished sequence's K/V in its slot, and give a new request whose "
+        "prompt starts with those tokens that slot, prefilling only the rest (repeated system "
+        "prompts, multi-turn chats). Off by default: a prompt prefilled in two parts rounds "
+        "differently from one prefilled whole, so greedy texts may then depend on what was "
+        "served before",
+    )
     s.add_argument(
         "--cuda-graphs",
         action=argparse.BooleanOptionalAction,

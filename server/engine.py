@@ -209,6 +209,12 @@ class Sequence:
         return self.computed >= len(self.prompt_ids)
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many first tokens a and b share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 class Engine:
     """Owns the runner and the scheduling state; all model work happens on its own thread."""
 
@@ -221,9 +227,14 @@ class Engine:
         eos_ids: set[int],
         prefill_chunk: int,
         max_waiting: int,
+        prefix_cache: bool = False,
     ) -> None:
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
         self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
+        # prefix_cache: a free slot keeps the K/V its last sequence left, and a new sequence
+        # whose prompt starts with those tokens takes that slot and skips prefilling them.
+        self.prefix_cache = prefix_cache
+        self.slot_tokens: list[list[int]] = [[] for _ in range(runner.num_slots)]
         self.max_len = runner.max_len
         self.m, self.label = metrics, {"model": model_name}
         self.waiting: deque[Sequence] = deque()
@@ -327,7 +338,7 @@ class Engine:
                 self._count_finished(seq, "abort")
             while self.waiting and self.free_slots:
                 seq = self.waiting.popleft()
-                seq.slot = self.free_slots.pop(0)
+                seq.slot, seq.computed = self._take_slot(seq.prompt_ids)
                 self.running.append(seq)
                 self.m.queue.labels(**self.label).observe(time.perf_counter() - seq.queued)
         decoding = [s for s in self.running if s.prefilled()]
@@ -343,6 +354,20 @@ class Engine:
                 s.computed += 1
             self._sample(decoding, logits)
             self.m.decode_step.labels(**self.label).observe(time.perf_counter() - t0)
+
+    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """A free slot for `prompt`, and how many of its first tokens that slot's cache already
+        holds. With the prefix cache: the free slot whose last sequence shared the longest
+        prefix with it (all but the prompt's last token, whose logits are needed), else the
+        slot freed longest ago, so that recent prefixes stay; without: the first free slot."""
+        if not self.prefix_cache:
+            return self.free_slots.pop(0), 0
+        shared = [_common_prefix(self.slot_tokens[s], prompt) for s in self.free_slots]
+        best = max(range(len(shared)), key=shared.__getitem__)  # the first, oldest, of ties
+        reused = max(0, min(shared[best], len(prompt) - 1))
+        self.m.prefix_queries.labels(**self.label).inc(len(prompt))
+        self.m.prefix_hits.labels(**self.label).inc(reused)
+        return self.free_slots.pop(best), reused
 
     def _end_all(self, reason: str) -> None:
         """Finish every queued and running sequence now, each with a last output."""
@@ -454,6 +479,9 @@ class Engine:
             seq.emit(self._output(seq, [], [], reason))
         if reason == "error":
             self.runner.clear_slot(seq.slot)
+        # The tokens whose K/V the slot now holds (the last sampled token was never fed back).
+        kept = [] if reason == "error" else (seq.prompt_ids + seq.output_ids)[: seq.computed]
+        self.slot_tokens[seq.slot] = kept
         self.running.remove(seq)
         with self.lock:
             self.free_slots.append(seq.slot)

@@ -49,6 +49,8 @@ class Metrics:
     rejected: Counter
     prompt_tokens: Counter
     generation_tokens: Counter
+    prefix_queries: Counter
+    prefix_hits: Counter
 
 
 def create_metrics(model: str) -> Metrics:
@@ -102,6 +104,18 @@ def create_metrics(model: str) -> Metrics:
         generation_tokens=Counter(
             "bitserve_generation_tokens", "Output tokens generated.", ["model"], registry=reg
         ),
+        prefix_queries=Counter(
+            "bitserve_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (--prefix-cache).",
+            ["model"],
+            registry=reg,
+        ),
+        prefix_hits=Counter(
+            "bitserve_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache, not prefilled again.",
+            ["model"],
+            registry=reg,
+        ),
     )
     for metric in (
         m.ttft,
@@ -115,6 +129,8 @@ def create_metrics(model: str) -> Metrics:
         m.kv_usage,
         m.prompt_tokens,
         m.generation_tokens,
+        m.prefix_queries,
+        m.prefix_hits,
     ):
         metric.labels(model=model)
     return m

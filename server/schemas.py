@@ -285,7 +285,7 @@ class ModelCard(BaseModel):
     dtype: str = "float32"
     quantization: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
-    decode: dict[str, bool] | None = None  # decode set-up at start: cuda_graphs, fused_kernels
+    decode: dict[str, bool] | None = None  # cuda_graphs, fused_kernels, prefix_cache
     lm_head: str | None = None  # how the vocabulary projection runs (dtype, int8 copy)
 
 

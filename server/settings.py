@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         None, gt=0, description="cap on the KV cache; lowers max_num_seqs to fit"
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
+    prefix_cache: bool = Field(
+        False, description="reuse a free slot's K/V for a prompt that starts with its tokens"
+    )
     max_waiting: int = Field(64, ge=0, description="queued requests before answering 429")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where the model runs (auto: cuda if available; fp16 there, else fp32)"

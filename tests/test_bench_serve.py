@@ -52,3 +52,18 @@ def test_a_stream_counts_only_when_it_finished() -> None:
     assert run(sse(text, err, "[DONE]"))["error"] == "engine failed"
     assert run(sse(text, {"error": "broken"}))["error"] == "broken"
     assert run("", status=503)["error"].startswith("HTTPStatusError")
+
+
+def test_shared_prefix_prompts_and_the_prefix_cache_server() -> None:
+    """`--shared-prefix-words N` starts every prompt with the same N words, and the
+    bitserve-w4-prefix-cache server is bitserve-w4 with `--prefix-cache`."""
+    b = bench()
+    texts = b.bench_prompts(150)
+    heads = {" ".join(t.split()[:150]) for t in texts}
+    assert len(heads) == 1 and len(texts) == len(b.PROMPTS)
+    assert [t.split()[150:] for t in texts] == [p.split() for p in b.PROMPTS]
+    assert b.bench_prompts(0) == b.PROMPTS
+    args = b.argparse.Namespace(checkpoint="ck", unquantized="u", llama_server=None, gguf=None)
+    specs = b.server_specs(args)
+    plain, cached = specs["bitserve-w4"][0](1234), specs["bitserve-w4-prefix-cache"][0](1234)
+    assert cached == [*plain, "--prefix-cache"]

@@ -373,3 +373,44 @@ def test_int8_head_over_http(server_start: ServerStarter, server_tiny_checkpoint
         return [r.json()["choices"][0]["text"] for r in rs]
 
     assert asyncio.run(together()) == alone and all(alone)
+
+
+def test_prefix_cache_over_http(server_start: ServerStarter, server_tiny_checkpoint: Path) -> None:
+    """`serve --prefix-cache`: the card says so; a chat's second turn (the first turn's
+    messages, its answer and a new question) and a second question under the same system
+    prompt are prefilled from where the cached prefix ends, which /metrics counts."""
+    url = server_start(server_tiny_checkpoint, "--prefix-cache", "--threads", "1")
+    card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+    assert card["decode"]["prefix_cache"] is True
+    system = {"role": "system", "content": "You are a terse assistant. " * 8}
+    body = {"model": card["id"], "max_tokens": 8, "temperature": 0}
+
+    def chat(messages: list[dict[str, str]]) -> dict[str, Any]:
+        r = httpx.post(
+            f"{url}/v1/chat/completions", json={**body, "messages": messages}, timeout=120
+        )
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    first = [system, {"role": "user", "content": "Name a colour."}]
+    answer = chat(first)
+    before = metrics(url)
+    turn = first + [answer["choices"][0]["message"], {"role": "user", "content": "Another?"}]
+    second = chat(turn)
+    after = metrics(url)
+    hits = (
+        after["bitserve_prefix_cache_hits_total{}"] - before["bitserve_prefix_cache_hits_total{}"]
+    )
+    prompt = second["usage"]["prompt_tokens"]
+    assert hits >= answer["usage"]["prompt_tokens"] > 0  # the whole first prompt, at least
+    prefilled = after["bitserve_prompt_tokens_total{}"] - before["bitserve_prompt_tokens_total{}"]
+    assert prefilled == prompt - hits
+    assert second["choices"][0]["finish_reason"] in ("stop", "length")
+
+    before = metrics(url)
+    chat([system, {"role": "user", "content": "Name a number."}])
+    hits = (
+        metrics(url)["bitserve_prefix_cache_hits_total{}"]
+        - before["bitserve_prefix_cache_hits_total{}"]
+    )
+    assert hits >= 40  # the shared system prompt's tokens, at least

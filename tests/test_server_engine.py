@@ -600,14 +600,85 @@ def test_a_broken_row_fails_only_its_sequence(server_tiny_checkpoint: Path) -> N
         )
 
 
+def _run_to_end(engine: Any, prompt: list[int], max_tokens: int = 4) -> list[int]:
+    """Greedy output ids of one sequence stepped to its end on `engine`."""
+    outs: list[Any] = []
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    engine.submit([engine.new_sequence(0, prompt, params, outs.append)])
+    while engine.running or engine.waiting:
+        engine.step()
+    assert outs[-1].finish_reason == "length"
+    return [t for o in outs for t in o.token_ids]
+
+
+def test_prefix_cache_gives_a_prompt_the_slot_holding_its_longest_prefix(
+    server_tiny_checkpoint: Path,
+) -> None:
+    """With the prefix cache a finished sequence's slot keeps its K/V: a later prompt that
+    starts with its prompt and output (a chat's next turn) takes that slot and prefills only
+    the new tokens; the last prompt token is always prefilled; unrelated prompts take the slot
+    freed longest ago; a failed sequence's slot keeps nothing. Without it, nothing is reused."""
+    from bitserve.server.cli import build_state
+    from bitserve.server.settings import Settings
+
+    def engine(cache: bool) -> Any:
+        settings = Settings(max_num_seqs=3, max_model_len=64, prefix_cache=cache)
+        return build_state(load_model(server_tiny_checkpoint), settings).engine
+
+    def counter(e: Any, name: str) -> float:
+        return float(getattr(e.m, name).labels(**e.label)._value.get())
+
+    e = engine(True)
+    first = list(range(5, 15))
+    out = _run_to_end(e, first)
+    assert e.slot_tokens[0] == first + out[:3]  # the 4th token was never fed back
+    _run_to_end(e, [20, 21, 22])  # no shared prefix: the oldest free slot, 1
+    assert e.slot_tokens[1][:3] == [20, 21, 22] and e.free_slots == [2, 0, 1]
+    prompted = counter(e, "prompt_tokens")
+    turn = first + out[:3] + [30, 31]
+    _run_to_end(e, turn)
+    assert e.slot_tokens[0][: len(turn)] == turn  # slot 0 again
+    assert counter(e, "prefix_hits") == 13 and counter(e, "prompt_tokens") - prompted == 2
+    _run_to_end(e, turn)  # the whole prompt cached: its last token is prefilled again
+    assert counter(e, "prefix_hits") == 13 + len(turn) - 1
+    assert counter(e, "prefix_queries") == 10 + 3 + 2 * len(turn)
+
+    e.runner.forward = lambda *a: torch.full((1, e.runner.lm_head.out_features), float("nan"))
+    outs: list[Any] = []
+    e.submit([e.new_sequence(0, turn, SamplingParams(max_tokens=4), outs.append)])
+    e.step()
+    assert outs[-1].finish_reason == "error" and e.slot_tokens[0] == []
+
+    plain = engine(False)
+    _run_to_end(plain, first)
+    _run_to_end(plain, first + [1])
+    assert counter(plain, "prefix_hits") == 0 and counter(plain, "prefix_queries") == 0
+    assert counter(plain, "prompt_tokens") == 21
+
+
+def test_a_prompt_prefilled_after_a_cached_prefix_gives_close_logits(
+    server_tiny_checkpoint: Path,
+) -> None:
+    """What the prefix cache relies on: a prompt prefilled in two parts (the first already in
+    the slot) gives the logits of the whole prompt prefilled at once, up to rounding."""
+    runner = LlamaRunner(load_model(server_tiny_checkpoint).model, num_slots=2, max_len=64)
+    ids = torch.randint(0, 1000, (1, 30), generator=torch.Generator().manual_seed(4))
+    whole = runner.forward(ids, torch.tensor([0]), torch.tensor([0]))
+    for split in (1, 12, 29):
+        runner.forward(ids[:, :split], torch.tensor([1]), torch.tensor([0]))
+        parts = runner.forward(ids[:, split:], torch.tensor([1]), torch.tensor([split]))
+        assert rel_err(parts, whole) < 2e-2, split
+        assert parts.argmax() == whole.argmax()
+
+
 def _tiny_llama(spec: Any, arch: str = "llama") -> Any:
     """A random 2-layer model of tiny_config (hidden 96, MLP 160), quantized in memory with
     RTN at `spec` (None: left in fp32), its QuantLinears on the cpu backend."""
+    from tiny_models import tiny_config
     from transformers import AutoModelForCausalLM
 
     from bitserve.quantization import get_method
     from bitserve.quantization.pipeline import quantize_model, swap_in_quant_linears
-    from tests.tiny_models import tiny_config
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
