@@ -89,7 +89,8 @@ def test_health_ready_and_model_card(url: str, server_tiny_checkpoint: Path) -> 
     card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
     assert card["id"] == server_tiny_checkpoint.name
     assert (card["device"], card["dtype"]) == ("cpu", "float32")
-    assert card["decode"] == {"cuda_graphs": False, "fused_kernels": False}  # CUDA-only paths
+    # CUDA-only paths, and the prefix cache is off by default
+    assert card["decode"] == {"cuda_graphs": False, "fused_kernels": False, "prefix_cache": False}
     # the default: a bf16 copy of the fp32 head, in oneDNN's layout where torch has oneDNN
     onednn = " (oneDNN layout)" if torch.backends.mkldnn.is_available() else ""
     assert card["lm_head"] == "bfloat16" + onednn
