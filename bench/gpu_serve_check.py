@@ -126,7 +126,8 @@ def main() -> int:
         want = [fast] if backend == "auto" else ["reference"]
         ok &= quant.get("backend") == want
         gpu = args.device == "cuda"
-        want_decode = {"cuda_graphs": gpu, "fused_kernels": gpu and backend == "auto"}
+        fused = gpu and backend == "auto"
+        want_decode = {"cuda_graphs": gpu, "fused_kernels": fused, "prefix_cache": False}
         ok &= card.get("decode") == want_decode
         seen[backend] = (texts, streamed)
     same = seen["auto"][0] == seen["reference"][0]
