@@ -246,12 +246,20 @@ def _chat_logprobs(
     return S.ChatLogprobs(content=content)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> S.Usage:
-    """The OpenAI usage object."""
+def _usage(
+    state: ServerState, seqs: list[Sequence], n: int, prompt_tokens: int, completion_tokens: int
+) -> S.Usage:
+    """The OpenAI usage object; with the prefix cache, `prompt_tokens_details.cached_tokens`:
+    the prompt tokens found in a slot, each prompt counted once as in `prompt_tokens` (by its
+    first choice, seqs[i * n])."""
+    details = None
+    if state.engine.prefix_cache:
+        details = S.PromptTokensDetails(cached_tokens=sum(s.cached for s in seqs[::n]))
     return S.Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=details,
     )
 
 
@@ -443,7 +451,8 @@ def create_app(state: ServerState) -> FastAPI:
             )
             for i in range(len(seqs))
         ]
-        return S.CompletionResponse(model=name, choices=choices, usage=_usage(prompt_tokens, total))
+        usage = _usage(state, seqs, req.n, prompt_tokens, total)
+        return S.CompletionResponse(model=name, choices=choices, usage=usage)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: S.ChatRequest, request: Request) -> Any:
@@ -473,7 +482,8 @@ def create_app(state: ServerState) -> FastAPI:
             )
             for i in range(len(seqs))
         ]
-        return S.ChatResponse(model=name, choices=choices, usage=_usage(len(prompt_ids), total))
+        usage = _usage(state, seqs, req.n, len(prompt_ids), total)
+        return S.ChatResponse(model=name, choices=choices, usage=usage)
 
     return app
 
@@ -528,7 +538,8 @@ async def _completion_events(
         total += out.completion_tokens if out.finish_reason is not None else 0
         yield _sse(base.model_copy(update={"choices": [choice]}))
     if include_usage:
-        yield _sse(base.model_copy(update={"usage": _usage(prompt_tokens, total)}))
+        usage = _usage(state, seqs, req.n, prompt_tokens, total)
+        yield _sse(base.model_copy(update={"usage": usage}))
     yield _sse("[DONE]")
 
 
@@ -564,5 +575,6 @@ async def _chat_events(
             )
         )
     if include_usage:
-        yield _sse(base.model_copy(update={"usage": _usage(prompt_tokens, total)}))
+        usage = _usage(state, seqs, req.n, prompt_tokens, total)
+        yield _sse(base.model_copy(update={"usage": usage}))
     yield _sse("[DONE]")

@@ -199,6 +199,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     slot: int = -1
     computed: int = 0  # tokens whose K/V are in the cache
+    cached: int = 0  # prompt tokens found in the slot at admission (the prefix cache)
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None
     aborted: bool = False
@@ -338,7 +339,8 @@ class Engine:
                 self._count_finished(seq, "abort")
             while self.waiting and self.free_slots:
                 seq = self.waiting.popleft()
-                seq.slot, seq.computed = self._take_slot(seq.prompt_ids)
+                seq.slot, seq.cached = self._take_slot(seq.prompt_ids)
+                seq.computed = seq.cached
                 self.running.append(seq)
                 self.m.queue.labels(**self.label).observe(time.perf_counter() - seq.queued)
         decoding = [s for s in self.running if s.prefilled()]

@@ -184,10 +184,15 @@ class ChatRequest(SamplingFields):
         return super().unsupported()
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # with --prefix-cache
 
 
 def _id(prefix: str) -> str:

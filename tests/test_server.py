@@ -112,6 +112,7 @@ def test_completion_usage_and_length(url: str, model_id: str, server_tiny_checkp
     assert body["usage"]["prompt_tokens"] == len(tok(PROMPTS[0])["input_ids"])
     assert body["usage"]["completion_tokens"] == 12
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 12
+    assert body["usage"]["prompt_tokens_details"] is None  # no prefix cache: nothing to detail
 
 
 def test_stream_matches_non_stream_httpx(url: str, model_id: str) -> None:
@@ -407,6 +408,15 @@ def test_prefix_cache_over_http(server_start: ServerStarter, server_tiny_checkpo
     prefilled = after["bitserve_prompt_tokens_total{}"] - before["bitserve_prompt_tokens_total{}"]
     assert prefilled == prompt - hits
     assert second["choices"][0]["finish_reason"] in ("stop", "length")
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": hits}
+    assert answer["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # the first turn
+
+    # streamed, n = 2: the prompt counted once, by its first choice (the slot of the turn above)
+    stream = {**body, "messages": turn, "n": 2, "stream": True}
+    stream["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=stream, timeout=120) as r:
+        chunks = [json.loads(e) for e in sse_events(r) if e != "[DONE]"]
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": prompt - 1}
 
     before = metrics(url)
     chat([system, {"role": "user", "content": "Name a number."}])
