@@ -359,13 +359,17 @@ class Engine:
 
     def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
         """A free slot for `prompt`, and how many of its first tokens that slot's cache already
-        holds. With the prefix cache: the free slot whose last sequence shared the longest
-        prefix with it (all but the prompt's last token, whose logits are needed), else the
-        slot freed longest ago, so that recent prefixes stay; without: the first free slot."""
+        holds (never the prompt's last token, whose logits are needed). With the prefix cache:
+        the free slot sharing the longest prefix with it, if that is at least half of what the
+        slot holds (a chat's next turn, a repeated system prompt), so that a few shared
+        template tokens do not evict another conversation; else the slot freed longest ago
+        (never-used slots first). Without: the first free slot, nothing reused."""
         if not self.prefix_cache:
             return self.free_slots.pop(0), 0
         shared = [_common_prefix(self.slot_tokens[s], prompt) for s in self.free_slots]
-        best = max(range(len(shared)), key=shared.__getitem__)  # the first, oldest, of ties
+        best = max(range(len(shared)), key=shared.__getitem__)
+        if 2 * shared[best] < len(self.slot_tokens[self.free_slots[best]]):
+            best = 0  # free_slots is oldest first
         reused = max(0, min(shared[best], len(prompt) - 1))
         self.m.prefix_queries.labels(**self.label).inc(len(prompt))
         self.m.prefix_hits.labels(**self.label).inc(reused)

@@ -616,8 +616,9 @@ def test_prefix_cache_gives_a_prompt_the_slot_holding_its_longest_prefix(
 ) -> None:
     """With the prefix cache a finished sequence's slot keeps its K/V: a later prompt that
     starts with its prompt and output (a chat's next turn) takes that slot and prefills only
-    the new tokens; the last prompt token is always prefilled; unrelated prompts take the slot
-    freed longest ago; a failed sequence's slot keeps nothing. Without it, nothing is reused."""
+    the new tokens; the last prompt token is always prefilled; unrelated prompts, and prompts
+    sharing less than half of a slot's tokens, take the slot freed longest ago (unused ones
+    first); a failed sequence's slot keeps nothing. Without it, nothing is reused."""
     from bitserve.server.cli import build_state
     from bitserve.server.settings import Settings
 
@@ -642,6 +643,9 @@ def test_prefix_cache_gives_a_prompt_the_slot_holding_its_longest_prefix(
     _run_to_end(e, turn)  # the whole prompt cached: its last token is prefilled again
     assert counter(e, "prefix_hits") == 13 + len(turn) - 1
     assert counter(e, "prefix_queries") == 10 + 3 + 2 * len(turn)
+    held = list(e.slot_tokens[0])
+    _run_to_end(e, first[:3] + [33] * 8)  # another chat sharing only a 3-token header
+    assert e.slot_tokens[0] == held and e.slot_tokens[2][:4] == first[:3] + [33]  # unused slot
 
     e.runner.forward = lambda *a: torch.full((1, e.runner.lm_head.out_features), float("nan"))
     outs: list[Any] = []
@@ -654,6 +658,50 @@ def test_prefix_cache_gives_a_prompt_the_slot_holding_its_longest_prefix(
     _run_to_end(plain, first + [1])
     assert counter(plain, "prefix_hits") == 0 and counter(plain, "prefix_queries") == 0
     assert counter(plain, "prompt_tokens") == 21
+
+
+def test_prefix_cache_slots_hold_what_they_say_through_aborts_and_cut_offs() -> None:
+    """Random traffic through a prefix-caching engine (shared prefixes, 1-token prompts,
+    n = 2, aborts mid-prefill and mid-decode, length cut-offs at a 48-token context, prefill
+    chunks of 8): after every step, each free slot's keys are those of a fresh prefill of the
+    tokens it says it holds."""
+    import random
+
+    from tiny_models import char_tokenizer
+
+    from bitserve.server.engine import Engine
+    from bitserve.server.metrics import create_metrics
+
+    model = _tiny_llama(None)
+    runner, fresh = LlamaRunner(model, num_slots=3, max_len=48), LlamaRunner(model, 1, 48)
+    engine = Engine(runner, char_tokenizer(), create_metrics("m"), "m", set(), 8, 64, True)
+    rng = random.Random(0)
+    base = [rng.randrange(5, 40) for _ in range(40)]
+    live: list[Any] = []
+    checked = 0
+    for _ in range(150):
+        if rng.random() < 0.5 and len(engine.waiting) < 4:
+            n = rng.randrange(1, 40)
+            prompt = (base[: rng.randrange(0, n + 1)] + [rng.randrange(5, 40)] * n)[:46]
+            most = rng.randrange(1, 48 - len(prompt))
+            params = SamplingParams(max_tokens=most, temperature=0, ignore_eos=True)
+            seqs = [engine.new_sequence(j, prompt, params, lambda o: None) for j in range(2)]
+            engine.submit(seqs[: rng.choice([1, 1, 2])])
+            live += seqs
+        if rng.random() < 0.15 and live:
+            engine.abort([rng.choice(live)])
+        engine.step()
+        for slot in engine.free_slots:
+            held = engine.slot_tokens[slot]
+            if len(held) > 1:
+                fresh.forward(torch.tensor([held]), torch.tensor([0]), torch.tensor([0]))
+                keys = fresh.k_cache[:, 0, :, : len(held)]
+                assert rel_err(runner.k_cache[:, slot, :, : len(held)], keys) < 1e-4
+                checked += 1
+    engine.cut_off()
+    engine.step()
+    assert not engine.running and checked > 20
+    assert engine.m.prefix_hits.labels(model="m")._value.get() > 20
 
 
 def test_a_prompt_prefilled_after_a_cached_prefix_gives_close_logits(
@@ -682,6 +730,10 @@ def _tiny_llama(spec: Any, arch: str = "llama") -> Any:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    with torch.no_grad():  # norm weights are ones at init: they would hide a misplaced weight
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
     if spec is not None:
         with torch.no_grad():
             quantized, _ = quantize_model(model, get_method("rtn"), spec, None, progress=False)
