@@ -485,9 +485,9 @@ class Engine:
             seq.emit(self._output(seq, [], [], reason))
         if reason == "error":
             self.runner.clear_slot(seq.slot)
-        # The tokens whose K/V the slot now holds (the last sampled token was never fed back).
-        kept = [] if reason == "error" else (seq.prompt_ids + seq.output_ids)[: seq.computed]
-        self.slot_tokens[seq.slot] = kept
+        if self.prefix_cache:  # the tokens whose K/V the slot holds (not the last sampled one)
+            kept = [] if reason == "error" else (seq.prompt_ids + seq.output_ids)[: seq.computed]
+            self.slot_tokens[seq.slot] = kept
         self.running.remove(seq)
         with self.lock:
             self.free_slots.append(seq.slot)
