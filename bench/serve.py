@@ -448,7 +448,8 @@ def engine_compare(args: argparse.Namespace) -> None:
 
 
 def profile_step(args: argparse.Namespace) -> None:
-    """torch.profiler view of one runner decode step at batch 1 and 16, grouped by kind of op."""
+    """torch.profiler view of one runner decode step at batch 1 and 16, grouped by kind of op,
+    for the CPU one-token step (`_cpu_step`) and the generic step it replaces, in one run."""
     from collections import defaultdict
 
     import torch
@@ -470,30 +471,41 @@ def profile_step(args: argparse.Namespace) -> None:
         "scaled_dot": "attention",
         "index": "kv gather/scatter",
     }
+    steps = {"cpu step": runner.cpu_rows, "generic step": None}
     for batch in (1, 16):
         inputs = (
             torch.zeros(batch, 1, dtype=torch.long),
             torch.arange(batch),
             torch.full((batch,), 40),
         )
-        for _ in range(2):
-            runner.forward(*inputs)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            runner.forward(*inputs)
-        step = (time.perf_counter() - t0) / 5
-        with profile() as prof:
-            runner.forward(*inputs)
-        ms: dict[str, float] = defaultdict(float)
-        for e in prof.key_averages():
-            kind = next((v for k, v in kinds.items() if k in e.key), "other aten ops")
-            ms[kind] += e.self_cpu_time_total / 1e3
-        total = sum(ms.values())
-        parts = ", ".join(
-            f"{k} {v / total:.0%}" for k, v in sorted(ms.items(), key=lambda x: -x[1])
-        )
-        calls = sum(e.count for e in prof.key_averages())
-        print(f"batch {batch}: {step * 1e3:.0f} ms/step; {calls} aten calls; {parts}")
+        for name, rows in steps.items():
+            if name == "cpu step" and rows is None:
+                continue  # this model keeps the generic step
+            runner.cpu_rows = rows
+            for _ in range(2):
+                runner.forward(*inputs)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                runner.forward(*inputs)
+            step = (time.perf_counter() - t0) / 5
+            with profile() as prof:
+                runner.forward(*inputs)
+            ms: dict[str, float] = defaultdict(float)
+            for e in prof.key_averages():
+                kind = next((v for k, v in kinds.items() if k in e.key), "other aten ops")
+                ms[kind] += e.self_cpu_time_total / 1e3
+            total = sum(ms.values())
+            parts = ", ".join(
+                f"{k} {v:.1f} ms ({v / total:.0%})"
+                for k, v in sorted(ms.items(), key=lambda x: -x[1])
+            )
+            calls = sum(e.count for e in prof.key_averages())
+            top = sum(1 for e in prof.events() if e.cpu_parent is None)
+            print(
+                f"batch {batch}, {name}: {step * 1e3:.1f} ms/step; {calls} aten calls "
+                f"({top} from Python); {parts}",
+                flush=True,
+            )
 
 
 def main() -> None:
