@@ -35,6 +35,7 @@ from bitserve.server.engine import (
 )
 from bitserve.server.metrics import Metrics, render
 from bitserve.server.sampling import SamplingParams, TokenLogprobs
+from bitserve.server.structured import Constraints, json_grammar
 
 log = logging.getLogger("bitserve.api")
 
@@ -48,9 +49,12 @@ class ServerState:
     metrics: Metrics
     card: S.ModelCard
     token_bytes: TokenBytes = field(init=False)
+    constraints: Constraints = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_bytes = TokenBytes(self.tokenizer)
+        vocab = self.engine.runner.lm_head.out_features
+        self.constraints = Constraints(self.tokenizer, self.token_bytes, vocab, self.engine.eos_ids)
 
 
 class APIError(Exception):
@@ -135,10 +139,49 @@ def _check_supported(req: S.SamplingFields) -> None:
         raise APIError(400, bad.message, code=bad.code, param=bad.param)
 
 
-def _params(req: S.SamplingFields, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+def _logit_bias(state: ServerState, req: S.SamplingFields) -> dict[int, float]:
+    """The request's logit_bias with token ids as integers; 400 for a key that is not a token
+    id of this model."""
+    vocab = state.engine.runner.lm_head.out_features
+    bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < vocab:
+            raise APIError(
+                400,
+                f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}",
+                param="logit_bias",
+            )
+        bias[token] = value
+    return bias
+
+
+def _matchers(state: ServerState, req: S.SamplingFields, count: int) -> list[Any]:
+    """One grammar matcher per sequence for a structured `response_format` (None each for
+    free text); a schema llguidance cannot compile is a 400 with its reason. Blocking (a
+    large schema compiles for a while): the routes call it in a worker thread."""
+    schema = None if req.response_format is None else req.response_format.output_schema()
+    if schema is None:
+        return [None] * count
+    try:
+        grammar = json_grammar(schema)
+        return [state.constraints.matcher(grammar) for _ in range(count)]
+    except ValueError as e:
+        raise APIError(
+            400, f"response_format: invalid JSON schema: {e}", param="response_format"
+        ) from None
+
+
+def _params(
+    state: ServerState, req: S.SamplingFields, max_tokens: int, logprobs: int | None
+) -> list[SamplingParams]:
     """One SamplingParams per choice; a seeded request gives choice i the seed + i (taken
     modulo 2**64 by make_generator)."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    bias = _logit_bias(state, req)
     return [
         SamplingParams(
             max_tokens=max_tokens,
@@ -152,15 +195,16 @@ def _params(req: S.SamplingFields, max_tokens: int, logprobs: int | None) -> lis
             frequency_penalty=req.frequency_penalty,
             logprobs=logprobs,
             ignore_eos=req.ignore_eos,
+            logit_bias=bias,
         )
         for i in range(req.n)
     ]
 
 
 def _submit(
-    state: ServerState, choices: list[tuple[list[int], SamplingParams]], arrival: float
+    state: ServerState, choices: list[tuple[list[int], SamplingParams, Any]], arrival: float
 ) -> tuple[asyncio.Queue[StepOutput], list[Sequence]]:
-    """Hand one sequence per choice (its prompt ids and parameters) to the engine; outputs
+    """Hand one sequence per choice (its prompt ids, parameters and grammar matcher) to the engine; outputs
     arrive on the returned queue. arrival: when the route began (before tokenizing), where the
     latency metrics start, as a client's clock would."""
     if not state.engine.alive():
@@ -172,7 +216,8 @@ def _submit(
         loop.call_soon_threadsafe(queue.put_nowait, out)
 
     seqs = [
-        state.engine.new_sequence(i, ids, p, emit, arrival) for i, (ids, p) in enumerate(choices)
+        state.engine.new_sequence(i, ids, p, emit, arrival, matcher)
+        for i, (ids, p, matcher) in enumerate(choices)
     ]
     try:
         state.engine.submit(seqs)
@@ -418,19 +463,21 @@ def create_app(state: ServerState) -> FastAPI:
         _check_model(state, req.model)
         _check_supported(req)
 
-        def prepare() -> list[tuple[list[int], int]]:
+        def prepare() -> tuple[list[tuple[list[int], int]], list[Any]]:
             prompts = _completion_prompts(state, req.prompt)
-            return [(ids, _check_prompt(state, ids, req.max_tokens)) for ids in prompts]
+            checked = [(ids, _check_prompt(state, ids, req.max_tokens)) for ids in prompts]
+            return checked, _matchers(state, req, len(prompts) * req.n)
 
-        prompts = await run_in_threadpool(prepare)
+        prompts, matchers = await run_in_threadpool(prepare)
         # choice i * n + j is prompt i's choice j, as if each prompt came alone (seed + j)
+        choices = [
+            (ids, p)
+            for ids, max_tokens in prompts
+            for p in _params(state, req, max_tokens, req.logprobs)
+        ]
         queue, seqs = _submit(
             state,
-            [
-                (ids, p)
-                for ids, max_tokens in prompts
-                for p in _params(req, max_tokens, req.logprobs)
-            ],
+            [(ids, p, m) for (ids, p), m in zip(choices, matchers, strict=True)],
             arrival,
         )
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
@@ -460,14 +507,16 @@ def create_app(state: ServerState) -> FastAPI:
         _check_model(state, req.model)
         _check_supported(req)
 
-        def prepare() -> tuple[list[int], int]:
+        def prepare() -> tuple[list[int], int, list[Any]]:
             ids = _chat_prompt(state, req)
             max_tokens = req.max_completion_tokens or req.max_tokens
-            return ids, _check_prompt(state, ids, max_tokens, "messages")
+            checked = _check_prompt(state, ids, max_tokens, "messages")
+            return ids, checked, _matchers(state, req, req.n)
 
-        prompt_ids, max_tokens = await run_in_threadpool(prepare)
+        prompt_ids, max_tokens, matchers = await run_in_threadpool(prepare)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        choices = [(prompt_ids, p) for p in _params(req, max_tokens, top)]
+        params = _params(state, req, max_tokens, top)
+        choices = [(prompt_ids, p, m) for p, m in zip(params, matchers, strict=True)]
         queue, seqs = _submit(state, choices, arrival)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

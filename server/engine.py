@@ -21,6 +21,7 @@ import torch
 from bitserve.server.metrics import Metrics
 from bitserve.server.runner import LlamaRunner
 from bitserve.server.sampling import SamplingParams, TokenLogprobs, make_generator, sample
+from bitserve.server.structured import allowed_tokens
 
 log = logging.getLogger("bitserve.engine")
 
@@ -202,6 +203,7 @@ class Sequence:
     cached: int = 0  # prompt tokens found in the slot at admission (the prefix cache)
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None
+    matcher: Any = None  # a structured output's llguidance matcher (server/structured.py)
     aborted: bool = False
     last_token_at: float = 0.0
 
@@ -254,11 +256,14 @@ class Engine:
         params: SamplingParams,
         emit: Callable,
         arrival: float | None = None,
+        matcher: Any = None,
     ) -> Sequence:
         """A sequence ready to submit, with its own generator and detokenizer. arrival: when its
         request came in (time.perf_counter(), before tokenization; default now), where its
-        time-to-first-token and end-to-end latency start."""
+        time-to-first-token and end-to-end latency start. matcher: its own llguidance matcher
+        if its output must follow a grammar (server/structured.py)."""
         seq = Sequence(index, prompt_ids, params, emit, Detokenizer(self.tokenizer, params.stop))
+        seq.matcher = matcher
         if arrival is not None:
             seq.arrival = arrival
         if params.temperature > 0:
@@ -421,13 +426,19 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from its logits row and append it. A row that cannot be
-        sampled (NaN logits) fails its own sequence only: the batch is retried row by row."""
+        sampled (NaN logits) fails its own sequence only: the batch is retried row by row.
+        Sequences with a grammar choose among the tokens their matcher allows."""
+        allowed = None
+        if any(s.matcher is not None for s in seqs):
+            vocab = logits.shape[-1]
+            allowed = allowed_tokens([s.matcher for s in seqs], vocab, logits.device)
         try:
             tokens, logprobs = sample(
                 logits,
                 [s.params for s in seqs],
                 [s.generator or torch.default_generator for s in seqs],
                 [s.counts for s in seqs],
+                allowed,
             )
         except ValueError as e:
             if len(seqs) > 1:
@@ -456,11 +467,16 @@ class Engine:
                 vocab = self.runner.lm_head.out_features
                 seq.counts = torch.zeros(vocab, device=self.runner.device)  # where logits are
             seq.counts[token] += 1
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            log.error("sequence %d left its grammar: %s", seq.index, seq.matcher.get_error())
+            self._finish(seq, "error")
+            return
         reason = None
         if (
             token in p.stop_token_ids
             or (token in self.eos_ids and not p.ignore_eos)
             or seq.detok.add(token)
+            or (seq.matcher is not None and seq.matcher.is_stopped())  # the grammar is complete
         ):
             reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or seq.computed + 1 >= self.max_len:

@@ -28,6 +28,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
 
 @dataclass
@@ -59,6 +60,34 @@ def apply_penalties(
         if c is not None and (p.presence_penalty or p.frequency_penalty):
             c = c.to(logits.device)
             logits[i] -= p.frequency_penalty * c + p.presence_penalty * (c > 0).float()
+
+
+def _adjusted(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    counts: list[torch.Tensor | None],
+    allowed: torch.Tensor | None,
+) -> torch.Tensor:
+    """The logits tokens are chosen from: penalties, `logit_bias` and -inf wherever `allowed`
+    [B, V] is False (a structured output's grammar), applied to a copy; the caller's logits,
+    which logprobs report, stay as they are."""
+    penalized = [
+        c is not None and (p.presence_penalty or p.frequency_penalty)
+        for p, c in zip(params, counts, strict=True)
+    ]
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
+    if not any(penalized) and not biased and allowed is None:
+        return logits
+    logits = logits.clone()
+    if any(penalized):
+        apply_penalties(logits, params, counts)
+    for i in biased:
+        bias = params[i].logit_bias
+        values = torch.tensor(list(bias.values()), dtype=logits.dtype)
+        logits[i, list(bias)] += to_device(values, logits.device)
+    if allowed is not None:
+        logits.masked_fill_(~allowed, float("-inf"))
+    return logits
 
 
 NUCLEUS_FIRST_TRY = 256  # top-p looks among this many most likely tokens before sorting all
@@ -155,9 +184,11 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator],
     counts: list[torch.Tensor | None],
+    allowed: torch.Tensor | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Pick one token per row of `logits` [B, V] (float32, on any device) under each row's
-    parameters. NaN or +inf logits, or a row with no finite logit (a broken forward), raise
+    parameters, among the tokens `allowed` [B, V] (default all). NaN or +inf logits, or a row
+    with no finite logit left (a broken forward, or a grammar that allows nothing), raise
     ValueError before any generator is used, rather than yield an arbitrary token. Greedy rows
     never leave the device: their argmax comes back with the validity check in one small copy,
     rows that draw are drawn there too (`_draw_rows`), and only the asked-for logprobs copy.
@@ -165,14 +196,9 @@ def sample(
     broken = (torch.isnan(logits) | (logits == float("inf"))).any(dim=-1)
     broken |= ~torch.isfinite(logits).any(dim=-1)
     want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
-    raw = logits
-    penalized = [
-        c is not None and (p.presence_penalty or p.frequency_penalty)
-        for p, c in zip(params, counts, strict=True)
-    ]
-    if any(penalized):  # the caller's logits stay as they are
-        logits = logits.clone()
-        apply_penalties(logits, params, counts)
+    raw, logits = logits, _adjusted(logits, params, counts, allowed)
+    if logits is not raw:
+        broken |= ~torch.isfinite(logits).any(dim=-1)
     chosen, bad = torch.stack([logits.argmax(dim=-1), broken.long()]).tolist()  # one sync
     if any(bad):
         raise ValueError("cannot sample: the logits contain NaN or +inf, or no finite value")

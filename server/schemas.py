@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     StrictInt,
     ValidationError,
@@ -42,6 +43,39 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(BaseModel):
+    """`response_format.json_schema`: the schema the output must match (`strict` is accepted;
+    the output always matches, strict or not)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object")
+        return self
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must match; None for free text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.schema_
+        return None
+
+
 class Unsupported(BaseModel):
     """A request field set to something bitserve does not implement (answered with a 400)."""
 
@@ -54,8 +88,8 @@ class SamplingFields(BaseModel):
     """Parameters shared by completions and chat completions (top_k, stop_token_ids and
     ignore_eos are extensions, as in vLLM). An explicit JSON null for any top-level field means
     "not set", as in the OpenAI API. Fields that would change the answer but are not
-    implemented (`logit_bias`, `response_format` other than text, ...) are declared so that
-    `unsupported()` can name them; unknown fields are ignored."""
+    implemented are declared so that `unsupported()` can name them; unknown fields are
+    ignored. `logit_bias` maps token ids (as strings) to a bias in [-100, 100]."""
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -71,9 +105,8 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = False
     user: str | None = None
-    # accepted only when they change nothing (see unsupported())
-    logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -92,14 +125,6 @@ class SamplingFields(BaseModel):
                 param="stream_options",
                 message="stream_options is only allowed with stream: true",
                 code=None,
-            )
-        if self.logit_bias:
-            return Unsupported(param="logit_bias", message="logit_bias is not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            kind = self.response_format.get("type")
-            return Unsupported(
-                param="response_format",
-                message=f"response_format {kind!r} is not supported (only 'text')",
             )
         return None
 

@@ -1,10 +1,11 @@
 """End to end on the real default model: `bitserve serve default` quantizes it to W4 g128 once
-(cached under models/checkpoints/), answers a chat question correctly, and batches greedy
-requests without changing their output."""
+(cached under models/checkpoints/), answers a chat question correctly (in free text and
+inside a JSON schema), and batches greedy requests without changing their output."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -41,6 +42,33 @@ def test_chat_answers_paris(url: str) -> None:
     r = client.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
     assert "Paris" in (r.choices[0].message.content or "")
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_answers_in_a_json_schema(url: str) -> None:
+    """With a schema the default model's greedy answer is JSON of that shape, and still right;
+    asked the same without one, it writes no such JSON."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300, max_retries=0)
+    model = client.models.list().data[0].id
+    messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 40},
+            "country": {"type": "string", "maxLength": 40},
+        },
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    fmt: Any = {"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}}
+    r = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=40, temperature=0, response_format=fmt
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert json.loads(r.choices[0].message.content or "") == {"city": "Paris", "country": "France"}
+    free = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=40, temperature=0
+    )
+    assert not (free.choices[0].message.content or "").startswith("{")
 
 
 def test_sixteen_concurrent_greedy_equal_alone(url: str) -> None:

@@ -1,0 +1,84 @@
+"""Structured outputs: an OpenAI `response_format` (json_object or json_schema) compiled by
+llguidance into a grammar over the model's tokens. Each constrained sequence carries a matcher;
+every step it gives the set of tokens that keep the output valid (the others' logits become
+-inf before sampling) and then consumes the token drawn, so the text always parses and its
+last token completes it."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import llguidance
+import torch
+
+# Compact JSON with Python's separators: with flexible whitespace a model may pad forever
+# (a schema's own "x-guidance" options still override these).
+JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def json_grammar(schema: dict[str, Any]) -> str:
+    """The llguidance grammar of JSON text valid against `schema`."""
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+
+
+class _Tokens:
+    """The tokenizer as llguidance's TokenizerWrapper reads it: each id's bytes (the engine's
+    `TokenBytes`, so any tokenizer the engine can stream works, not only the fast ones
+    llguidance parses), the special ids, and text -> ids for the strings a grammar forces."""
+
+    def __init__(self, tokenizer: Any, token_bytes: Any, vocab: int, eos: int | None) -> None:
+        known = len(tokenizer)
+        self.tokens = [token_bytes(i) if i < known else b"" for i in range(vocab)]
+        self.special_token_ids = sorted(t for t in token_bytes.special if t < vocab)
+        self.eos_token_id, self.bos_token_id = eos, getattr(tokenizer, "bos_token_id", None)
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+class Constraints:
+    """Matchers for one served model: its token table (built on first use, ~0.3 s for a 49k
+    vocabulary) and the end-of-sequence ids a finished grammar allows."""
+
+    def __init__(self, tokenizer: Any, token_bytes: Any, vocab: int, eos_ids: set[int]) -> None:
+        self.tokenizer, self.token_bytes = tokenizer, token_bytes
+        self.vocab, self.eos_ids = vocab, sorted(eos_ids)
+        self._table: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    def table(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._table is None:
+                eos = self.eos_ids[0] if self.eos_ids else None
+                wrapper = llguidance.TokenizerWrapper(
+                    _Tokens(self.tokenizer, self.token_bytes, self.vocab, eos)
+                )
+                self._table = llguidance.LLTokenizer(
+                    wrapper, n_vocab=self.vocab, eos_token=self.eos_ids or None
+                )
+            return self._table
+
+    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """A fresh matcher of `grammar`; ValueError with llguidance's reason if it is invalid
+        (an unknown type, a malformed or unsupported schema)."""
+        table = self.table()
+        problem = llguidance.LLMatcher.validate_grammar(grammar, table)
+        if problem:
+            raise ValueError(problem)
+        return llguidance.LLMatcher(table, grammar, log_level=0)
+
+
+def allowed_tokens(matchers: list[Any], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, vocab] bool on `device`: the tokens each row's matcher allows next (all of them for a
+    row without one). llguidance writes a bitmask of 32 tokens per int32 word; the words cross
+    to the device and are unpacked there."""
+    words = torch.full((len(matchers), (vocab + 31) // 32), -1, dtype=torch.int32)
+    for row, m in zip(words, matchers, strict=True):
+        if m is not None:
+            m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+    words = words.to(device)
+    bits = (words.unsqueeze(-1) >> _BITS.to(device)) & 1
+    return bits.view(len(matchers), -1)[:, :vocab].bool()
