@@ -40,7 +40,7 @@ def step_times(state: ServerState, batch: int, grammar: str | None, tokens: int)
             list(prompt),
             params,
             lambda out: None,
-            matcher=None if grammar is None else state.constraints.matcher(grammar),
+            matcher=None if grammar is None else state.constraints.matchers(grammar, 1)[0],
         )
         for i in range(batch)
     ]

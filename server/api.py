@@ -145,14 +145,12 @@ def _logit_bias(state: ServerState, req: S.SamplingFields) -> dict[int, float]:
     vocab = state.engine.runner.lm_head.out_features
     bias = {}
     for key, value in (req.logit_bias or {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            token = -1
-        if not 0 <= token < vocab:
+        token = int(key) if key.isascii() and key.isdigit() and len(key) < 12 else -1
+        if not 0 <= token < vocab or str(token) != key:
+            shown = key if len(key) <= 20 else key[:20] + "..."
             raise APIError(
                 400,
-                f"logit_bias keys must be token ids in [0, {vocab}), got {key!r}",
+                f"logit_bias keys must be token ids in [0, {vocab}), got {shown!r}",
                 param="logit_bias",
             )
         bias[token] = value
@@ -167,8 +165,7 @@ def _matchers(state: ServerState, req: S.SamplingFields, count: int) -> list[Any
     if schema is None:
         return [None] * count
     try:
-        grammar = json_grammar(schema)
-        return [state.constraints.matcher(grammar) for _ in range(count)]
+        return state.constraints.matchers(json_grammar(schema), count)
     except ValueError as e:
         raise APIError(
             400, f"response_format: invalid JSON schema: {e}", param="response_format"

@@ -128,7 +128,11 @@ class TokenBytes:
         self.tokenizer = tokenizer
         self.kind = tokenizer_kind(tokenizer)
         self.byte_of = _byte_decoder() if self.kind == "byte_level" else {}
+        # what the detokenizer's skip_special_tokens drops: the named special tokens and every
+        # added token marked special (SmolLM2's <filename>, <jupyter_code>, ... are not named)
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self.special = set(getattr(tokenizer, "all_special_ids", None) or [])
+        self.special |= {i for i, t in added.items() if getattr(t, "special", False)}
         self.cache: dict[int, bytes] = {}
 
     def __call__(self, token: int) -> bytes:
@@ -393,7 +397,16 @@ class Engine:
     def _prefill(self, waiting: list[Sequence]) -> None:
         """Prefill the next prompt chunk of as many sequences as fit in one right-padded
         [B, T] forward of at most `prefill_chunk` tokens; sample the first token of those whose
-        prompt is then complete."""
+        prompt is then complete. Choices of one prompt (the same prompt list, as a request's
+        `n` choices have) at the same position share it: one computes the chunk, the others
+        get its K/V copied into their slots and sample from its logits row, which is what
+        their own prefill would have given, as rows do not depend on the batch."""
+        leaders: dict[tuple[int, int], Sequence] = {}
+        followers: dict[int, list[Sequence]] = {}
+        for seq in waiting:
+            leader = leaders.setdefault((id(seq.prompt_ids), seq.computed), seq)
+            followers.setdefault(id(leader), []).extend([seq] if leader is not seq else [])
+        waiting = list(leaders.values())
         batch: list[tuple[Sequence, int]] = []
         width = 0
         for seq in waiting:
@@ -412,14 +425,19 @@ class Engine:
             torch.tensor([s.computed for s, _ in batch]),
             torch.tensor([n - 1 for _, n in batch]),
         )
-        for seq, n in batch:
-            seq.computed += n
+        rows: list[tuple[Sequence, int]] = []  # every sequence this step advanced, its row
+        for row, (seq, n) in enumerate(batch):
             self.m.prompt_tokens.labels(**self.label).inc(n)
-        done = [i for i, (s, _) in enumerate(batch) if s.prefilled()]
+            for s in [seq, *followers.get(id(seq), [])]:
+                if s is not seq:
+                    self.runner.copy_positions(seq.slot, s.slot, s.computed, s.computed + n)
+                s.computed += n
+                rows.append((s, row))
+        done = [(s, row) for s, row in rows if s.prefilled()]
         if done:
-            self._sample(
-                [batch[i][0] for i in done], logits if len(done) == len(batch) else logits[done]
-            )
+            picked = [row for _, row in done]
+            same = picked == list(range(len(batch)))
+            self._sample([s for s, _ in done], logits if same else logits[picked])
         else:  # nothing read the logits back: wait for the GPU, so the metric times the chunk
             self.runner.synchronize()
         self.m.prefill_step.labels(**self.label).observe(time.perf_counter() - t0)

@@ -421,6 +421,12 @@ class LlamaRunner:
         self.k_cache[:, slot].zero_()
         self.v_cache[:, slot].zero_()
 
+    def copy_positions(self, src: int, dst: int, start: int, end: int) -> None:
+        """Copy K/V positions [start, end) of slot src into slot dst (choices of one prompt
+        share its prefill: the same values their own prefill would have written)."""
+        self.k_cache[:, dst, :, start:end] = self.k_cache[:, src, :, start:end]
+        self.v_cache[:, dst, :, start:end] = self.v_cache[:, src, :, start:end]
+
     def _decode(self, ids: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """A one-token step of B rows through the static step for (padded batch, attention
         length); the lengths come from the CPU index tensors, so nothing waits on the GPU."""

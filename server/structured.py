@@ -6,6 +6,7 @@ last token completes it."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 # (a schema's own "x-guidance" options still override these).
 JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _BITS = torch.arange(32, dtype=torch.int32)
+COMPILED_GRAMMARS = 16
 
 
 def json_grammar(schema: dict[str, Any]) -> str:
@@ -28,11 +30,16 @@ class _Tokens:
     `TokenBytes`, so any tokenizer the engine can stream works, not only the fast ones
     llguidance parses), the special ids, and text -> ids for the strings a grammar forces."""
 
-    def __init__(self, tokenizer: Any, token_bytes: Any, vocab: int, eos: int | None) -> None:
+    def __init__(self, tokenizer: Any, token_bytes: Any, vocab: int, eos_ids: list[int]) -> None:
         known = len(tokenizer)
         self.tokens = [token_bytes(i) if i < known else b"" for i in range(vocab)]
-        self.special_token_ids = sorted(t for t in token_bytes.special if t < vocab)
-        self.eos_token_id, self.bos_token_id = eos, getattr(tokenizer, "bos_token_id", None)
+        # Special tokens never match text: those the detokenizer drops (which would vanish
+        # from a JSON string the grammar counted them in) and every end-of-sequence id
+        # (ending the text mid-string).
+        special = token_bytes.special | set(eos_ids)
+        self.special_token_ids = sorted(t for t in special if t < vocab)
+        self.eos_token_id = eos_ids[0] if eos_ids else None
+        self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
         self.tokenizer = tokenizer
 
     def __call__(self, text: str) -> list[int]:
@@ -41,34 +48,40 @@ class _Tokens:
 
 class Constraints:
     """Matchers for one served model: its token table (built on first use, ~0.3 s for a 49k
-    vocabulary) and the end-of-sequence ids a finished grammar allows."""
+    vocabulary), the end-of-sequence ids a finished grammar allows, and the last few compiled
+    grammars (a client usually sends the same schema again; a matcher is copied from the
+    compiled one in milliseconds, while compiling a large schema takes seconds)."""
 
     def __init__(self, tokenizer: Any, token_bytes: Any, vocab: int, eos_ids: set[int]) -> None:
         self.tokenizer, self.token_bytes = tokenizer, token_bytes
         self.vocab, self.eos_ids = vocab, sorted(eos_ids)
         self._table: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
+        self.compiled = functools.lru_cache(maxsize=COMPILED_GRAMMARS)(self._compile)
 
     def table(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._table is None:
-                eos = self.eos_ids[0] if self.eos_ids else None
-                wrapper = llguidance.TokenizerWrapper(
-                    _Tokens(self.tokenizer, self.token_bytes, self.vocab, eos)
-                )
+                tokens = _Tokens(self.tokenizer, self.token_bytes, self.vocab, self.eos_ids)
                 self._table = llguidance.LLTokenizer(
-                    wrapper, n_vocab=self.vocab, eos_token=self.eos_ids or None
+                    llguidance.TokenizerWrapper(tokens),
+                    n_vocab=self.vocab,
+                    eos_token=self.eos_ids or None,
                 )
             return self._table
 
-    def matcher(self, grammar: str) -> llguidance.LLMatcher:
-        """A fresh matcher of `grammar`; ValueError with llguidance's reason if it is invalid
-        (an unknown type, a malformed or unsupported schema)."""
-        table = self.table()
-        problem = llguidance.LLMatcher.validate_grammar(grammar, table)
-        if problem:
-            raise ValueError(problem)
-        return llguidance.LLMatcher(table, grammar, log_level=0)
+    def _compile(self, grammar: str) -> llguidance.LLMatcher:
+        """`grammar` compiled; ValueError with llguidance's reason if it is invalid (an
+        unknown type, a malformed or unsupported schema) or too large."""
+        matcher = llguidance.LLMatcher(self.table(), grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(matcher.get_error())
+        return matcher
+
+    def matchers(self, grammar: str, count: int) -> list[llguidance.LLMatcher]:
+        """`count` fresh matchers of `grammar` (one per sequence: each keeps its own state)."""
+        compiled = self.compiled(grammar)
+        return [compiled.deep_copy() for _ in range(count)]
 
 
 def allowed_tokens(matchers: list[Any], vocab: int, device: torch.device) -> torch.Tensor:

@@ -200,7 +200,11 @@ def test_seed_n_stop_and_logprobs(url: str, model_id: str) -> None:
         "n": 2,
         "ignore_eos": True,
     }
-    a, b = complete(url, **sampled), complete(url, **sampled)
+    before = metrics(url)["bitserve_prompt_tokens_total{}"]
+    a = complete(url, **sampled)
+    prefilled = metrics(url)["bitserve_prompt_tokens_total{}"] - before
+    assert prefilled == a["usage"]["prompt_tokens"]  # the two choices prefilled it once
+    b = complete(url, **sampled)
     assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
     assert sorted(c["index"] for c in a["choices"]) == [0, 1]
     assert a["usage"]["completion_tokens"] == 32

@@ -934,3 +934,44 @@ def test_warmup_runs_every_bucket_and_leaves_the_cache_clean(server_tiny_checkpo
     assert rel_err(runner.forward(ids, slots, starts), fresh.forward(ids, slots, starts)) < 1e-6
     nxt, pos = torch.tensor([[9], [11]]), torch.tensor([7, 7])
     assert rel_err(runner.forward(nxt, slots, pos), fresh.forward(nxt, slots, pos)) < 1e-6
+
+
+def test_choices_of_one_prompt_share_its_prefill(server_tiny_checkpoint: Path) -> None:
+    """The choices of one prompt (one list, as a request's `n` choices share it) prefill it
+    once, chunk by chunk: a third of the prompt tokens are computed for three choices, their
+    slots hold the K/V a prefill alone writes, and each samples the tokens it samples alone
+    (seeded). If the choice that computes is aborted mid-prefill, another computes on."""
+    from bitserve.server.cli import build_state
+    from bitserve.server.settings import Settings
+
+    settings = Settings(max_num_seqs=4, max_model_len=64, prefill_chunk=8)
+    prompt = list(range(5, 25))  # three chunks of at most 8
+
+    def run(prompts: list[list[int]], abort_first_after: int | None = None) -> tuple[Any, ...]:
+        engine = build_state(load_model(server_tiny_checkpoint), settings).engine
+        outs: dict[int, list[Any]] = {i: [] for i in range(len(prompts))}
+        seqs = [
+            engine.new_sequence(
+                i, p, SamplingParams(max_tokens=5, temperature=1.0, seed=i), outs[i].append
+            )
+            for i, p in enumerate(prompts)
+        ]
+        engine.submit(seqs)
+        steps = 0
+        while engine.running or engine.waiting:
+            engine.step()
+            steps += 1
+            if steps == abort_first_after:
+                engine.abort(seqs[:1])
+        tokens = [[t for o in outs[i] for t in o.token_ids] for i in range(len(prompts))]
+        computed = engine.m.prompt_tokens.labels(**engine.label)._value.get()
+        keys = engine.runner.k_cache[:, [s.slot for s in seqs], :, : len(prompt)]
+        return tokens, computed, keys
+
+    shared, computed, keys = run([prompt] * 3)
+    apart, computed_apart, keys_apart = run([list(prompt) for _ in range(3)])
+    assert computed == len(prompt) and computed_apart == 3 * len(prompt)
+    assert shared == apart and len({tuple(t) for t in shared}) > 1
+    assert torch.equal(keys, keys_apart) and keys.abs().sum() > 0
+    aborted, computed, _ = run([prompt] * 3, abort_first_after=1)
+    assert aborted[1:] == apart[1:] and computed == len(prompt)  # the next one computes on

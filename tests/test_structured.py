@@ -100,7 +100,7 @@ def test_grammar_keeps_a_random_models_output_valid(server_tiny_checkpoint: Path
         seqs = []
         for i in range(6):
             params = SamplingParams(max_tokens=60, temperature=0 if i == 0 else 1.0, seed=i)
-            matcher = state.constraints.matcher(grammar) if constrained and i < 5 else None
+            matcher = state.constraints.matchers(grammar, 1)[0] if constrained and i < 5 else None
             seqs.append(engine.new_sequence(i, prompt, params, outs[i].append, matcher=matcher))
         engine.submit(seqs)
         while engine.running or engine.waiting:
@@ -115,6 +115,37 @@ def test_grammar_keeps_a_random_models_output_valid(server_tiny_checkpoint: Path
     for out in run(False)[:5]:
         with pytest.raises(ValueError):
             json.loads("".join(o.text for o in out))
+
+
+def test_grammar_never_allows_special_or_end_tokens_inside_json(
+    server_tiny_checkpoint: Path,
+) -> None:
+    """Inside a JSON string only text tokens are allowed: not the tokens the detokenizer drops
+    (SmolLM2's <filename>, <jupyter_code>, ... are special but unnamed: they would vanish from
+    the text the grammar counted them in) nor any end-of-sequence id (the end would cut the
+    JSON short). After the JSON, only the end ids are. A second matcher of the same grammar
+    is a copy of the compiled one, with its own state."""
+    from transformers import AutoTokenizer
+
+    from bitserve.server.engine import TokenBytes
+    from bitserve.server.structured import Constraints, allowed_tokens
+
+    tok = AutoTokenizer.from_pretrained(server_tiny_checkpoint)
+    vocab = len(tok)
+    special = sorted(i for i, t in tok.added_tokens_decoder.items() if t.special)
+    assert len(special) > len(tok.all_special_ids)  # some are not named
+    eos = {tok.eos_token_id, 1000}  # a second end id, as generation_config may add
+    constraints = Constraints(tok, TokenBytes(tok), vocab, eos)
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    first, second = constraints.matchers(json_grammar(schema), 2)
+    assert first.consume_tokens(tok.encode('{"a": "x', add_special_tokens=False))
+    inside = allowed_tokens([first, second], vocab, torch.device("cpu"))
+    assert not inside[0, special].any() and not inside[0, sorted(eos)].any()
+    assert inside[0].sum() > vocab // 2  # almost any text may follow in a string
+    assert inside[1].sum() < 10  # the second is still at the start: "{" and little else
+    assert first.consume_tokens(tok.encode('"}', add_special_tokens=False))
+    done = allowed_tokens([first], vocab, torch.device("cpu"))[0]
+    assert set(done.nonzero().flatten().tolist()) == eos and first.is_stopped()
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +247,10 @@ def test_logit_bias_over_http(url: str, server_tiny_checkpoint: Path) -> None:
         ({"logit_bias": {"x": 1}}, 400, "logit_bias", "'x'"),
         ({"logit_bias": {"49152": 1}}, 400, "logit_bias", "49152"),
         ({"logit_bias": {"5": 101}}, 422, "logit_bias", "100"),
+        ({"logit_bias": {"1_0": 1}}, 400, "logit_bias", "'1_0'"),
+        ({"logit_bias": {"010": 1}}, 400, "logit_bias", "'010'"),
+        ({"logit_bias": {"\u0661\u0660": 1}}, 400, "logit_bias", "token ids"),
+        ({"logit_bias": {"9" * 5000: 1}}, 400, "logit_bias", "99..."),
     ],
 )
 def test_bad_response_format_or_logit_bias_is_a_clear_error(
