@@ -1,7 +1,7 @@
 """A request's `n` choices sharing their prompt's prefill against each prefilling it alone, in
 one run: the engine stepped directly (no HTTP), one prompt of about 300 tokens, n choices of
-seeded sampling, 16 new tokens each. "Apart" hands the engine a copy of the prompt per choice,
-which is how every choice ran before sharing. Prints, per n, the time to every choice's first
+seeded sampling, 16 new tokens each. "Apart" gives each choice's prompt its own first token,
+so that no chunk is shared: how every choice ran before sharing. Prints, per n, the time to every choice's first
 token and to the end (medians of interleaved rounds).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/n_choices.py [--checkpoint checkpoints/rtn-w4g128]
@@ -31,7 +31,7 @@ def run(engine: Engine, prompt: list[int], n: int, shared: bool) -> tuple[float,
     seqs = [
         engine.new_sequence(
             i,
-            prompt if shared else list(prompt),
+            prompt if shared else [prompt[0] + i, *prompt[1:]],
             SamplingParams(max_tokens=16, temperature=1.0, seed=i, ignore_eos=True),
             lambda out: firsts.setdefault(out.index, time.perf_counter()),
         )

@@ -397,14 +397,16 @@ class Engine:
     def _prefill(self, waiting: list[Sequence]) -> None:
         """Prefill the next prompt chunk of as many sequences as fit in one right-padded
         [B, T] forward of at most `prefill_chunk` tokens; sample the first token of those whose
-        prompt is then complete. Choices of one prompt (the same prompt list, as a request's
-        `n` choices have) at the same position share it: one computes the chunk, the others
-        get its K/V copied into their slots and sample from its logits row, which is what
-        their own prefill would have given, as rows do not depend on the batch."""
-        leaders: dict[tuple[int, int], Sequence] = {}
+        prompt is then complete. Sequences whose prompts hold the same tokens up to the end of
+        their next chunk (a request's `n` choices, or prompts opening with the same long
+        system prompt) share that chunk: one computes it, the others get its K/V copied into
+        their slots (and, where it ends their prompt, sample from its logits row), which is
+        what their own prefill would have given, as a row does not depend on its batch."""
+        leaders: dict[tuple[int, tuple[int, ...]], Sequence] = {}
         followers: dict[int, list[Sequence]] = {}
         for seq in waiting:
-            leader = leaders.setdefault((id(seq.prompt_ids), seq.computed), seq)
+            end = seq.computed + min(self.prefill_chunk, len(seq.prompt_ids) - seq.computed)
+            leader = leaders.setdefault((seq.computed, tuple(seq.prompt_ids[:end])), seq)
             followers.setdefault(id(leader), []).extend([seq] if leader is not seq else [])
         waiting = list(leaders.values())
         batch: list[tuple[Sequence, int]] = []

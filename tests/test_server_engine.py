@@ -936,25 +936,28 @@ def test_warmup_runs_every_bucket_and_leaves_the_cache_clean(server_tiny_checkpo
     assert rel_err(runner.forward(nxt, slots, pos), fresh.forward(nxt, slots, pos)) < 1e-6
 
 
-def test_choices_of_one_prompt_share_its_prefill(server_tiny_checkpoint: Path) -> None:
-    """The choices of one prompt (one list, as a request's `n` choices share it) prefill it
-    once, chunk by chunk: a third of the prompt tokens are computed for three choices, their
-    slots hold the K/V a prefill alone writes, and each samples the tokens it samples alone
-    (seeded). If the choice that computes is aborted mid-prefill, another computes on."""
+def test_prompts_share_the_chunks_they_hold_in_common(server_tiny_checkpoint: Path) -> None:
+    """Sequences whose prompts hold the same tokens up to the end of a chunk prefill that
+    chunk once: three choices of one prompt compute it once, two prompts opening with the same
+    two chunks compute those once. Each sequence's slot then holds the K/V its prefill alone
+    writes and it samples (seeded) the tokens it samples alone. If the sequence that computes
+    is aborted mid-prefill, another computes on."""
     from bitserve.server.cli import build_state
     from bitserve.server.settings import Settings
 
     settings = Settings(max_num_seqs=4, max_model_len=64, prefill_chunk=8)
     prompt = list(range(5, 25))  # three chunks of at most 8
 
-    def run(prompts: list[list[int]], abort_first_after: int | None = None) -> tuple[Any, ...]:
+    def run(
+        prompts: list[list[int]], seeds: list[int], abort_first_after: int | None = None
+    ) -> tuple[list[list[int]], float, list[torch.Tensor]]:
         engine = build_state(load_model(server_tiny_checkpoint), settings).engine
         outs: dict[int, list[Any]] = {i: [] for i in range(len(prompts))}
         seqs = [
             engine.new_sequence(
-                i, p, SamplingParams(max_tokens=5, temperature=1.0, seed=i), outs[i].append
+                i, p, SamplingParams(max_tokens=5, temperature=1.0, seed=seed), outs[i].append
             )
-            for i, p in enumerate(prompts)
+            for i, (p, seed) in enumerate(zip(prompts, seeds, strict=True))
         ]
         engine.submit(seqs)
         steps = 0
@@ -965,13 +968,25 @@ def test_choices_of_one_prompt_share_its_prefill(server_tiny_checkpoint: Path) -
                 engine.abort(seqs[:1])
         tokens = [[t for o in outs[i] for t in o.token_ids] for i in range(len(prompts))]
         computed = engine.m.prompt_tokens.labels(**engine.label)._value.get()
-        keys = engine.runner.k_cache[:, [s.slot for s in seqs], :, : len(prompt)]
+        keys = [engine.runner.k_cache[:, s.slot, :, : len(s.prompt_ids)] for s in seqs]
         return tokens, computed, keys
 
-    shared, computed, keys = run([prompt] * 3)
-    apart, computed_apart, keys_apart = run([list(prompt) for _ in range(3)])
-    assert computed == len(prompt) and computed_apart == 3 * len(prompt)
-    assert shared == apart and len({tuple(t) for t in shared}) > 1
-    assert torch.equal(keys, keys_apart) and keys.abs().sum() > 0
-    aborted, computed, _ = run([prompt] * 3, abort_first_after=1)
-    assert aborted[1:] == apart[1:] and computed == len(prompt)  # the next one computes on
+    def alone(prompts: list[list[int]]) -> tuple[list[list[int]], list[torch.Tensor]]:
+        runs = [run([p], [i]) for i, p in enumerate(prompts)]
+        return [r[0][0] for r in runs], [r[2][0] for r in runs]
+
+    tokens, computed, keys = run([prompt] * 3, [0, 1, 2])
+    tokens_alone, keys_alone = alone([prompt] * 3)
+    assert computed == len(prompt) and tokens == tokens_alone and len(set(map(tuple, tokens))) > 1
+    assert all(
+        torch.equal(a, b) and a.abs().sum() > 0 for a, b in zip(keys, keys_alone, strict=True)
+    )
+
+    forked = [prompt[:16] + [30, 31, 32], prompt[:16] + [40, 41]]
+    tokens, computed, keys = run(forked, [0, 1])
+    tokens_alone, keys_alone = alone(forked)
+    assert computed == 16 + 3 + 2 and tokens == tokens_alone
+    assert all(torch.equal(a, b) for a, b in zip(keys, keys_alone, strict=True))
+
+    tokens, computed, _ = run([prompt] * 3, [0, 1, 2], abort_first_after=1)
+    assert tokens[1:] == alone([prompt] * 3)[0][1:] and computed == len(prompt)
