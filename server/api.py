@@ -35,7 +35,13 @@ from bitserve.server.engine import (
 )
 from bitserve.server.metrics import Metrics, render
 from bitserve.server.sampling import SamplingParams, TokenLogprobs
-from bitserve.server.structured import Constraints, json_grammar
+from bitserve.server.structured import (
+    Constraints,
+    choice_grammar,
+    json_grammar,
+    lark_grammar,
+    regex_grammar,
+)
 
 log = logging.getLogger("bitserve.api")
 
@@ -157,19 +163,31 @@ def _logit_bias(state: ServerState, req: S.SamplingFields) -> dict[int, float]:
     return bias
 
 
+def _grammar(req: S.SamplingFields) -> str | None:
+    """The llguidance grammar the request's output must follow (None: free text)."""
+    spec = req.structured_outputs
+    if spec is None:
+        schema = None if req.response_format is None else req.response_format.output_schema()
+        return None if schema is None else json_grammar(schema)
+    if spec.json_ is not None:
+        return json_grammar(spec.json_)
+    if spec.regex is not None:
+        return regex_grammar(spec.regex)
+    if spec.choice is not None:
+        return choice_grammar(spec.choice)
+    return lark_grammar(spec.grammar or "")
+
+
 def _matchers(state: ServerState, req: S.SamplingFields, count: int) -> list[Any]:
-    """One grammar matcher per sequence for a structured `response_format` (None each for
-    free text); a schema llguidance cannot compile is a 400 with its reason. Blocking (a
-    large schema compiles for a while): the routes call it in a worker thread."""
-    schema = None if req.response_format is None else req.response_format.output_schema()
-    if schema is None:
-        return [None] * count
+    """One grammar matcher per sequence for a structured output (None each for free text);
+    a schema, regex or grammar llguidance cannot compile is a 400 with its reason. Blocking
+    (a large schema compiles for a while): the routes call it in a worker thread."""
+    param = "response_format" if req.structured_outputs is None else "structured_outputs"
     try:
-        return state.constraints.matchers(json_grammar(schema), count)
+        grammar = _grammar(req)
+        return [None] * count if grammar is None else state.constraints.matchers(grammar, count)
     except ValueError as e:
-        raise APIError(
-            400, f"response_format: invalid JSON schema: {e}", param="response_format"
-        ) from None
+        raise APIError(400, f"{param}: {e}", param=param) from None
 
 
 def _params(

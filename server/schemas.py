@@ -76,6 +76,26 @@ class ResponseFormat(BaseModel):
         return None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` extension: the output matches exactly one of a JSON schema
+    (`json`), a regular expression, one of the given strings (`choice`) or a grammar (Lark,
+    or llama.cpp's GBNF)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    json_: dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [self.json_, self.regex, self.choice, self.grammar]
+        if sum(g is not None for g in given) != 1:
+            raise ValueError("set exactly one of json, regex, choice and grammar")
+        return self
+
+
 class Unsupported(BaseModel):
     """A request field set to something bitserve does not implement (answered with a 400)."""
 
@@ -89,7 +109,8 @@ class SamplingFields(BaseModel):
     ignore_eos are extensions, as in vLLM). An explicit JSON null for any top-level field means
     "not set", as in the OpenAI API. Fields that would change the answer but are not
     implemented are declared so that `unsupported()` can name them; unknown fields are
-    ignored. `logit_bias` maps token ids (as strings) to a bias in [-100, 100]."""
+    ignored. `logit_bias` maps token ids (as strings) to a bias in [-100, 100];
+    `structured_outputs` is vLLM's extension."""
 
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -107,6 +128,7 @@ class SamplingFields(BaseModel):
     user: str | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -124,6 +146,13 @@ class SamplingFields(BaseModel):
             return Unsupported(
                 param="stream_options",
                 message="stream_options is only allowed with stream: true",
+                code=None,
+            )
+        fmt = self.response_format
+        if self.structured_outputs is not None and fmt is not None and fmt.type != "text":
+            return Unsupported(
+                param="structured_outputs",
+                message="set response_format or structured_outputs, not both",
                 code=None,
             )
         return None

@@ -1,5 +1,6 @@
-"""Structured outputs: an OpenAI `response_format` (json_object or json_schema) compiled by
-llguidance into a grammar over the model's tokens. Each constrained sequence carries a matcher;
+"""Structured outputs: an OpenAI `response_format` (json_object or json_schema), or vLLM's
+`structured_outputs` (a JSON schema, a regex, a choice of strings or a Lark / GBNF grammar),
+compiled by llguidance into a grammar over the model's tokens. Each constrained sequence carries a matcher;
 every step it gives the set of tokens that keep the output valid (the others' logits become
 -inf before sampling) and then consumes the token drawn, so the text always parses and its
 last token completes it."""
@@ -7,11 +8,13 @@ last token completes it."""
 from __future__ import annotations
 
 import functools
+import json
 import threading
 from typing import Any
 
 import llguidance
 import torch
+from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 
 # Compact JSON with Python's separators: with flexible whitespace a model may pad forever
 # (a schema's own "x-guidance" options still override these).
@@ -23,6 +26,27 @@ COMPILED_GRAMMARS = 16
 def json_grammar(schema: dict[str, Any]) -> str:
     """The llguidance grammar of JSON text valid against `schema`."""
     return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+
+
+def regex_grammar(regex: str) -> str:
+    """The grammar of text that `regex` (Rust regex syntax, anchored at both ends) matches."""
+    return llguidance.LLMatcher.grammar_from_regex(regex)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """The grammar of exactly one of `choices` (each a Lark string literal; JSON's escapes
+    are Lark's)."""
+    return llguidance.LLMatcher.grammar_from_lark(
+        "start: " + " | ".join(json.dumps(c) for c in choices)
+    )
+
+
+def lark_grammar(grammar: str) -> str:
+    """The grammar written in Lark, or in llama.cpp's GBNF (converted to Lark)."""
+    try:
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(grammar))
+    except GbnfToLarkError as e:
+        raise ValueError(f"not a valid GBNF or Lark grammar: {e}") from None
 
 
 class _Tokens:

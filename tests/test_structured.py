@@ -1,6 +1,7 @@
-"""Structured outputs (`response_format` json_object / json_schema, through llguidance) and
-`logit_bias`: the sampler's masks and biases, a random model's output kept valid by the
-grammar, and the same over HTTP on a real `bitserve serve` process."""
+"""Structured outputs (`response_format` json_object / json_schema and vLLM's
+`structured_outputs`, through llguidance) and `logit_bias`: the sampler's masks and biases, a
+random model's output kept valid by the grammar, and the same over HTTP on a real
+`bitserve serve` process."""
 
 from __future__ import annotations
 
@@ -203,6 +204,32 @@ def test_response_format_over_http(url: str) -> None:
     assert isinstance(pet, Pet) and 0 <= pet.legs <= 8
 
 
+def test_vllm_structured_outputs_over_http(url: str) -> None:
+    """vLLM's `structured_outputs`: one of the given strings, text matching a regex, a GBNF
+    and a Lark grammar, a JSON schema; a random model's sampled output always matches."""
+    import re
+
+    choices = ["positive", "negative", 'mixed "feelings"', "n/a"]
+    specs: list[tuple[dict[str, Any], Any]] = [
+        ({"choice": choices}, lambda t: t in choices),
+        ({"regex": "[0-9]{3}-[a-z]{2,4}"}, lambda t: re.fullmatch("[0-9]{3}-[a-z]{2,4}", t)),
+        ({"grammar": 'root ::= "yes" | "no" | "maybe"'}, lambda t: t in ("yes", "no", "maybe")),
+        ({"grammar": 'start: "up" | "down"'}, lambda t: t in ("up", "down")),
+        ({"json": PERSON}, check_person),
+    ]
+    for spec, valid in specs:
+        for path, body in [
+            ("/v1/completions", {"prompt": "Answer:"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Answer?"}]}),
+        ]:
+            request = body | {"structured_outputs": spec, "max_tokens": 60, "n": 3, "seed": 2}
+            r = post(url, path, request)
+            assert r.status_code == 200, r.text
+            for choice in r.json()["choices"]:
+                text = choice["text"] if "text" in choice else choice["message"]["content"]
+                assert choice["finish_reason"] == "stop" and valid(text), (spec, text)
+
+
 def test_logit_bias_over_http(url: str, server_tiny_checkpoint: Path) -> None:
     """A +100 bias makes every token the biased one, greedy or sampled; -100 on the greedy
     first token makes the second most likely one come first."""
@@ -247,6 +274,17 @@ def test_logit_bias_over_http(url: str, server_tiny_checkpoint: Path) -> None:
         ({"logit_bias": {"x": 1}}, 400, "logit_bias", "'x'"),
         ({"logit_bias": {"49152": 1}}, 400, "logit_bias", "49152"),
         ({"logit_bias": {"5": 101}}, 422, "logit_bias", "100"),
+        ({"structured_outputs": {"regex": "(unclosed"}}, 400, "structured_outputs", "unclosed"),
+        ({"structured_outputs": {"grammar": "start: nope"}}, 400, "structured_outputs", "nope"),
+        ({"structured_outputs": {"grammar": "root ::= (("}}, 400, "structured_outputs", "GBNF"),
+        ({"structured_outputs": {"choice": []}}, 422, "structured_outputs", "at least 1"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, 422, "structured_outputs", "one"),
+        (
+            {"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+            400,
+            "structured_outputs",
+            "not both",
+        ),
         ({"logit_bias": {"1_0": 1}}, 400, "logit_bias", "'1_0'"),
         ({"logit_bias": {"010": 1}}, 400, "logit_bias", "'010'"),
         ({"logit_bias": {"\u0661\u0660": 1}}, 400, "logit_bias", "token ids"),
