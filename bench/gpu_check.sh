@@ -11,6 +11,8 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #     -d .whl fastapi starlette pydantic pydantic-core pydantic-settings uvicorn annotated-types \
 #     annotated-doc typing-inspection typing-extensions python-dotenv opentelemetry-api
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_31_x86_64 -d .whl llguidance
 set -uo pipefail
 OUT=${OUT:-/tmp/bitserve-gpu}
 mkdir -p "$OUT"
