@@ -367,22 +367,33 @@ class Engine:
             self.m.decode_step.labels(**self.label).observe(time.perf_counter() - t0)
 
     def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """A free slot for `prompt`, and how many of its first tokens that slot's cache already
+        """A free slot for `prompt`, and how many of its first tokens that slot's cache then
         holds (never the prompt's last token, whose logits are needed). With the prefix cache:
         the free slot sharing the longest prefix with it, if that is at least half of what the
         slot holds (a chat's next turn, a repeated system prompt), so that a few shared
         template tokens do not evict another conversation; else the slot freed longest ago
-        (never-used slots first). Without: the first free slot, nothing reused."""
+        (never-used slots first). If another slot, free or running, holds a longer prefix of
+        the prompt, its K/V are copied in. Without the cache: the first free slot, nothing
+        reused."""
         if not self.prefix_cache:
             return self.free_slots.pop(0), 0
-        shared = [_common_prefix(self.slot_tokens[s], prompt) for s in self.free_slots]
-        best = max(range(len(shared)), key=shared.__getitem__)
-        if 2 * shared[best] < len(self.slot_tokens[self.free_slots[best]]):
+        free = self.free_slots
+        shared = [_common_prefix(self.slot_tokens[s], prompt) for s in free]
+        best = max(range(len(free)), key=shared.__getitem__)
+        if 2 * shared[best] < len(self.slot_tokens[free[best]]):
             best = 0  # free_slots is oldest first
-        reused = max(0, min(shared[best], len(prompt) - 1))
+        slot, reused = free.pop(best), shared[best]
+        holders = [(s, self.slot_tokens[s]) for s in free]
+        holders += [(q.slot, (q.prompt_ids + q.output_ids)[: q.computed]) for q in self.running]
+        longest, source = max(((_common_prefix(t, prompt), s) for s, t in holders), default=(0, 0))
+        end = min(longest, len(prompt) - 1)
+        if end > reused:
+            self.runner.copy_positions(source, slot, 0, end)
+            reused = end
+        reused = max(0, min(reused, len(prompt) - 1))
         self.m.prefix_queries.labels(**self.label).inc(len(prompt))
         self.m.prefix_hits.labels(**self.label).inc(reused)
-        return self.free_slots.pop(best), reused
+        return slot, reused
 
     def _end_all(self, reason: str) -> None:
         """Finish every queued and running sequence now, each with a last output."""

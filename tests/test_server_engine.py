@@ -660,6 +660,44 @@ def test_prefix_cache_gives_a_prompt_the_slot_holding_its_longest_prefix(
     assert counter(plain, "prompt_tokens") == 21
 
 
+def test_prefix_cache_copies_a_prefix_that_another_slot_holds(
+    server_tiny_checkpoint: Path,
+) -> None:
+    """With the prefix cache, a prompt that shares a prefix with a running sequence gets that
+    prefix's K/V copied into its own slot and prefills only the rest; it then decodes what it
+    decodes when it reuses the same prefix left in its own slot."""
+    from bitserve.server.cli import build_state
+    from bitserve.server.settings import Settings
+
+    settings = Settings(max_num_seqs=3, max_model_len=64, prefix_cache=True)
+    preamble = list(range(5, 25))
+    first, second = preamble + [30, 31, 32, 33], preamble + [40, 41]
+
+    e = build_state(load_model(server_tiny_checkpoint), settings).engine
+    outs: list[Any] = []
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    e.submit([e.new_sequence(0, first, greedy, lambda o: None)])
+    e.step()  # the first prompt prefilled; it decodes from now on
+    hits = e.m.prefix_hits.labels(**e.label)._value.get()
+    prompted = e.m.prompt_tokens.labels(**e.label)._value.get()
+    e.submit([e.new_sequence(1, second, greedy, outs.append)])
+    e.step()
+    (a, b) = sorted(e.running, key=lambda q: q.index)
+    assert a.slot != b.slot and a.output_ids  # a still runs, in its own slot
+    assert e.m.prefix_hits.labels(**e.label)._value.get() - hits == len(preamble)
+    assert e.m.prompt_tokens.labels(**e.label)._value.get() - prompted == 2
+    k = e.runner.k_cache
+    assert torch.equal(k[:, b.slot, :, : len(preamble)], k[:, a.slot, :, : len(preamble)])
+    while e.running:
+        e.step()
+    copied = [t for o in outs for t in o.token_ids]
+
+    same_slot = build_state(load_model(server_tiny_checkpoint), settings).engine
+    _run_to_end(same_slot, first, max_tokens=8)
+    assert _run_to_end(same_slot, second, max_tokens=8) == copied
+    assert same_slot.free_slots[-1] == 0  # it did reuse slot 0
+
+
 def test_prefix_cache_slots_hold_what_they_say_through_aborts_and_cut_offs() -> None:
     """Random traffic through a prefix-caching engine (shared prefixes, 1-token prompts,
     n = 2, aborts mid-prefill and mid-decode, length cut-offs at a 48-token context, prefill
