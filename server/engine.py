@@ -6,6 +6,7 @@ conditions and pushes each sequence's new text to its consumer."""
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import logging
 import re
@@ -205,6 +206,9 @@ class Sequence:
     slot: int = -1
     computed: int = 0  # tokens whose K/V are in the cache
     cached: int = 0  # prompt tokens found in the slot at admission (the prefix cache)
+    # Names how the K/V of positions [0, computed) were computed: sequences with the same history
+    # and `computed` hold the same values there (0: nothing computed yet), so they may share a chunk.
+    history: int = 0
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None
     matcher: Any = None  # a structured output's llguidance matcher (server/structured.py)
@@ -247,6 +251,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(runner.num_slots))
+        self.histories = itertools.count(1)  # fresh Sequence.history ids
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
@@ -348,7 +353,7 @@ class Engine:
                 self._count_finished(seq, "abort")
             while self.waiting and self.free_slots:
                 seq = self.waiting.popleft()
-                seq.slot, seq.cached = self._take_slot(seq.prompt_ids)
+                seq.slot, seq.cached, seq.history = self._take_slot(seq.prompt_ids)
                 seq.computed = seq.cached
                 self.running.append(seq)
                 self.m.queue.labels(**self.label).observe(time.perf_counter() - seq.queued)
@@ -363,37 +368,45 @@ class Engine:
             )
             for s in decoding:
                 s.computed += 1
+                s.history = next(self.histories)  # its own token now: no other holds that
             self._sample(decoding, logits)
             self.m.decode_step.labels(**self.label).observe(time.perf_counter() - t0)
 
-    def _take_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """A free slot for `prompt`, and how many of its first tokens that slot's cache then
-        holds (never the prompt's last token, whose logits are needed). With the prefix cache:
-        the free slot sharing the longest prefix with it, if that is at least half of what the
-        slot holds (a chat's next turn, a repeated system prompt), so that a few shared
-        template tokens do not evict another conversation; else the slot freed longest ago
-        (never-used slots first). If another slot, free or running, holds a longer prefix of
-        the prompt, its K/V are copied in. Without the cache: the first free slot, nothing
-        reused."""
+    def _take_slot(self, prompt: list[int]) -> tuple[int, int, int]:
+        """A free slot for `prompt`, how many of its first tokens that slot's cache then holds
+        (never the prompt's last token, whose logits are needed) and the history of those K/V
+        (`Sequence.history`). With the prefix cache: the free slot sharing the longest prefix
+        with it, if that is at least half of what the slot holds (a chat's next turn, a
+        repeated system prompt), so that a few shared template tokens do not evict another
+        conversation; else the slot freed longest ago (never-used slots first). If another
+        slot, free or running, holds a longer prefix of the prompt, its K/V are copied in.
+        Without the cache: the first free slot, nothing reused."""
         if not self.prefix_cache:
-            return self.free_slots.pop(0), 0
+            return self.free_slots.pop(0), 0, 0
         free = self.free_slots
         shared = [_common_prefix(self.slot_tokens[s], prompt) for s in free]
         best = max(range(len(free)), key=shared.__getitem__)
         if 2 * shared[best] < len(self.slot_tokens[free[best]]):
             best = 0  # free_slots is oldest first
-        slot, reused = free.pop(best), shared[best]
-        holders = [(s, self.slot_tokens[s]) for s in free]
-        holders += [(q.slot, (q.prompt_ids + q.output_ids)[: q.computed]) for q in self.running]
-        longest, source = max(((_common_prefix(t, prompt), s) for s, t in holders), default=(0, 0))
+        slot, reused = free.pop(best), max(0, min(shared[best], len(prompt) - 1))
+        history = next(self.histories) if reused else 0  # a free slot's K/V: its own history
+        holders: list[tuple[list[int], int, Sequence | None]]
+        holders = [(self.slot_tokens[s], s, None) for s in free]
+        holders += [((q.prompt_ids + q.output_ids)[: q.computed], q.slot, q) for q in self.running]
+        longest, source, holder = max(
+            ((_common_prefix(t, prompt), s, q) for t, s, q in holders),
+            key=lambda h: h[0],
+            default=(0, 0, None),
+        )
         end = min(longest, len(prompt) - 1)
         if end > reused:
             self.runner.copy_positions(source, slot, 0, end)
             reused = end
-        reused = max(0, min(reused, len(prompt) - 1))
+            # A running sequence's first `end` positions keep its history; a free slot's, a new one.
+            history = holder.history if holder is not None else next(self.histories)
         self.m.prefix_queries.labels(**self.label).inc(len(prompt))
         self.m.prefix_hits.labels(**self.label).inc(reused)
-        return slot, reused
+        return slot, reused, history
 
     def _end_all(self, reason: str) -> None:
         """Finish every queued and running sequence now, each with a last output."""
@@ -408,16 +421,18 @@ class Engine:
     def _prefill(self, waiting: list[Sequence]) -> None:
         """Prefill the next prompt chunk of as many sequences as fit in one right-padded
         [B, T] forward of at most `prefill_chunk` tokens; sample the first token of those whose
-        prompt is then complete. Sequences whose prompts hold the same tokens up to the end of
-        their next chunk (a request's `n` choices, or prompts opening with the same long
-        system prompt) share that chunk: one computes it, the others get its K/V copied into
-        their slots (and, where it ends their prompt, sample from its logits row), which is
-        what their own prefill would have given, as a row does not depend on its batch."""
-        leaders: dict[tuple[int, tuple[int, ...]], Sequence] = {}
+        prompt is then complete. Sequences with the same K/V so far (`Sequence.history`) and
+        the same tokens in their next chunk (a request's `n` choices, or prompts opening with
+        the same long system prompt) share that chunk: one computes it, the others get its K/V
+        copied into their slots (and, where it ends their prompt, sample from its logits row):
+        what their own prefill would have given wherever a row does not depend on its batch
+        (docs/serving.md, "Batch invariance")."""
+        leaders: dict[tuple[int, int, tuple[int, ...]], Sequence] = {}
         followers: dict[int, list[Sequence]] = {}
         for seq in waiting:
             end = seq.computed + min(self.prefill_chunk, len(seq.prompt_ids) - seq.computed)
-            leader = leaders.setdefault((seq.computed, tuple(seq.prompt_ids[:end])), seq)
+            key = (seq.history, seq.computed, tuple(seq.prompt_ids[seq.computed : end]))
+            leader = leaders.setdefault(key, seq)
             followers.setdefault(id(leader), []).extend([seq] if leader is not seq else [])
         waiting = list(leaders.values())
         batch: list[tuple[Sequence, int]] = []
@@ -441,10 +456,13 @@ class Engine:
         rows: list[tuple[Sequence, int]] = []  # every sequence this step advanced, its row
         for row, (seq, n) in enumerate(batch):
             self.m.prompt_tokens.labels(**self.label).inc(n)
+            history = next(self.histories)
             for s in [seq, *followers.get(id(seq), [])]:
                 if s is not seq:
                     self.runner.copy_positions(seq.slot, s.slot, s.computed, s.computed + n)
+                    self.m.shared_prompt_tokens.labels(**self.label).inc(n)
                 s.computed += n
+                s.history = history
                 rows.append((s, row))
         done = [(s, row) for s, row in rows if s.prefilled()]
         if done:

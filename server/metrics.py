@@ -48,6 +48,7 @@ class Metrics:
     finished: Counter
     rejected: Counter
     prompt_tokens: Counter
+    shared_prompt_tokens: Counter
     generation_tokens: Counter
     prefix_queries: Counter
     prefix_hits: Counter
@@ -101,6 +102,12 @@ def create_metrics(model: str) -> Metrics:
         prompt_tokens=Counter(
             "bitserve_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=reg
         ),
+        shared_prompt_tokens=Counter(
+            "bitserve_prompt_tokens_shared",
+            "Prompt tokens whose K/V were copied from another sequence's chunk in the same step.",
+            ["model"],
+            registry=reg,
+        ),
         generation_tokens=Counter(
             "bitserve_generation_tokens", "Output tokens generated.", ["model"], registry=reg
         ),
@@ -128,6 +135,7 @@ def create_metrics(model: str) -> Metrics:
         m.waiting,
         m.kv_usage,
         m.prompt_tokens,
+        m.shared_prompt_tokens,
         m.generation_tokens,
         m.prefix_queries,
         m.prefix_hits,

@@ -200,10 +200,15 @@ def test_seed_n_stop_and_logprobs(url: str, model_id: str) -> None:
         "n": 2,
         "ignore_eos": True,
     }
-    before = metrics(url)["bitserve_prompt_tokens_total{}"]
+    before = metrics(url)
     a = complete(url, **sampled)
-    prefilled = metrics(url)["bitserve_prompt_tokens_total{}"] - before
-    assert prefilled == a["usage"]["prompt_tokens"]  # the two choices prefilled it once
+    after = metrics(url)
+    prefilled = after["bitserve_prompt_tokens_total{}"] - before["bitserve_prompt_tokens_total{}"]
+    shared = (
+        after["bitserve_prompt_tokens_shared_total{}"]
+        - before["bitserve_prompt_tokens_shared_total{}"]
+    )
+    assert prefilled == shared == a["usage"]["prompt_tokens"]  # two choices, prefilled once
     b = complete(url, **sampled)
     assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
     assert sorted(c["index"] for c in a["choices"]) == [0, 1]

@@ -698,6 +698,50 @@ def test_prefix_cache_copies_a_prefix_that_another_slot_holds(
     assert same_slot.free_slots[-1] == 0  # it did reuse slot 0
 
 
+def test_prompts_share_a_chunk_only_over_the_same_cached_values(
+    server_tiny_checkpoint: Path,
+) -> None:
+    """With the prefix cache, two slots may say they hold the same prompt tokens while their
+    K/V differ (computed in other splits, here random): sequences taking them do not share
+    their next chunk, each prefills over its own cache and gets what it gets alone. Choices
+    whose cached prefix was copied from one sequence do share it."""
+    from bitserve.server.cli import build_state
+    from bitserve.server.settings import Settings
+
+    settings = Settings(max_num_seqs=4, max_model_len=64, prefill_chunk=8, prefix_cache=True)
+    prompt = list(range(5, 25))
+
+    def run(held: list[int], n: int) -> tuple[list[list[int]], float, list[torch.Tensor]]:
+        engine = build_state(load_model(server_tiny_checkpoint), settings).engine
+        g = torch.Generator().manual_seed(0)
+        for cache in (engine.runner.k_cache, engine.runner.v_cache):
+            part = cache[:, :2, :, :8]
+            part.copy_(torch.randn(part.shape, generator=g))  # slots 0 and 1 differ
+        for slot in held:
+            engine.slot_tokens[slot] = prompt[:8]
+        outs: dict[int, list[Any]] = {i: [] for i in range(n)}
+        greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        seqs = [engine.new_sequence(i, prompt, greedy, outs[i].append) for i in range(n)]
+        engine.submit(seqs)
+        while engine.running or engine.waiting:
+            engine.step()
+        tokens = [[t for o in outs[i] for t in o.token_ids] for i in range(n)]
+        computed = engine.m.prompt_tokens.labels(**engine.label)._value.get()
+        keys = [engine.runner.k_cache[:, s.slot, :, : len(prompt)].clone() for s in seqs]
+        return tokens, computed, keys
+
+    tokens, computed, keys = run([0, 1], 2)  # the first takes slot 0, the second slot 1
+    first, _, first_keys = run([0], 1)
+    second, _, second_keys = run([1], 1)
+    assert computed == 2 * (len(prompt) - 8) and tokens == first + second
+    assert torch.equal(keys[0], first_keys[0]) and torch.equal(keys[1], second_keys[0])
+    assert not torch.equal(keys[0][..., 8:, :], keys[1][..., 8:, :])
+
+    tokens, computed, keys = run([0], 3)  # the others copy slot 0's prefix from the first
+    assert computed == len(prompt) - 8 and tokens == first * 3
+    assert all(torch.equal(k, first_keys[0]) for k in keys)
+
+
 def test_prefix_cache_slots_hold_what_they_say_through_aborts_and_cut_offs() -> None:
     """Random traffic through a prefix-caching engine (shared prefixes, 1-token prompts,
     n = 2, aborts mid-prefill and mid-decode, length cut-offs at a 48-token context, prefill
@@ -1006,6 +1050,9 @@ def test_prompts_share_the_chunks_they_hold_in_common(server_tiny_checkpoint: Pa
                 engine.abort(seqs[:1])
         tokens = [[t for o in outs[i] for t in o.token_ids] for i in range(len(prompts))]
         computed = engine.m.prompt_tokens.labels(**engine.label)._value.get()
+        shared = engine.m.shared_prompt_tokens.labels(**engine.label)._value.get()
+        if abort_first_after is None:  # every prompt token computed once or copied
+            assert computed + shared == sum(len(s.prompt_ids) for s in seqs)
         keys = [engine.runner.k_cache[:, s.slot, :, : len(s.prompt_ids)] for s in seqs]
         return tokens, computed, keys
 
