@@ -15,7 +15,9 @@ if [ ! -d "$src" ]; then
   "$py" -m pip download -q --no-deps --no-binary :all: -d "$dir" "llama-cpp-python==$version" >&2
   tar -xzf "$dir/llama_cpp_python-$version.tar.gz" -C "$dir"
 fi
+# AMX off: VMs may advertise it without the kernel letting a process use it (invalid opcode).
+noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF >&2
+  -DLLAMA_BUILD_TESTS=OFF -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" >&2
 cmake --build "$src/build" -j "$(nproc)" --target llama-server llama-bench >&2
 echo "$src/build/bin/llama-server"

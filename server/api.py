@@ -306,20 +306,15 @@ def _chat_logprobs(
     return S.ChatLogprobs(content=content)
 
 
-def _usage(
-    state: ServerState, seqs: list[Sequence], n: int, prompt_tokens: int, completion_tokens: int
-) -> S.Usage:
-    """The OpenAI usage object; with the prefix cache, `prompt_tokens_details.cached_tokens`:
-    the prompt tokens found in a slot, each prompt counted once as in `prompt_tokens` (by its
-    first choice, seqs[i * n])."""
-    details = None
-    if state.engine.prefix_cache:
-        details = S.PromptTokensDetails(cached_tokens=sum(s.cached for s in seqs[::n]))
+def _usage(seqs: list[Sequence], n: int, prompt_tokens: int, completion_tokens: int) -> S.Usage:
+    """The OpenAI usage object; `prompt_tokens_details.cached_tokens`: the prompt tokens whose
+    K/V a slot already held, each prompt counted once as in `prompt_tokens` (by its first
+    choice, seqs[i * n])."""
     return S.Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details=details,
+        prompt_tokens_details=S.PromptTokensDetails(cached_tokens=sum(s.cached for s in seqs[::n])),
     )
 
 
@@ -513,7 +508,7 @@ def create_app(state: ServerState) -> FastAPI:
             )
             for i in range(len(seqs))
         ]
-        usage = _usage(state, seqs, req.n, prompt_tokens, total)
+        usage = _usage(seqs, req.n, prompt_tokens, total)
         return S.CompletionResponse(model=name, choices=choices, usage=usage)
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -546,7 +541,7 @@ def create_app(state: ServerState) -> FastAPI:
             )
             for i in range(len(seqs))
         ]
-        usage = _usage(state, seqs, req.n, len(prompt_ids), total)
+        usage = _usage(seqs, req.n, len(prompt_ids), total)
         return S.ChatResponse(model=name, choices=choices, usage=usage)
 
     return app
@@ -602,7 +597,7 @@ async def _completion_events(
         total += out.completion_tokens if out.finish_reason is not None else 0
         yield _sse(base.model_copy(update={"choices": [choice]}))
     if include_usage:
-        usage = _usage(state, seqs, req.n, prompt_tokens, total)
+        usage = _usage(seqs, req.n, prompt_tokens, total)
         yield _sse(base.model_copy(update={"usage": usage}))
     yield _sse("[DONE]")
 
@@ -639,6 +634,6 @@ async def _chat_events(
             )
         )
     if include_usage:
-        usage = _usage(state, seqs, req.n, prompt_tokens, total)
+        usage = _usage(seqs, req.n, prompt_tokens, total)
         yield _sse(base.model_copy(update={"usage": usage}))
     yield _sse("[DONE]")

@@ -383,11 +383,11 @@ def add_parser(sub: Any) -> None:
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="keep each finished sequence's K/V in its slot, and give a new request whose "
-        "prompt starts with those tokens that slot, prefilling only the rest (repeated system "
-        "prompts, multi-turn chats). Off by default: a prompt prefilled in two parts rounds "
-        "differently from one prefilled whole, so greedy texts may then depend on what was "
-        "served before",
+        help="reuse any prefix of a prompt whose K/V a slot holds (a finished sequence's, "
+        "or a running one's), prefilling only the rest (multi-turn chats, which resend the last "
+        "answer). Without it only whole prefill chunks are reused (long system prompts), which "
+        "gives the same logits as prefilling them; a prefix ending mid-chunk rounds "
+        "differently, so greedy texts may then depend on what was served before",
     )
     s.add_argument(
         "--cuda-graphs",

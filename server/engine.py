@@ -209,6 +209,10 @@ class Sequence:
     # Names how the K/V of positions [0, computed) were computed: sequences with the same history
     # and `computed` hold the same values there (0: nothing computed yet), so they may share a chunk.
     history: int = 0
+    # Leading positions computed as whole prefill chunks from position 0: their K/V depend on
+    # the tokens alone (a whole chunk always fills a prefill step alone), so any sequence whose
+    # prompt starts with those tokens may reuse them and compute what it computes without them.
+    exact: int = 0
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None
     matcher: Any = None  # a structured output's llguidance matcher (server/structured.py)
@@ -222,8 +226,10 @@ class Sequence:
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     """How many first tokens a and b share."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
+    n, i = min(len(a), len(b)), 0
+    while i < n and a[i : i + 64] == b[i : i + 64]:  # compared in C, 64 at a time
+        i += 64
+    return next((j for j in range(i, n) if a[j] != b[j]), n)
 
 
 class Engine:
@@ -242,10 +248,12 @@ class Engine:
     ) -> None:
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, eos_ids
         self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
-        # prefix_cache: a free slot keeps the K/V its last sequence left, and a new sequence
-        # whose prompt starts with those tokens takes that slot and skips prefilling them.
+        # A free slot keeps the K/V its last sequence left: the tokens they hold and how many
+        # lead as whole chunks (`Sequence.exact`). A new prompt reuses whole chunks it starts
+        # with from any slot; with prefix_cache, any prefix (other rounding, see _take_slot).
         self.prefix_cache = prefix_cache
         self.slot_tokens: list[list[int]] = [[] for _ in range(runner.num_slots)]
+        self.slot_exact = [0] * runner.num_slots
         self.max_len = runner.max_len
         self.m, self.label = metrics, {"model": model_name}
         self.waiting: deque[Sequence] = deque()
@@ -353,7 +361,12 @@ class Engine:
                 self._count_finished(seq, "abort")
             while self.waiting and self.free_slots:
                 seq = self.waiting.popleft()
-                seq.slot, seq.cached, seq.history = self._take_slot(seq.prompt_ids)
+                try:
+                    seq.slot, seq.cached, seq.history, seq.exact = self._take_slot(seq.prompt_ids)
+                except Exception:  # it is in no queue now: answer it, then fail the step
+                    seq.emit(self._output(seq, [], [], "error"))
+                    self._count_finished(seq, "error")
+                    raise
                 seq.computed = seq.cached
                 self.running.append(seq)
                 self.m.queue.labels(**self.label).observe(time.perf_counter() - seq.queued)
@@ -372,41 +385,51 @@ class Engine:
             self._sample(decoding, logits)
             self.m.decode_step.labels(**self.label).observe(time.perf_counter() - t0)
 
-    def _take_slot(self, prompt: list[int]) -> tuple[int, int, int]:
-        """A free slot for `prompt`, how many of its first tokens that slot's cache then holds
-        (never the prompt's last token, whose logits are needed) and the history of those K/V
-        (`Sequence.history`). With the prefix cache: the free slot sharing the longest prefix
-        with it, if that is at least half of what the slot holds (a chat's next turn, a
-        repeated system prompt), so that a few shared template tokens do not evict another
-        conversation; else the slot freed longest ago (never-used slots first). If another
-        slot, free or running, holds a longer prefix of the prompt, its K/V are copied in.
-        Without the cache: the first free slot, nothing reused."""
-        if not self.prefix_cache:
-            return self.free_slots.pop(0), 0, 0
+    def _take_slot(self, prompt: list[int]) -> tuple[int, int, int, int]:
+        """A free slot for `prompt`; how many of its first tokens that slot's cache then holds
+        (never the last, whose logits are needed), their history (`Sequence.history`) and how
+        many of them are whole chunks (`Sequence.exact`). By default only whole chunks that a
+        slot holds (free, or a running sequence's) are reused: the prompt then computes what it
+        computes alone, bit for bit on the CPU (docs/serving.md, `--prefix-cache`). With the prefix cache, any prefix is: a prefix ending
+        mid-chunk shifts the rest's chunks, which rounds differently (docs/serving.md, "Batch
+        invariance"). The slot taken is the free one holding the longest reusable prefix (with
+        the prefix cache, only if that is at least half of what it holds: a chat's next turn,
+        a repeated system prompt, while a few shared template tokens do not evict another
+        conversation), else the slot freed longest ago (never-used slots first). If another
+        slot holds a longer reusable prefix, its K/V are copied in."""
+        chunk, most = self.prefill_chunk, max(0, len(prompt) - 1)
         free = self.free_slots
-        shared = [_common_prefix(self.slot_tokens[s], prompt) for s in free]
-        best = max(range(len(free)), key=shared.__getitem__)
-        if 2 * shared[best] < len(self.slot_tokens[free[best]]):
-            best = 0  # free_slots is oldest first
-        slot, reused = free.pop(best), max(0, min(shared[best], len(prompt) - 1))
-        history = next(self.histories) if reused else 0  # a free slot's K/V: its own history
-        holders: list[tuple[list[int], int, Sequence | None]]
-        holders = [(self.slot_tokens[s], s, None) for s in free]
-        holders += [((q.prompt_ids + q.output_ids)[: q.computed], q.slot, q) for q in self.running]
-        longest, source, holder = max(
-            ((_common_prefix(t, prompt), s, q) for t, s, q in holders),
-            key=lambda h: h[0],
-            default=(0, 0, None),
-        )
-        end = min(longest, len(prompt) - 1)
-        if end > reused:
-            self.runner.copy_positions(source, slot, 0, end)
-            reused = end
-            # A running sequence's first `end` positions keep its history; a free slot's, a new one.
+        holders: list[tuple[list[int], int, int, Sequence | None]]
+        holders = [(self.slot_tokens[s], self.slot_exact[s], s, None) for s in free]
+        for q in self.running:  # without the cache only whole chunks count (prompt tokens)
+            if self.prefix_cache:
+                holders.append(((q.prompt_ids + q.output_ids)[: q.computed], q.exact, q.slot, q))
+            else:
+                holders.append((q.prompt_ids[: q.exact], q.exact, q.slot, q))
+        reach = [min(_common_prefix(t, prompt), most) for t, _, _, _ in holders]
+        if not self.prefix_cache:  # whole chunks only
+            reach = [
+                min(r, e) // chunk * chunk for r, (_, e, _, _) in zip(reach, holders, strict=True)
+            ]
+        best = max(range(len(free)), key=reach.__getitem__)
+        if self.prefix_cache:
+            if 2 * reach[best] < len(self.slot_tokens[free[best]]):
+                best = 0  # free_slots is oldest first
+        elif reach[best] < self.slot_exact[free[best]]:
+            best = 0  # keep the slot's other chunks: take the oldest and copy what is reused
+        slot, reused, exact = free[best], reach[best], holders[best][1]
+        history = next(self.histories) if reused else 0  # a free slot's K/V: their own history
+        source = max(range(len(holders)), key=reach.__getitem__)
+        if reach[source] > reused:
+            _, exact, src_slot, holder = holders[source]
+            reused = reach[source]
+            self.runner.copy_positions(src_slot, slot, 0, reused)
+            # A running sequence's first positions keep its history; a free slot's, a new one.
             history = holder.history if holder is not None else next(self.histories)
+        free.pop(best)  # only now: a failed copy leaves the slot free
         self.m.prefix_queries.labels(**self.label).inc(len(prompt))
         self.m.prefix_hits.labels(**self.label).inc(reused)
-        return slot, reused, history
+        return slot, reused, history, min(reused, exact) // chunk * chunk
 
     def _end_all(self, reason: str) -> None:
         """Finish every queued and running sequence now, each with a last output."""
@@ -461,6 +484,8 @@ class Engine:
                 if s is not seq:
                     self.runner.copy_positions(seq.slot, s.slot, s.computed, s.computed + n)
                     self.m.shared_prompt_tokens.labels(**self.label).inc(n)
+                if s.exact == s.computed and n == self.prefill_chunk:
+                    s.exact += n
                 s.computed += n
                 s.history = history
                 rows.append((s, row))
@@ -550,9 +575,9 @@ class Engine:
             seq.emit(self._output(seq, [], [], reason))
         if reason == "error":
             self.runner.clear_slot(seq.slot)
-        if self.prefix_cache:  # the tokens whose K/V the slot holds (not the last sampled one)
-            kept = [] if reason == "error" else (seq.prompt_ids + seq.output_ids)[: seq.computed]
-            self.slot_tokens[seq.slot] = kept
+        # the tokens whose K/V the slot holds (not the last sampled one)
+        kept = [] if reason == "error" else (seq.prompt_ids + seq.output_ids)[: seq.computed]
+        self.slot_tokens[seq.slot], self.slot_exact[seq.slot] = kept, min(seq.exact, len(kept))
         self.running.remove(seq)
         with self.lock:
             self.free_slots.append(seq.slot)

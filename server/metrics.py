@@ -113,13 +113,13 @@ def create_metrics(model: str) -> Metrics:
         ),
         prefix_queries=Counter(
             "bitserve_prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache (--prefix-cache).",
+            "Prompt tokens of admitted sequences, looked up in the slots' K/V.",
             ["model"],
             registry=reg,
         ),
         prefix_hits=Counter(
             "bitserve_prefix_cache_hits",
-            "Prompt tokens found in the prefix cache, not prefilled again.",
+            "Prompt tokens whose K/V a slot held, not prefilled again.",
             ["model"],
             registry=reg,
         ),

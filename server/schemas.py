@@ -246,7 +246,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: PromptTokensDetails | None = None  # with --prefix-cache
+    prompt_tokens_details: PromptTokensDetails
 
 
 def _id(prefix: str) -> str:

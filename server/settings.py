@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
     prefix_cache: bool = Field(
         False,
-        description="reuse K/V that a slot holds (a free one, or a running sequence's) for a "
-        "prompt that starts with the same tokens",
+        description="reuse any prefix of a prompt whose K/V a slot holds (a free one, or a "
+        "running sequence's), not only whole prefill chunks; greedy texts may then depend on "
+        "what was served before",
     )
     max_waiting: int = Field(64, ge=0, description="queued requests before answering 429")
     device: Literal["auto", "cpu", "cuda"] = Field(

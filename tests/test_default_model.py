@@ -71,3 +71,36 @@ def test_rtn_perplexity_on_wikitext(default_src: Path, w4: Path, tmp_path: Path)
         default_src, tmp_path / "w8", "rtn", QuantSpec(8, -1), progress=False
     )
     assert ppl(w8) < fp * 1.01
+
+
+def test_whole_prefill_chunks_reused_give_the_same_cache_and_tokens(w4: Path) -> None:
+    """On the default W4 model, where a prompt prefilled in two parts rounds differently from
+    one prefilled whole: a prompt that reuses the whole prefill chunks another prompt left in
+    a slot gets the KV cache and sampled tokens of its own prefill on a fresh engine, bit for
+    bit; with --prefix-cache, which reuses a prefix ending mid-chunk, the cache differs."""
+    from bitserve.server.cli import build_state
+    from bitserve.server.sampling import SamplingParams
+    from bitserve.server.settings import Settings
+
+    pre = list(range(1000, 1040))
+    first, second = pre + [2000, 2001, 2002], pre + [3000, 3001]
+
+    def run(cache: bool, prompts: list[list[int]]) -> tuple[list[int], torch.Tensor, int]:
+        """The last prompt's seeded tokens, cache and cached count, after the others ran."""
+        settings = Settings(max_num_seqs=2, max_model_len=96, prefill_chunk=16, prefix_cache=cache)
+        engine = build_state(load_model(w4), settings).engine
+        for prompt in prompts:
+            outs: list = []
+            params = SamplingParams(max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+            seq = engine.new_sequence(0, prompt, params, outs.append)
+            engine.submit([seq])
+            while engine.running or engine.waiting:
+                engine.step()
+        keys = engine.runner.k_cache[:, seq.slot, :, : len(prompt) + 7].clone()
+        return [t for o in outs for t in o.token_ids], keys, seq.cached
+
+    alone = run(False, [second])
+    reused = run(False, [first, second])
+    assert reused[2] == 32 and reused[0] == alone[0] and torch.equal(reused[1], alone[1])
+    approx = run(True, [first, second])
+    assert approx[2] == len(pre) and not torch.equal(approx[1], alone[1])

@@ -112,7 +112,7 @@ def test_completion_usage_and_length(url: str, model_id: str, server_tiny_checkp
     assert body["usage"]["prompt_tokens"] == len(tok(PROMPTS[0])["input_ids"])
     assert body["usage"]["completion_tokens"] == 12
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 12
-    assert body["usage"]["prompt_tokens_details"] is None  # no prefix cache: nothing to detail
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # no whole chunk held
 
 
 def test_stream_matches_non_stream_httpx(url: str, model_id: str) -> None:

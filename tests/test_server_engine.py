@@ -618,7 +618,8 @@ def test_prefix_cache_gives_a_prompt_the_slot_holding_its_longest_prefix(
     starts with its prompt and output (a chat's next turn) takes that slot and prefills only
     the new tokens; the last prompt token is always prefilled; unrelated prompts, and prompts
     sharing less than half of a slot's tokens, take the slot freed longest ago (unused ones
-    first); a failed sequence's slot keeps nothing. Without it, nothing is reused."""
+    first); a failed sequence's slot keeps nothing. Without it, a prefix shorter than a whole
+    prefill chunk is not reused."""
     from bitserve.server.cli import build_state
     from bitserve.server.settings import Settings
 
@@ -656,8 +657,69 @@ def test_prefix_cache_gives_a_prompt_the_slot_holding_its_longest_prefix(
     plain = engine(False)
     _run_to_end(plain, first)
     _run_to_end(plain, first + [1])
-    assert counter(plain, "prefix_hits") == 0 and counter(plain, "prefix_queries") == 0
+    assert counter(plain, "prefix_hits") == 0 and counter(plain, "prefix_queries") == 21
     assert counter(plain, "prompt_tokens") == 21
+
+
+def test_whole_prefill_chunks_are_reused_bit_for_bit(server_tiny_checkpoint: Path) -> None:
+    """Without the prefix cache, a prompt reuses the whole prefill chunks it starts with that a
+    slot holds (a finished sequence's, or a running one's, copied), and its cache and tokens
+    are then those of its prefill on a fresh engine, bit for bit. Positions filled by decode
+    steps, or past the last whole chunk, are not reused; the prefix cache reuses them. (This
+    tiny model rounds a prompt split anywhere as it rounds it whole; the default model does
+    not, and test_default_model.py checks that reuse there.)"""
+    from bitserve.server.cli import build_state
+    from bitserve.server.settings import Settings
+
+    pre = list(range(5, 25))
+    first, second = pre + [30, 31], pre + [40, 41, 42]
+
+    def engine(cache: bool = False) -> Any:
+        settings = Settings(max_num_seqs=3, max_model_len=64, prefill_chunk=8, prefix_cache=cache)
+        return build_state(load_model(server_tiny_checkpoint), settings).engine
+
+    def run(e: Any, prompt: list[int], keep_running: Any = None) -> tuple[list[int], Any, float]:
+        """Seeded sampled tokens of `prompt` on e, its slot's keys and its cached count."""
+        outs: list[Any] = []
+        params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+        seq = e.new_sequence(0, prompt, params, outs.append)
+        e.submit([seq])
+        while seq in e.running or seq in e.waiting:
+            e.step()
+        keys = e.runner.k_cache[:, seq.slot, :, : len(prompt) + 5].clone()
+        return [t for o in outs for t in o.token_ids], keys, seq.cached
+
+    alone = run(engine(), second)
+    e = engine()
+    run(e, first)
+    after = run(e, second)
+    assert after[2] == 16 and after[0] == alone[0] and torch.equal(after[1], alone[1])
+
+    e = engine()  # the first still decoding when the second arrives: copied from its slot
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    e.submit([e.new_sequence(1, first, params, lambda o: None)])
+    for _ in range(4):
+        e.step()
+    copied = run(e, second)
+    assert copied[2] == 16 and copied[0] == alone[0] and torch.equal(copied[1], alone[1])
+
+    e = engine()  # two choices over a reused chunk: the second copies it, they share the rest
+    run(e, first)
+    prompted = e.m.prompt_tokens.labels(**e.label)._value.get()
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    e.submit([e.new_sequence(i, second, params, lambda o: None) for i in range(2)])
+    while e.running or e.waiting:
+        e.step()
+    assert e.m.prompt_tokens.labels(**e.label)._value.get() - prompted == len(second) - 16
+    assert e.m.shared_prompt_tokens.labels(**e.label)._value.get() == len(second) - 16
+
+    e = engine()  # what decode steps filled is not reused without the prefix cache
+    tokens, _, _ = run(e, pre[:6])
+    assert run(e, pre[:6] + tokens[:5] + [50])[2] == 0
+
+    e = engine(cache=True)
+    run(e, first)
+    assert run(e, second)[2] == 20
 
 
 def test_prefix_cache_copies_a_prefix_that_another_slot_holds(
@@ -742,11 +804,15 @@ def test_prompts_share_a_chunk_only_over_the_same_cached_values(
     assert all(torch.equal(k, first_keys[0]) for k in keys)
 
 
-def test_prefix_cache_slots_hold_what_they_say_through_aborts_and_cut_offs() -> None:
-    """Random traffic through a prefix-caching engine (shared prefixes, 1-token prompts,
-    n = 2, aborts mid-prefill and mid-decode, length cut-offs at a 48-token context, prefill
-    chunks of 8): after every step, each free slot's keys are those of a fresh prefill of the
-    tokens it says it holds."""
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_prefix_cache_slots_hold_what_they_say_through_aborts_and_cut_offs(
+    prefix_cache: bool,
+) -> None:
+    """Random traffic through an engine with and without the prefix cache (shared prefixes,
+    1-token prompts, n = 2, aborts mid-prefill and mid-decode, length cut-offs at a 48-token
+    context, prefill chunks of 8): after every step, each free slot's keys are those of a fresh
+    prefill of the tokens it says it holds, and those it says lead as whole chunks are those
+    of a fresh prefill in whole chunks, bit for bit."""
     import random
 
     from tiny_models import char_tokenizer
@@ -756,11 +822,11 @@ def test_prefix_cache_slots_hold_what_they_say_through_aborts_and_cut_offs() -> 
 
     model = _tiny_llama(None)
     runner, fresh = LlamaRunner(model, num_slots=3, max_len=48), LlamaRunner(model, 1, 48)
-    engine = Engine(runner, char_tokenizer(), create_metrics("m"), "m", set(), 8, 64, True)
+    engine = Engine(runner, char_tokenizer(), create_metrics("m"), "m", set(), 8, 64, prefix_cache)
     rng = random.Random(0)
     base = [rng.randrange(5, 40) for _ in range(40)]
     live: list[Any] = []
-    checked = 0
+    checked = exacts = 0
     for _ in range(150):
         if rng.random() < 0.5 and len(engine.waiting) < 4:
             n = rng.randrange(1, 40)
@@ -780,9 +846,16 @@ def test_prefix_cache_slots_hold_what_they_say_through_aborts_and_cut_offs() -> 
                 keys = fresh.k_cache[:, 0, :, : len(held)]
                 assert rel_err(runner.k_cache[:, slot, :, : len(held)], keys) < 1e-4
                 checked += 1
+            exact = engine.slot_exact[slot]
+            assert exact % 8 == 0 and exact <= len(held)
+            for start in range(0, exact, 8):
+                chunk = torch.tensor([held[start : start + 8]])
+                fresh.forward(chunk, torch.tensor([0]), torch.tensor([start]))
+            assert torch.equal(runner.k_cache[:, slot, :, :exact], fresh.k_cache[:, 0, :, :exact])
+            exacts += exact > 0
     engine.cut_off()
     engine.step()
-    assert not engine.running and checked > 20
+    assert not engine.running and checked > 20 and exacts > (1 if prefix_cache else 10)
     assert engine.m.prefix_hits.labels(model="m")._value.get() > 20
 
 
