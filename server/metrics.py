@@ -61,6 +61,12 @@ def create_metrics(model: str) -> Metrics:
     def hist(name: str, doc: str) -> Histogram:
         return Histogram(name, doc, ["model"], registry=reg, buckets=LATENCY_BUCKETS)
 
+    def gauge(name: str, doc: str) -> Gauge:
+        return Gauge(name, doc, ["model"], registry=reg)
+
+    def counter(name: str, doc: str, *labels: str) -> Counter:
+        return Counter(name, doc, ["model", *labels], registry=reg)
+
     m = Metrics(
         registry=reg,
         ttft=hist(
@@ -75,53 +81,28 @@ def create_metrics(model: str) -> Metrics:
         ),
         prefill_step=hist("bitserve_prefill_step_seconds", "One prefill forward (one chunk)."),
         decode_step=hist("bitserve_decode_step_seconds", "One batched decode forward."),
-        running=Gauge(
-            "bitserve_num_requests_running", "Sequences in KV slots.", ["model"], registry=reg
+        running=gauge("bitserve_num_requests_running", "Sequences in KV slots."),
+        waiting=gauge("bitserve_num_requests_waiting", "Sequences queued for a slot."),
+        kv_usage=gauge("bitserve_kv_cache_usage_ratio", "Fraction of KV-cache slots in use."),
+        finished=counter(
+            "bitserve_request_success", "Finished sequences by finish reason.", "finish_reason"
         ),
-        waiting=Gauge(
-            "bitserve_num_requests_waiting", "Sequences queued for a slot.", ["model"], registry=reg
+        rejected=counter(
+            "bitserve_request_errors", "Requests answered with an error status.", "status"
         ),
-        kv_usage=Gauge(
-            "bitserve_kv_cache_usage_ratio",
-            "Fraction of KV-cache slots in use.",
-            ["model"],
-            registry=reg,
-        ),
-        finished=Counter(
-            "bitserve_request_success",
-            "Finished sequences by finish reason.",
-            ["model", "finish_reason"],
-            registry=reg,
-        ),
-        rejected=Counter(
-            "bitserve_request_errors",
-            "Requests answered with an error status.",
-            ["model", "status"],
-            registry=reg,
-        ),
-        prompt_tokens=Counter(
-            "bitserve_prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=reg
-        ),
-        shared_prompt_tokens=Counter(
+        prompt_tokens=counter("bitserve_prompt_tokens", "Prompt tokens prefilled."),
+        shared_prompt_tokens=counter(
             "bitserve_prompt_tokens_shared",
             "Prompt tokens whose K/V were copied from another sequence's chunk in the same step.",
-            ["model"],
-            registry=reg,
         ),
-        generation_tokens=Counter(
-            "bitserve_generation_tokens", "Output tokens generated.", ["model"], registry=reg
-        ),
-        prefix_queries=Counter(
+        generation_tokens=counter("bitserve_generation_tokens", "Output tokens generated."),
+        prefix_queries=counter(
             "bitserve_prefix_cache_queries",
             "Prompt tokens of admitted sequences, looked up in the slots' K/V.",
-            ["model"],
-            registry=reg,
         ),
-        prefix_hits=Counter(
+        prefix_hits=counter(
             "bitserve_prefix_cache_hits",
             "Prompt tokens whose K/V a slot held, not prefilled again.",
-            ["model"],
-            registry=reg,
         ),
     )
     for metric in (
