@@ -665,7 +665,8 @@ def test_whole_prefill_chunks_are_reused_bit_for_bit(server_tiny_checkpoint: Pat
     """Without the prefix cache, a prompt reuses the whole prefill chunks it starts with that a
     slot holds (a finished sequence's, or a running one's, copied), and its cache and tokens
     are then those of its prefill on a fresh engine, bit for bit. Positions filled by decode
-    steps, or past the last whole chunk, are not reused; the prefix cache reuses them. (This
+    steps, or past the last whole chunk, are not reused; the prefix cache reuses them. A copy
+    that fails answers its sequence with an error and leaves the slot free. (This
     tiny model rounds a prompt split anywhere as it rounds it whole; the default model does
     not, and test_default_model.py checks that reuse there.)"""
     from bitserve.server.cli import build_state
@@ -712,6 +713,17 @@ def test_whole_prefill_chunks_are_reused_bit_for_bit(server_tiny_checkpoint: Pat
         e.step()
     assert e.m.prompt_tokens.labels(**e.label)._value.get() - prompted == len(second) - 16
     assert e.m.shared_prompt_tokens.labels(**e.label)._value.get() == len(second) - 16
+
+    e = engine()  # a copy that fails answers its sequence with an error and keeps the slot free
+    run(e, first)
+    e.runner.copy_positions = lambda *a: (_ for _ in ()).throw(RuntimeError("copy failed"))
+    outs: list[Any] = []
+    forked = pre[:8] + [50] * 10  # one of slot 0's two chunks: copied into the oldest slot
+    e.submit([e.new_sequence(0, forked, SamplingParams(max_tokens=2), outs.append)])
+    with pytest.raises(RuntimeError, match="copy failed"):
+        e.step()
+    assert outs[-1].finish_reason == "error" and sorted(e.free_slots) == [0, 1, 2]
+    assert not e.running and not e.waiting
 
     e = engine()  # what decode steps filled is not reused without the prefix cache
     tokens, _, _ = run(e, pre[:6])
