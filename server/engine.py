@@ -206,8 +206,9 @@ class Sequence:
     slot: int = -1
     computed: int = 0  # tokens whose K/V are in the cache
     cached: int = 0  # prompt tokens found in the slot at admission (the prefix cache)
-    # Names how the K/V of positions [0, computed) were computed: sequences with the same history
-    # and `computed` hold the same values there (0: nothing computed yet), so they may share a chunk.
+    # Names how the K/V of positions [0, computed) were computed: sequences with the same
+    # history and `computed` hold the same values there (0: nothing computed yet), so they may
+    # share a chunk.
     history: int = 0
     # Leading positions computed as whole prefill chunks from position 0: their K/V depend on
     # the tokens alone (a whole chunk always fills a prefill step alone), so any sequence whose
@@ -390,9 +391,9 @@ class Engine:
         (never the last, whose logits are needed), their history (`Sequence.history`) and how
         many of them are whole chunks (`Sequence.exact`). By default only whole chunks that a
         slot holds (free, or a running sequence's) are reused: the prompt then computes what it
-        computes alone, bit for bit on the CPU (docs/serving.md, `--prefix-cache`). With the prefix cache, any prefix is: a prefix ending
-        mid-chunk shifts the rest's chunks, which rounds differently (docs/serving.md, "Batch
-        invariance"). The slot taken is the free one holding the longest reusable prefix (with
+        computes alone, bit for bit on the CPU (docs/serving.md, `--prefix-cache`). With the
+        prefix cache, any prefix is: a prefix ending mid-chunk shifts the rest's chunks, which
+        rounds differently (docs/serving.md, "Batch invariance"). The slot taken is the free one holding the longest reusable prefix (with
         the prefix cache, only if that is at least half of what it holds: a chat's next turn,
         a repeated system prompt, while a few shared template tokens do not evict another
         conversation), else the slot freed longest ago (never-used slots first). If another
