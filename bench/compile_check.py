@@ -36,13 +36,14 @@ INT_KERNEL_TYPES = dict(
 )
 # Arguments Triton specializes as multiples of 16 at launch on the benchmark shapes.
 ALIGNED = (*INT_KERNEL_TYPES, "stride_w", "stride_h", "stride_xm", "stride_om", "N", "K")
-# The dot kernel's variants as (DEQ, KJOIN).
+# The dot kernel's variants as (DEQ, KJOIN, SWAP).
 DOT_VARIANTS = {
-    "dot-fma": (0, 0),
-    "dot-raw": (1, 0),
-    "dot-zsub": (2, 0),
-    "dot-kjoin": (2, 1),
-    "dot-kjoin-lop3": (2, 2),
+    "dot-fma": (0, 0, 0),
+    "dot-raw": (1, 0, 0),
+    "dot-zsub": (2, 0, 0),
+    "dot-kjoin": (2, 1, 0),
+    "dot-kjoin-lop3": (2, 2, 0),
+    "dot-kjoin-lop3-swap": (2, 2, 1),
 }
 
 
@@ -78,13 +79,14 @@ def matmul_kernel(
     arch: int = 90,
 ) -> bytes:
     """`_gemv_kernel` with a GEMV variant (plain, h2, pair, lop3; "-pf" appended: prefetching;
-    "-r2" / "-r4": over 2 / 4 rows),
+    "-l2": L2 prefetch before the PDL wait; "-r2" / "-r4": over 2 / 4 rows),
     or `_dot_kernel` with a dot-* variant at this BLOCK_M, for g128 fp16."""
     common = dict(BITS=bits, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic)
     if variant in DOT_VARIANTS:
-        deq, kjoin = DOT_VARIANTS[variant]
-        dot = dict(BLOCK_M=block_m, DEQ=deq, KJOIN=kjoin, DOT_DTYPE=triton_int.tl.float16)
-        dot["PDL"] = int(arch >= 90 and block_m < 64)  # as `_config_pdl` launches them
+        deq, kjoin, swap = DOT_VARIANTS[variant]
+        dot = dict(BLOCK_M=block_m, DEQ=deq, KJOIN=kjoin, SWAP=swap)
+        dot["DOT_DTYPE"] = triton_int.tl.float16
+        dot["PDL"] = int(arch >= 90 and block_m < 64 and not swap)  # as `_config_pdl` does
         fn = triton_int._dot_kernel
         return compile_sm(fn, INT_KERNEL_TYPES, common | dot, warps, 3, arch)
     # e.g. lop3-pf: with the next block's loads early; lop3-r4: over 4 rows (ROWS)
@@ -92,6 +94,7 @@ def matmul_kernel(
     lop3 = {"lop3": 2, "pair": 1}.get(base, 0)
     rows = next((int(m[1:]) for m in mods if re.fullmatch(r"r\d+", m)), 1)
     gemv = dict(H2=int(base == "h2"), LOP3=lop3, PREFETCH=int("pf" in mods), ROWS=rows)
+    gemv["L2"] = int("l2" in mods)
     return compile_sm(triton_int._gemv_kernel, INT_KERNEL_TYPES, common | gemv, warps, 1, arch)
 
 
@@ -122,7 +125,7 @@ def jobs(arch: int) -> list[tuple[str, Any]]:
     """(name, compile) for every kernel variant the backends launch, on sm_`arch`."""
     mm = partial(matmul_kernel, arch=arch)
     out: list[tuple[str, Any]] = []
-    for v in ("plain", "h2", "pair", "lop3", "lop3-pf", "plain-pf"):
+    for v in ("plain", "h2", "pair", "lop3", "lop3-pf", "plain-pf", "lop3-l2", "lop3-pf-l2"):
         out.append((f"gemv {v} W4", partial(mm, v, 128, 128, 4)))
     for bits in (2, 3, 8):
         out.append((f"gemv plain W{bits}", partial(mm, "plain", 128, 128, 4, bits=bits)))
@@ -134,6 +137,7 @@ def jobs(arch: int) -> list[tuple[str, Any]]:
     for v in DOT_VARIANTS:
         out.append((f"{v} M16", partial(mm, v, 128, 128, 4)))
     out.append(("dot-kjoin-lop3 M128", partial(mm, "dot-kjoin-lop3", 128, 128, 8, 128)))
+    out.append(("dot-kjoin-lop3-swap M64", partial(mm, "dot-kjoin-lop3-swap", 128, 128, 4, 64)))
     out.append(("dot-fma M128 W3", partial(mm, "dot-fma", 128, 64, 8, 128, bits=3)))
     out.append(("dot-zsub M16 atomic", partial(mm, "dot-zsub", 128, 64, 4, atomic=2)))
     deq = dict(BITS=4, GROUP=128, BLOCK_N=128, BLOCK_K=64)

@@ -453,9 +453,9 @@ def m1_sweep_configs(layer: QuantLinear, tuned: triton_int.Config) -> list[trito
 def bench_m1_chain() -> None:
     """Each M = 1 configuration of `m1_sweep_configs`, W4 g128, timed the way a decode step runs
     it (back to back in a CUDA graph over rotating weight copies, with PDL where the GPU has
-    it) and the way the tuner times it (`triton.testing.do_bench`, one launch at a time, L2
-    flushed). A chain best far ahead of the tuned config, or a ranking that differs, says the
-    tuner should time configs in a chain."""
+    it) and the way the tuner times it (`triton_int._do_bench`: one launch after an L2 flush,
+    in a CUDA graph). A chain best far ahead of the tuned config, or a ranking that differs,
+    says the tuner should time configs in a chain."""
     print("\n## M = 1 configs in a graph chain (as decode runs them) and as the tuner times them")
     print(
         "| K x N | config (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, variant) | chain us "

@@ -83,8 +83,9 @@ def test_every_autotune_config(bucket: int, cfg: triton_int.Config) -> None:
     """Each candidate the GPU autotuner may time, on a small shape of its M bucket (M not a
     multiple of BLOCK_M, N not of BLOCK_N, two or more K-blocks, so masks and split-K run)."""
     m = bucket if bucket <= 4 else max(1, min(bucket, cfg.block_m or 64) - 3)
-    # kjoin tiles of 64+ rows apply only where N is a multiple of 16 (`_applies`)
-    n = cfg.block_n + (16 if "kjoin" in cfg.flags() and cfg.block_m >= 64 else 8)
+    # kjoin tiles of 64+ rows, and swapped ones, apply only where N % 16 == 0 (`_applies`)
+    wide = cfg.block_m >= 64 or "swap" in cfg.flags()
+    n = cfg.block_n + (16 if "kjoin" in cfg.flags() and wide else 8)
     _check_config(cfg, 4, 128, m, 2 * max(cfg.block_k, 128) + 64, n)
 
 
@@ -299,11 +300,13 @@ def test_programmatic_dependent_launch_only_where_it_runs(monkeypatch: pytest.Mo
 
 def test_dot_tiles_of_64_rows_launch_without_pdl(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where PDL is on, every candidate launches with it except the dot kernel's tiles of 64 or
-    more rows (slower with it back to back on an H200, docs/kernels.md); where it is off, none."""
+    more rows and its swapped tiles (slower with it back to back on an H200, docs/kernels.md);
+    where it is off, none."""
     cuda = torch.device("cuda", 0)
     cands = [c for b in triton_int.CANDIDATES.values() for c in b]
-    big = {c for c in cands if c.kind == "dot" and c.block_m >= 64}
-    assert big and len(big) < len(cands)
+    wgmma = {c for c in cands if c.block_m >= 64 or "swap" in c.flags()}
+    big = {c for c in wgmma if c.kind == "dot"}
+    assert big and len(big) < len(cands) and any(c.block_m < 64 for c in big)
     monkeypatch.setattr(triton_int, "use_pdl", lambda device: True)
     assert {c for c in cands if not triton_int._config_pdl(c, cuda)} == big
     # What `_launch` hands the kernels (recorded in place of launching them).
@@ -314,8 +317,10 @@ def test_dot_tiles_of_64_rows_launch_without_pdl(monkeypatch: pytest.MonkeyPatch
         )
     layer = random_layer(256, 64, 4, 64, False)
     triton_int.BACKEND.prepare(layer)
+    swapped = next(c for c in triton_int.CANDIDATES[16] if "swap" in c.flags())
     for cfg, m in (
         (min(big), 64),
+        (swapped, 16),
         (triton_int.CANDIDATES[16][0], 16),
         (triton_int.CANDIDATES[1][0], 1),
     ):
