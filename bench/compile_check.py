@@ -79,7 +79,8 @@ def matmul_kernel(
     arch: int = 90,
 ) -> bytes:
     """`_gemv_kernel` with a GEMV variant (plain, h2, pair, lop3; "-pf" appended: prefetching;
-    "-l2": L2 prefetch before the PDL wait; "-r2" / "-r4": over 2 / 4 rows),
+    "-l2": L2 prefetch before the PDL wait; "-r2" / "-r4": over 2 / 4 rows; "-odd": masked
+    loads, for shapes that are not multiples of the tile, else EVEN as the benchmark's),
     or `_dot_kernel` with a dot-* variant at this BLOCK_M, for g128 fp16."""
     common = dict(BITS=bits, GROUP=128, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic)
     if variant in DOT_VARIANTS:
@@ -95,6 +96,7 @@ def matmul_kernel(
     rows = next((int(m[1:]) for m in mods if re.fullmatch(r"r\d+", m)), 1)
     gemv = dict(H2=int(base == "h2"), LOP3=lop3, PREFETCH=int("pf" in mods), ROWS=rows)
     gemv["L2"] = int("l2" in mods)
+    gemv["EVEN"] = int("odd" not in mods)
     return compile_sm(triton_int._gemv_kernel, INT_KERNEL_TYPES, common | gemv, warps, 1, arch)
 
 
@@ -134,6 +136,9 @@ def jobs(arch: int) -> list[tuple[str, Any]]:
         out.append((f"gemv {v} W4", partial(mm, v, 128, 128, 4)))
     out.append(("gemv lop3-r4 W4 atomic", partial(mm, "lop3-r4", 128, 64, 4, atomic=2)))
     out.append(("gemv plain-pf W3", partial(mm, "plain-pf", 128, 128, 4, bits=3)))
+    for v in ("lop3-odd", "lop3-pf-r4-odd", "h2-odd"):
+        out.append((f"gemv {v} W4", partial(mm, v, 128, 128, 4)))
+    out.append(("gemv plain-odd W3", partial(mm, "plain-odd", 128, 128, 4, bits=3)))
     for v in DOT_VARIANTS:
         out.append((f"{v} M16", partial(mm, v, 128, 128, 4)))
     out.append(("dot-kjoin-lop3 M128", partial(mm, "dot-kjoin-lop3", 128, 128, 8, 128)))

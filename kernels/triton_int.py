@@ -398,6 +398,16 @@ def _finish(acc, out_ptrs, mask, ws_ptrs, ws_stride, cnt_ptr, pid_k, split_k, AT
 
 
 @triton.jit
+def _below(k, K, EVEN: tl.constexpr):
+    """The mask k < K; where EVEN says that every k is (the shape is a multiple of the tile), a
+    constant true mask, which Triton drops from the loads (no predicates, no zero fills)."""
+    if EVEN:
+        return tl.full(k.shape, 1, tl.int1)
+    else:
+        return k < K
+
+
+@triton.jit
 def _gemv_words(qw_ptr, qh_ptr, kb, row, offs_n, mask, stride_w, stride_h, BITS: tl.constexpr):
     """The GEMV's word tile [words, BLOCK_N] of K-block kb, and for 3-bit the matching words of
     the 1-bit plane, shifted so that bit j of the result is the high bit of code j (code
@@ -464,6 +474,7 @@ def _gemv_kernel(
     L2: tl.constexpr,
     PDL: tl.constexpr,
     ROWS: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """out[M, N] = x[M, K] @ dequant(W)[K, N] for M <= ROWS rows (decode; x and out
     contiguous); program (n-block, k-slice).
@@ -500,7 +511,7 @@ def _gemv_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    mask_n = _below(offs_n, N, EVEN)
     per_word: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # 3-bit: the 2-bit plane's words
     words: tl.constexpr = BLOCK_K // per_word
     off: tl.constexpr = 1 << BITS
@@ -548,26 +559,26 @@ def _gemv_kernel(
                 hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True) - zz
                 k_lo = k0 + (2 * j if BITS == 4 else j)  # slots j, j + half hold these k (_slots)
                 k_hi = k_lo + (1 if BITS == 4 else half)
-                x_lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0) * 0.0625
-                x_hi = tl.load(x_ptr + k_hi, mask=k_hi < K, other=0.0) * 0.0625
+                x_lo = tl.load(x_ptr + k_lo, mask=_below(k_lo, K, EVEN), other=0.0) * 0.0625
+                x_hi = tl.load(x_ptr + k_hi, mask=_below(k_hi, K, EVEN), other=0.0) * 0.0625
                 p16 += x_lo[:, None] * lo + x_hi[:, None] * hi
             acc += p16.to(tl.float32) * (s * 16.0)
         elif LOP3:
             nz = (_h2(-(z * 0.0625 + 64.0)), _h2(-(z * 0.0625 + 4.0)))
             d = _pairs_dequant(w, nz[0], nz[1], LOP3)
             s16 = s * 16.0
-            acc += _row_dot(x_ptr, 0, M, K, k0, d, nz, LOP3) * s16
+            acc += _row_dot(x_ptr, 0, M, K, k0, d, nz, LOP3, EVEN) * s16
             if ROWS >= 2:
-                acc1 += _row_dot(x_ptr, 1, M, K, k0, d, nz, LOP3) * s16
+                acc1 += _row_dot(x_ptr, 1, M, K, k0, d, nz, LOP3, EVEN) * s16
             if ROWS >= 4:
-                acc2 += _row_dot(x_ptr, 2, M, K, k0, d, nz, LOP3) * s16
-                acc3 += _row_dot(x_ptr, 3, M, K, k0, d, nz, LOP3) * s16
+                acc2 += _row_dot(x_ptr, 2, M, K, k0, d, nz, LOP3, EVEN) * s16
+                acc3 += _row_dot(x_ptr, 3, M, K, k0, d, nz, LOP3, EVEN) * s16
         else:
-            xj = tl.load(x_ptr + k0, mask=k0 < K, other=0.0).to(tl.float32)
+            xj = tl.load(x_ptr + k0, mask=_below(k0, K, EVEN), other=0.0).to(tl.float32)
             part = xj[:, None] * _plane_f32(w, h, 0, BITS)
             xsum = xj
             for j in tl.static_range(1, per_word):
-                xj = tl.load(x_ptr + k0 + j, mask=k0 + j < K, other=0.0).to(tl.float32)
+                xj = tl.load(x_ptr + k0 + j, mask=_below(k0 + j, K, EVEN), other=0.0).to(tl.float32)
                 part += xj[:, None] * _plane_f32(w, h, j, BITS)
                 xsum += xj
             acc += tl.fma(part, s, -xsum[:, None] * ((z + off) * s))
@@ -588,13 +599,13 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _row_dot(x_ptr, r: tl.constexpr, M, K, k0, d, nz, MODE: tl.constexpr):
+def _row_dot(x_ptr, r: tl.constexpr, M, K, k0, d, nz, MODE: tl.constexpr, EVEN: tl.constexpr):
     """Row r of x (contiguous [M, K], fp16) against a word row's pairs d (`_pairs_dequant`, with
     its zero terms nz): x[r, k0 + 2i], x[r, k0 + 2i + 1] are read as one int32 each, so K is even
-    and x 4-byte aligned; rows past M read zeros."""
+    and x 4-byte aligned; rows past M read zeros (EVEN: every k0 lies inside K)."""
     xw = x_ptr.to(tl.pointer_type(tl.int32)) + (r * K + k0) // 2
     # K % 8 == 0: a word row's 8 x lie all inside K or all past it; a row past M reads none
-    xm = k0 < tl.where(r < M, K, 0)
+    xm = _below(k0, K, EVEN) if r == 0 else k0 < tl.where(r < M, K, 0)
     x0 = tl.load(xw, mask=xm, other=0)[:, None]
     x1 = tl.load(xw + 1, mask=xm, other=0)[:, None]
     x2 = tl.load(xw + 2, mask=xm, other=0)[:, None]
@@ -821,9 +832,9 @@ def _configs(kind: str, block_m: int, rows: list[tuple[Any, ...]]) -> list[Confi
 def _small_batch(rows: int) -> list[Config]:
     """Candidates for M = 2..`rows`: `_gemv_kernel` with ROWS = `rows` (4-bit fp16 only, where
     `_applies`), and dot tiles for the other layers and in case they are faster."""
-    # Tiles of 8 words a thread (BLOCK_K 64, or 8 warps) keep 4 rows at 118-141 registers
-    # where 16 words take 222-243 (`bench/sass_count.py` registers), at 61-67 instructions a
-    # word against 60.5 (`bench/sass_count.py`); 2 rows fit either way. The first tile, 16
+    # Tiles of 8 words a thread (BLOCK_K 64, or 8 warps) keep 4 rows at 119-146 registers
+    # where 16 words take 226-235 (`bench/sass_count.py` registers), at 59-65 instructions a
+    # word against 57.6 (`bench/sass_count.py`); 2 rows fit either way. The first tile, 16
     # words a thread, stays a candidate for 4 rows too, to compare.
     gemv = [
         (128, 128, 8, 4, 1, "lop3"),
@@ -867,8 +878,10 @@ CANDIDATES: dict[int, list[Config]] = {
             (128, 128, 16, 4, 1, "lop3"),
             (128, 128, 8, 4, 2, "lop3"),
             (128, 128, 8, 4, 1, "lop3+pf"),
-            (128, 128, 8, 4, 1, "pair"),
-            (64, 128, 16, 2, 1, "pair"),
+            # BLOCK_N = 128 x warps: a warp per 128 columns, so the scales and zeros need no
+            # layout change through shared memory (no barriers in the loop; bench/sass_count.py)
+            (256, 64, 16, 2, 1, "lop3"),
+            (256, 128, 16, 2, 1, "lop3"),
             (128, 128, 16, 4, 1, "lop3+l2"),
             (256, 128, 8, 4, 1, "lop3+l2"),
             # k-slice counts that led the chain sweep of GPU runs 13-14 (bench_m1_chain)
@@ -1025,6 +1038,11 @@ def _pairs_mode(cfg: Config, layer: QuantLinear, x: torch.Tensor) -> int:
     return 2 if "lop3" in flags else 1 if "pair" in flags else 0
 
 
+def _even(cfg: Config, n: int, k: int) -> bool:
+    """Whether an [n, k] layer is whole tiles of cfg (the GEMV's EVEN: its loads need no masks)."""
+    return n % cfg.block_n == 0 and k % cfg.block_k == 0
+
+
 def _config_pdl(cfg: Config, device: torch.device) -> bool:
     """PDL for a launch of `cfg` (`use_pdl`), except the dot kernel's tiles of 64+ rows and its
     "swap" tiles (wgmma): back to back, the former ran 27-31% slower with it on two of four
@@ -1119,6 +1137,7 @@ def _launch(
             PREFETCH="pf" in flags,
             L2="l2" in flags,
             ROWS=cfg.block_m,
+            EVEN=_even(cfg, n, k),
             grid=(grid_n, split_k),
             **common,
             **launch,

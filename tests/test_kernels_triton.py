@@ -104,6 +104,16 @@ def test_gemv_configs_loop_over_k_blocks(bits: int, cfg: triton_int.Config) -> N
 ROW_GEMVS = [c for b in (2, 4) for c in triton_int.CANDIDATES[b] if c.kind == "gemv"]
 
 
+@pytest.mark.parametrize("cfg", triton_int.CANDIDATES[1] + ROW_GEMVS, ids=str)
+def test_gemvs_on_whole_tiles(cfg: triton_int.Config) -> None:
+    """N a multiple of BLOCK_N and K of BLOCK_K (2 * SPLIT_K blocks): the GEMV's loads run
+    without masks (EVEN), as on the benchmark shapes; with ROWS rows and one fewer."""
+    k, n = 2 * cfg.split_k * cfg.block_k, cfg.block_n
+    assert triton_int._even(cfg, n, k) and not triton_int._even(cfg, n + 8, k)
+    for m in sorted({1, max(1, cfg.block_m - 1), cfg.block_m}):
+        _check_config(cfg, 4, 128, m, k, n)
+
+
 @pytest.mark.parametrize("cfg", ROW_GEMVS, ids=str)
 def test_gemvs_of_several_rows(cfg: triton_int.Config) -> None:
     """A GEMV of ROWS rows on fewer rows than that (rows past M read zeros, never stored), over
