@@ -136,6 +136,8 @@ def jobs(arch: int) -> list[tuple[str, Any]]:
         out.append((f"gemv {v} W4", partial(mm, v, 128, 128, 4)))
     out.append(("gemv lop3-r4 W4 atomic", partial(mm, "lop3-r4", 128, 64, 4, atomic=2)))
     out.append(("gemv plain-pf W3", partial(mm, "plain-pf", 128, 128, 4, bits=3)))
+    for tile in ((256, 64), (256, 128)):  # BLOCK_N = 128 x warps: no barriers in the loop
+        out.append((f"gemv lop3 W4 {tile[0]}x{tile[1]} 2 warps", partial(mm, "lop3", *tile, 2)))
     for v in ("lop3-odd", "lop3-pf-r4-odd", "h2-odd"):
         out.append((f"gemv {v} W4", partial(mm, v, 128, 128, 4)))
     out.append(("gemv plain-odd W3", partial(mm, "plain-odd", 128, 128, 4, bits=3)))

@@ -439,14 +439,16 @@ def bench_floors(bw: float) -> None:
 
 def m1_sweep_configs(layer: QuantLinear, tuned: triton_int.Config) -> list[triton_int.Config]:
     """The M = 1 configs the chain sweep times for `layer`: every GEMV candidate that runs as
-    itself on it (fp16 x), then the tuned config with other split-K counts and with the "red"
-    finish (fp32 atomics into one slice), which no candidate has: fewer k-slices mean fewer
-    partials for the last program to add up, and fewer programs to hide memory latency."""
+    itself on it (fp16 x), then the tuned config with other split-K counts, with the "red"
+    finish (fp32 atomics into one slice), which no candidate has (fewer k-slices mean fewer
+    partials for the last program to add up, and fewer programs to hide memory latency), and
+    with masked loads ("odd": what whole tiles, `EVEN`, save in the same run)."""
     cands = [c for c in triton_int.CANDIDATES[1] if triton_int._applies(c, layer, torch.float16)]
     k_blocks = triton.cdiv(layer.in_features, tuned.block_k)
     extra = [tuned._replace(split_k=s) for s in (1, 2, 4, 8, 16, 32) if s <= k_blocks]
     flags = tuned.flags() - {"atomic"}
     extra.append(tuned._replace(variant="+".join(sorted(flags | {"red"}))))
+    extra.append(tuned._replace(variant="+".join(sorted(tuned.flags() | {"odd"}))))
     return list(dict.fromkeys(cands + extra))
 
 

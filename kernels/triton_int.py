@@ -810,7 +810,7 @@ class Config(NamedTuple):
     "l2" (the GEMV asks L2 for all its words before the PDL wait), "kjoin" (zsub on a K-major
     tile; with "lop3" its codes from PTX; with "swap" the dot computes out^T = W^T x^T, the
     weight tile as its left operand), "red" / "atomic" (split-K finish ATOMIC 1 / 2; default
-    0)."""
+    0), "odd" (the GEMV's masked loads even on whole tiles, `_even`: benchmarks compare)."""
 
     kind: str
     block_m: int
@@ -1039,8 +1039,9 @@ def _pairs_mode(cfg: Config, layer: QuantLinear, x: torch.Tensor) -> int:
 
 
 def _even(cfg: Config, n: int, k: int) -> bool:
-    """Whether an [n, k] layer is whole tiles of cfg (the GEMV's EVEN: its loads need no masks)."""
-    return n % cfg.block_n == 0 and k % cfg.block_k == 0
+    """Whether an [n, k] layer is whole tiles of cfg (the GEMV's EVEN: its loads need no masks),
+    unless cfg asks for the masked kernel ("odd")."""
+    return n % cfg.block_n == 0 and k % cfg.block_k == 0 and "odd" not in cfg.flags()
 
 
 def _config_pdl(cfg: Config, device: torch.device) -> bool:

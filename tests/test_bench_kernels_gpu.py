@@ -54,8 +54,9 @@ def test_loads_only_floor_kernel_xors_the_word_tiles(kg, tiling) -> None:
 
 def test_m1_sweep_adds_split_k_counts_and_the_red_finish(kg) -> None:
     """The chain sweep times every GEMV candidate that applies, then the tuned config with the
-    other split-K counts its K allows and with the "red" finish; those extra configs (in no
-    candidate list, so no other test runs them) match the reference backend."""
+    other split-K counts its K allows, with the "red" finish and with masked loads ("odd");
+    those extra configs (in no candidate list, so no other test runs them) match the reference
+    backend."""
     from bitserve.kernels import triton_int
 
     torch.manual_seed(0)
@@ -71,6 +72,7 @@ def test_m1_sweep_adds_split_k_counts_and_the_red_finish(kg) -> None:
     extra = configs[len(cands) :]
     assert {c.split_k for c in extra} == {1, 2, 4, 8}  # at most the 4 K-blocks, as _launch clamps
     assert tuned._replace(variant="lop3+pf+red") in extra
+    assert tuned._replace(variant="lop3+odd+pf") in extra
     for cfg in extra:
         out = torch.full((1, n), float("nan"), dtype=torch.float16)
         y = triton_int._launch(layer, x, out, cfg).float()

@@ -98,20 +98,46 @@ def test_gemv_configs_loop_over_k_blocks(bits: int, cfg: triton_int.Config) -> N
     """The GEMVs with 2*SPLIT_K + 1 K-blocks: every program loops over two or three of them
     (the last one short), so a prefetching GEMV uses the words it loaded a block earlier (at
     2/3/8 bits too, where the 3-bit high plane is carried along; there it runs without lop3)."""
-    _check_config(cfg, bits, 128, 1, (2 * cfg.split_k + 1) * cfg.block_k - 64, cfg.block_n)
+    _check_config(cfg, bits, 128, 1, (2 * cfg.split_k + 1) * cfg.block_k - 32, cfg.block_n)
 
 
 ROW_GEMVS = [c for b in (2, 4) for c in triton_int.CANDIDATES[b] if c.kind == "gemv"]
 
 
 @pytest.mark.parametrize("cfg", triton_int.CANDIDATES[1] + ROW_GEMVS, ids=str)
-def test_gemvs_on_whole_tiles(cfg: triton_int.Config) -> None:
+def test_gemvs_on_whole_tiles(cfg: triton_int.Config, monkeypatch: pytest.MonkeyPatch) -> None:
     """N a multiple of BLOCK_N and K of BLOCK_K (2 * SPLIT_K blocks): the GEMV's loads run
-    without masks (EVEN), as on the benchmark shapes; with ROWS rows and one fewer."""
+    without masks (EVEN, as the launches record), as on the issue's benchmark shapes; with ROWS
+    rows and one fewer."""
     k, n = 2 * cfg.split_k * cfg.block_k, cfg.block_n
     assert triton_int._even(cfg, n, k) and not triton_int._even(cfg, n + 8, k)
+    even = _record_even(monkeypatch)
     for m in sorted({1, max(1, cfg.block_m - 1), cfg.block_m}):
         _check_config(cfg, 4, 128, m, k, n)
+    assert even and all(even)
+
+
+def _record_even(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The EVEN of every `_gemv_kernel` launch from now on (the kernel still runs)."""
+    kernel, even = triton_int._gemv_kernel, []
+
+    def run(*args, **kw):
+        even.append(kw["EVEN"])
+        return kernel.run(*args, **kw)
+
+    monkeypatch.setattr(triton_int, "_gemv_kernel", SimpleNamespace(run=run))
+    return even
+
+
+def test_odd_flag_masks_whole_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "odd" runs the masked GEMV on whole tiles (the chain sweep's same-run baseline for EVEN)."""
+    cfg = triton_int.Config("gemv", 1, 32, 64, 2, 4, 1, "lop3+odd")
+    assert not triton_int._even(cfg, 64, 256) and triton_int._even(
+        cfg._replace(variant="lop3"), 64, 256
+    )
+    even = _record_even(monkeypatch)
+    _check_config(cfg, 4, 128, 1, 256, 64)
+    assert even == [False]
 
 
 @pytest.mark.parametrize("cfg", ROW_GEMVS, ids=str)
@@ -121,7 +147,7 @@ def test_gemvs_of_several_rows(cfg: triton_int.Config) -> None:
     rows that land in each other's place fail."""
     for m in range(1, cfg.block_m + 1):
         torch.manual_seed(m)
-        k, n = (2 * cfg.split_k + 1) * cfg.block_k - 64, cfg.block_n + 8
+        k, n = (2 * cfg.split_k + 1) * cfg.block_k - 32, cfg.block_n + 8
         layer = random_layer(k, n, 4, 128, False)
         x = torch.randn(m, k).half()
         ref = layer(x.float())
