@@ -1231,10 +1231,10 @@ def autotune(
 
 def _do_bench(fn: Callable[[], Any], reps: int = 8, replays: int = 5) -> float:
     """GPU milliseconds of one fn() with a cold L2: a CUDA graph of `reps` pairs (an L2 flush,
-    fn) is timed against a graph of the `reps` flushes alone, median of `replays` replays each. In a graph
-    the host's launch cost drops out: `triton.testing.do_bench`, launching eagerly, timed
-    `_launch`'s ~50 us of Python, not an 8 us GEMV (GPU run 13: 53-68 us for every M = 1 config
-    of 4096x4096), so it ranked small kernels by noise. The flush reads (never writes) a buffer
+    fn) is timed against a graph of the `reps` flushes alone, median of `replays` replays
+    each. In a graph the host's launch cost drops out: `triton.testing.do_bench`, launching
+    eagerly, timed `_launch`'s ~50 us of Python, not an 8 us GEMV (GPU run 13: 53-68 us for
+    every M = 1 config of 4096x4096), so it ranked small kernels by noise. The flush reads (never writes) a buffer
     of twice the L2, leaving no dirty lines for fn's loads to write back. Where capture fails,
     `triton.testing.do_bench` times it."""
     dev = torch.device("cuda", torch.cuda.current_device())

@@ -104,6 +104,18 @@ def test_gemv_configs_loop_over_k_blocks(bits: int, cfg: triton_int.Config) -> N
 ROW_GEMVS = [c for b in (2, 4) for c in triton_int.CANDIDATES[b] if c.kind == "gemv"]
 
 
+def _record_even(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The EVEN of every `_gemv_kernel` launch from now on (the kernel still runs)."""
+    kernel, even = triton_int._gemv_kernel, []
+
+    def run(*args, **kw):
+        even.append(kw["EVEN"])
+        return kernel.run(*args, **kw)
+
+    monkeypatch.setattr(triton_int, "_gemv_kernel", SimpleNamespace(run=run))
+    return even
+
+
 @pytest.mark.parametrize("cfg", triton_int.CANDIDATES[1] + ROW_GEMVS, ids=str)
 def test_gemvs_on_whole_tiles(cfg: triton_int.Config, monkeypatch: pytest.MonkeyPatch) -> None:
     """N a multiple of BLOCK_N and K of BLOCK_K (2 * SPLIT_K blocks): the GEMV's loads run
@@ -115,18 +127,6 @@ def test_gemvs_on_whole_tiles(cfg: triton_int.Config, monkeypatch: pytest.Monkey
     for m in sorted({1, max(1, cfg.block_m - 1), cfg.block_m}):
         _check_config(cfg, 4, 128, m, k, n)
     assert even and all(even)
-
-
-def _record_even(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """The EVEN of every `_gemv_kernel` launch from now on (the kernel still runs)."""
-    kernel, even = triton_int._gemv_kernel, []
-
-    def run(*args, **kw):
-        even.append(kw["EVEN"])
-        return kernel.run(*args, **kw)
-
-    monkeypatch.setattr(triton_int, "_gemv_kernel", SimpleNamespace(run=run))
-    return even
 
 
 def test_odd_flag_masks_whole_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
