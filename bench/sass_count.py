@@ -6,7 +6,7 @@ matmuls are bound by instruction issue as much as by memory: at the 4.2 TB/s mea
 H200 an SM has about 31 issue slots per 4-byte word.
 
     python bench/sass_count.py [--variants plain lop3 dot-kjoin-lop3] [--tiles 128x128]
-        [--block-m 16] [--warps 4]
+        [--block-m 16] [--warps 4] [--top 5]
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ def main() -> None:
     ap.add_argument("--tiles", nargs="+", default=["128x128", "256x128"], help="BLOCK_NxBLOCK_K")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--block-m", type=int, default=16, help="BLOCK_M of the dot-* variants")
+    ap.add_argument(
+        "--top", type=int, default=5, help="opcodes listed per row, most frequent first"
+    )
     args = ap.parse_args()
     print(
         "| variant | tile (N x K) | loop instructions | words per thread | per word "
@@ -86,7 +89,7 @@ def main() -> None:
             cubin = matmul_kernel(variant, block_n, block_k, args.warps, args.block_m)
             ops = loop_counts(cubin)
             total = sum(ops.values())
-            top = ", ".join(f"{op} {n}" for op, n in ops.most_common(5))
+            top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
             print(
                 f"| {variant} | {tile} | {total} | {words} | {total / words:.1f} "
                 f"| {registers(cubin)} | {top} |"
