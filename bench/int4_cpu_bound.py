@@ -13,37 +13,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from kernels_cpu import SHAPES, interleaved  # bench/ is on the path when run as a script
 
-SHAPES = {  # layer: (K, N)
-    "q/k/v fused": (576, 960),
-    "o_proj": (576, 576),
-    "gate/up fused": (576, 3072),
-    "down": (1536, 576),
-    "lm_head": (576, 49152),
-}
-
-
-def _time_us(fn: Callable[[], object], rounds: int, calls: int) -> float:
-    """Median over `rounds` of the mean time of `calls` back-to-back calls, in microseconds."""
-    for _ in range(calls // 4 + 1):
-        fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times) * 1e6
+LAYERS = ("q/o_proj", "q/k/v fused", "gate/up fused", "down", "lm_head")  # as the runner calls
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--group", type=int, default=64, help="kernel group size (32/64/128/256)")
+    ap.add_argument("--group", type=int, default=64, choices=(32, 64), help="kernel group size")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -52,26 +31,23 @@ def main() -> None:
         " | read GB/s (sum, 2 threads) | kernel / read |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (k, n) in SHAPES.items():
+    for name, k, n in (shape for shape in SHAPES if shape[0] in LAYERS):
         codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         sz = torch.randn(k // args.group, n, 2).to(torch.bfloat16)
         x = torch.randn(1, k).to(torch.bfloat16)
         words = torch.randn(k * n // 8)  # as many bytes as the packed weight
-        calls = max(4, int(2e5 // (k * n // 1000)))
         kernel = functools.partial(
             torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed, args.group, sz
         )
-
-        us = {}
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            us[threads] = _time_us(kernel, args.rounds, calls)
-        read = _time_us(words.sum, args.rounds, calls)
+        torch.set_num_threads(1)
+        (one,) = interleaved([kernel], args.rounds)
+        torch.set_num_threads(2)
+        two, read = interleaved([kernel, words.sum], args.rounds)
         mb = k * n / 2 / 1e6
         print(
-            f"| {name} | {k}x{n} | {mb:.2f} | {us[1]:.0f} | {us[2]:.0f} | {us[1] / us[2]:.2f}x |"
-            f" {mb * 1e3 / us[2]:.1f} | {mb * 1e3 / read:.1f} | {read / us[2]:.2f} |",
+            f"| {name} | {k}x{n} | {mb:.2f} | {one * 1e6:.0f} | {two * 1e6:.0f} | {one / two:.2f}x"
+            f" | {mb / 1e3 / two:.1f} | {mb / 1e3 / read:.1f} | {read / two:.2f} |",
             flush=True,
         )
 
