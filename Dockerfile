@@ -25,12 +25,12 @@ COPY kernels kernels
 COPY quantization quantization
 COPY server server
 COPY deploy deploy
-# Triton (GPU image) builds its launchers with a C compiler at run time: python:*-slim has none.
-RUN TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH_INDEX_URL" EXTRAS="$EXTRAS" deploy/install.sh \
-    && if python -c "import triton" 2>/dev/null; then \
-        apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi \
+# A C compiler, which python:*-slim lacks: the CPU backend compiles its own matmul kernel
+# (kernels/cpu_gemv.c) for the machine it runs on at first use, and Triton (GPU image) builds
+# its launchers with one at run time.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && TORCH_SPEC="$TORCH_SPEC" TORCH_INDEX_URL="$TORCH_INDEX_URL" EXTRAS="$EXTRAS" deploy/install.sh \
     && bitserve fetch-default
 
 EXPOSE 8000

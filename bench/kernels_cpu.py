@@ -1,23 +1,25 @@
 """CPU kernel benchmark: the cpu QuantLinear backend vs an fp32 nn.Linear of the same shape, per
-layer shape of the default model and M, plus greedy decode tokens/s of the default model W4 vs
-the unquantized one (HF generate, and the serving engine's runner). Ratios are against baselines
-measured in the same run, interleaved.
+layer shape of the default model and M (W4 g128 also with torch's int4 kernel in place of our
+own), plus greedy decode tokens/s of the default model W4 vs the unquantized one (HF generate,
+and the serving engine's runner, W4 with each kernel). Ratios are against baselines measured in
+the same run, interleaved.
 
-    .venv/bin/python bench/kernels_cpu.py [--e2e-tokens 64] [--skip-e2e]
+    .venv/bin/python bench/kernels_cpu.py [--e2e-tokens 64] [--skip-e2e | --skip-layers]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
 from torch import nn
 
-from bitserve.kernels import QuantLinear
+from bitserve.kernels import QuantLinear, cpu_native
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
 
 # (name, K, N) of the default model (SmolLM2-135M): attention, KV, MLP up/gate, MLP down, lm_head.
@@ -58,12 +60,25 @@ def interleaved(
     return [statistics.median(s) for s in samples]
 
 
+@contextlib.contextmanager
+def torch_int4() -> Iterator[None]:
+    """Layers set up inside run torch's int4 kernel instead of our own (the baseline)."""
+    library = cpu_native.library
+    cpu_native.library = lambda: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        cpu_native.library = library
+
+
 def layer_table() -> list[str]:
-    """Markdown rows: shape, M, fp32 time, then per spec time and speed-up over fp32."""
+    """Markdown rows: shape, M, fp32 time, then per spec time and speed-up over fp32, and W4
+    g128 through torch's int4 kernel (our kernel's speed-up over it in the last column)."""
     header = "| layer | K x N | M | fp32 Linear us | " + " | ".join(
         f"{s.label()} us (x fp32)" for s in SPECS
     )
-    rows = [header + " |", "|" + "---|" * (4 + len(SPECS))]
+    header += " | W4 g128, torch's int4 kernel us (x fp32) | ours / torch's"
+    rows = [header + " |", "|" + "---|" * (6 + len(SPECS))]
     torch.manual_seed(0)
     for name, k, n in SHAPES:
         dense = nn.Linear(k, n, bias=False).eval()
@@ -72,11 +87,15 @@ def layer_table() -> list[str]:
             layer = quantize_rtn(dense.weight.detach(), spec).to_module()
             assert layer.set_backend() == "cpu"
             quant.append(layer)
+        with torch_int4():
+            quant.append(quantize_rtn(dense.weight.detach(), SPECS[0]).to_module())
+            assert quant[-1].set_backend() == "cpu"
         for m in MS:
             x = torch.randn(m, k)
             with torch.inference_mode():
                 times = interleaved([partial(mod, x) for mod in [dense, *quant]])
             cells = " | ".join(f"{t * 1e6:.0f} ({times[0] / t:.2f}x)" for t in times[1:])
+            cells += f" | {times[-1] / times[1]:.2f}x"
             rows.append(f"| {name} | {k}x{n} | {m} | {times[0] * 1e6:.0f} | {cells} |")
             print(rows[-1], flush=True)
     return rows
@@ -105,9 +124,9 @@ def decode_tps(src: str, tokens: int, rounds: int = 3) -> float:
     return statistics.median(rates)
 
 
-def runner_tps(src: str, tokens: int, rounds: int = 3) -> float:
-    """Greedy decode tokens/s at batch 1 through the serving engine's runner (fused projections,
-    bf16 lm_head, as `bitserve serve` runs it; median of rounds)."""
+def runner_decoder(src: str, tokens: int) -> Callable[[], float]:
+    """A greedy decode at batch 1 through the serving engine's runner (fused projections, bf16
+    lm_head, as `bitserve serve` runs it); each call decodes `tokens` and returns tokens/s."""
     from bitserve.models import load_model
     from bitserve.server.runner import LlamaRunner
 
@@ -115,15 +134,22 @@ def runner_tps(src: str, tokens: int, rounds: int = 3) -> float:
     prompt = loaded.tokenizer("The history of the city begins")["input_ids"]
     runner = LlamaRunner(loaded.model, 1, len(prompt) + tokens, torch.bfloat16)
     slot = torch.tensor([0])
-    rates = []
-    for _ in range(rounds):
+
+    def decode() -> float:
         t0 = time.perf_counter()
         logits = runner.forward(torch.tensor([prompt]), slot, torch.tensor([0]))
         for i in range(tokens - 1):
             nxt = logits.argmax(-1, keepdim=True)
             logits = runner.forward(nxt, slot, torch.tensor([len(prompt) + i]))
-        rates.append(tokens / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        return tokens / (time.perf_counter() - t0)
+
+    return decode
+
+
+def runner_tps(src: str, tokens: int, rounds: int = 3) -> float:
+    """`runner_decoder`'s tokens/s, median of rounds."""
+    decode = runner_decoder(src, tokens)
+    return statistics.median(decode() for _ in range(rounds))
 
 
 def dense_table(checkpoints: list[str]) -> None:
@@ -138,14 +164,15 @@ def dense_table(checkpoints: list[str]) -> None:
 
 
 def _dense_table(checkpoints: list[str], default: int) -> None:
-    """The cpu backend's two paths for many rows, in the same run: the int4 kernel against
-    dequantized bf16 tiles and a dense GEMM (what it takes from DENSE_ROWS rows), per decoder
-    layer shape at W4 and W8 g128, then a prefill through the serving runner per checkpoint."""
+    """The cpu backend's two paths for many rows, in the same run: the kernel (our own at W4
+    where it builds, torch's int4 kernel at W8) against dequantized bf16 tiles and a dense GEMM
+    (what it takes from DENSE_ROWS rows), per decoder layer shape at W4 and W8 g128, then a
+    prefill through the serving runner per checkpoint."""
     from bitserve.kernels import cpu
     from bitserve.models import load_model
     from bitserve.server.runner import LlamaRunner
 
-    if not cpu._layout_ok():
+    if not cpu._layout_ok() and cpu_native.library() is None:
         print("(this CPU's int4 packed layout is not the one the dense path reads: no comparison)")
         return
 
@@ -157,7 +184,7 @@ def _dense_table(checkpoints: list[str], default: int) -> None:
         return run
 
     print(
-        "| layer | K x N | M | W4 int4 kernel us | W4 dense us (x) | W8 int4 kernel us | W8 dense us (x) |"
+        "| layer | K x N | M | W4 kernel us | W4 dense us (x) | W8 int4 kernel us | W8 dense us (x) |"
     )
     print("|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
@@ -181,7 +208,7 @@ def _dense_table(checkpoints: list[str], default: int) -> None:
             step = partial(runner.forward, ids, torch.tensor([0]), torch.tensor([0]))
             kernel, dense = interleaved([path(1 << 30, step), path(default, step)], 3, 0.0)
             print(
-                f"{src}: prefill of {tokens} tokens, int4 kernel {kernel * 1e3:.0f} ms, with "
+                f"{src}: prefill of {tokens} tokens, kernel {kernel * 1e3:.0f} ms, with "
                 f"dense GEMMs from {default} rows {dense * 1e3:.0f} ms ({kernel / dense:.2f}x)",
                 flush=True,
             )
@@ -192,11 +219,12 @@ def main() -> None:
     ap.add_argument("--e2e-tokens", type=int, default=64)
     ap.add_argument("--checkpoint", default="checkpoints/rtn-w4g128")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-layers", action="store_true", help="only the end-to-end decode")
     ap.add_argument(
         "--dense",
         nargs="*",
         metavar="CKPT",
-        help="only compare the int4 kernel with dense GEMMs on dequantized tiles (many rows), "
+        help="only compare the kernels with dense GEMMs on dequantized tiles (many rows), "
         "then prefill through the runner for each checkpoint given",
     )
     args = ap.parse_args()
@@ -204,16 +232,27 @@ def main() -> None:
         dense_table(args.dense)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    layer_table()
+    if not args.skip_layers:
+        layer_table()
     if not args.skip_e2e:
         base = decode_tps("default", args.e2e_tokens)
         w4 = decode_tps(args.checkpoint, args.e2e_tokens)
         print(f"\ndecode batch 1, {args.e2e_tokens} new tokens, greedy, HF generate:")
         print(f"fp32 model {base:.1f} tok/s; {args.checkpoint} {w4:.1f} tok/s ({w4 / base:.2f}x)")
-        base = runner_tps("default", args.e2e_tokens)
-        w4 = runner_tps(args.checkpoint, args.e2e_tokens)
+        runs = [runner_decoder("default", args.e2e_tokens)]
+        with torch_int4():
+            runs.append(runner_decoder(args.checkpoint, args.e2e_tokens))
+        runs.append(runner_decoder(args.checkpoint, args.e2e_tokens))
+        rates: list[list[float]] = [[], [], []]
+        for _ in range(3):  # interleaved rounds
+            for rate, run in zip(rates, runs, strict=True):
+                rate.append(run())
+        base, old, w4 = (statistics.median(r) for r in rates)
         print(f"decode batch 1, {args.e2e_tokens} new tokens, greedy, serving runner:")
-        print(f"fp32 model {base:.1f} tok/s; {args.checkpoint} {w4:.1f} tok/s ({w4 / base:.2f}x)")
+        print(
+            f"fp32 model {base:.1f} tok/s; {args.checkpoint} {w4:.1f} tok/s ({w4 / base:.2f}x), "
+            f"with torch's int4 kernel {old:.1f} tok/s (ours {w4 / old:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""CPU backend: PyTorch's packed CPU kernels for QuantLinear.
+"""CPU backend: our own int16-activation kernel and PyTorch's packed CPU kernels for QuantLinear.
 
-2/3/4-bit codes go through the int4 tinygemm CPU kernel (`_weight_int4pack_mm_for_cpu`, any code
-below 16 fits a nibble), 8-bit group-wise codes through it twice (high and low nibbles, two
-matmuls that add up); 8-bit per-channel through `_weight_int8pack_mm`. Both kernels are
-vectorised only for bf16 activations (fp32 and fp16 take a scalar path 20-30x slower), so these
-paths run in bf16 with fp32 accumulation and return the caller's dtype. Anything else (group
+2/3/4-bit codes go through bitserve's own kernel (`cpu_native`, compiled at first use; faster
+than torch's int4 kernel and as exact as fp32) where it builds and the shape fits, otherwise
+through the int4 tinygemm CPU kernel (`_weight_int4pack_mm_for_cpu`, any code below 16 fits a
+nibble); 8-bit group-wise codes through it twice (high and low nibbles, two matmuls that add
+up); 8-bit per-channel through `_weight_int8pack_mm`. torch's kernels are vectorised only for
+bf16 activations (fp32 and fp16 take a scalar path 20-30x slower), so those paths run in bf16
+with fp32 accumulation and return the caller's dtype. From DENSE_ROWS rows (prefill) both int4
+paths run a dense bf16 GEMM on weights dequantized a chunk at a time. Anything else (group
 sizes that are not multiples of 32) runs dequantize-then-matmul in the caller's dtype over
 chunks of output rows, so no full-precision copy of a whole layer is ever held. Repacking
 happens in `prepare`.
@@ -18,6 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from bitserve.kernels import cpu_native
 from bitserve.kernels.packing import group_index
 from bitserve.kernels.quant_linear import Backend, Direct, QuantLinear, register_backend
 
@@ -63,8 +67,18 @@ def _geometry(k: int, n: int, group_size: int) -> tuple[int, int, int]:
 
 
 def _kind(layer: QuantLinear) -> str:
-    """Which CPU path runs this layer: "int4", "int8" or "dequant"."""
+    """Which CPU path runs this layer: "native", "int4", "int8" or "dequant" (the one
+    `_prepare` chose: "native" where it packed for our own kernel)."""
+    if "native_weight" in layer.prepared:
+        return "native"
     return _path(layer.bits, layer.in_features, layer.out_features, layer.group_size)
+
+
+def _native(layer: QuantLinear) -> cpu_native.Library | None:
+    """Our own kernel, where it is built and takes this layer (2-4 bits, aligned shape)."""
+    lib = cpu_native.library()
+    k, n, group = layer.in_features, layer.out_features, layer.group_size
+    return lib if lib and layer.bits <= 4 and cpu_native.accepts(lib, k, n, group) else None
 
 
 @functools.cache
@@ -141,6 +155,11 @@ def _prepare_dequant(layer: QuantLinear) -> None:
 
 def _prepare(layer: QuantLinear) -> None:
     """Repack the checkpoint tensors once for the path this layer takes."""
+    lib = _native(layer)
+    if lib is not None:
+        codes, zeros = layer.codes(), layer.zero_codes().float()
+        layer.prepared.update(cpu_native.pack(lib, codes, layer.scales, zeros))
+        return
     {"int4": _prepare_int4, "int8": _prepare_int8, "dequant": _prepare_dequant}[_kind(layer)](layer)
 
 
@@ -242,14 +261,46 @@ def _matmul_dequant(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-MATMULS = {"int4": _matmul_int4, "int8": _matmul_int8, "dequant": _matmul_dequant}
+def _matmul_native(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (made fp32) through our own kernel, or from DENSE_ROWS rows a dense bf16 GEMM on
+    DENSE_CHUNK output rows dequantized at a time (as the int4 path): fp32 [M, N]."""
+    lib = cpu_native.library()
+    assert lib is not None  # the layer was packed for it
+    group, n = layer.group_size, layer.out_features
+    if x.shape[0] < DENSE_ROWS:
+        return cpu_native.matmul(lib, layer.prepared, x, group)
+    xb, chunk = x.to(KERNEL_DTYPE), DENSE_CHUNK // lib.cols * lib.cols
+    parts = [
+        torch.mm(xb, cpu_native.columns(lib, layer.prepared, group, n0, min(n0 + chunk, n)))
+        for n0 in range(0, n, chunk)
+    ]
+    return torch.cat(parts, dim=1).float()
+
+
+MATMULS = {
+    "native": _matmul_native,
+    "int4": _matmul_int4,
+    "int8": _matmul_int8,
+    "dequant": _matmul_dequant,
+}
 
 
 def _direct(layer: QuantLinear) -> Direct | None:
-    """The int4 path on bf16 rows, for the runner's decode loop: one kernel call where K and N
-    need no padding, else `_matmul_int4`; None for the other paths and for layers with a bias
-    (they run through `_forward`)."""
-    if _kind(layer) != "int4" or layer.bias is not None:
+    """Our own kernel on fp32 rows, or the int4 path on bf16 rows, for the runner's decode
+    loop: one kernel call where K and N need no padding, else `_matmul_int4`; None for the
+    other paths and for layers with a bias (they run through `_forward`)."""
+    if layer.bias is not None:
+        return None
+    if _kind(layer) == "native":
+        lib = cpu_native.library()
+        assert lib is not None  # the layer was packed for it
+        gemv = cpu_native.caller(lib, layer.prepared, layer.group_size)
+
+        def native(x: torch.Tensor) -> torch.Tensor:
+            return gemv(x) if x.shape[0] < DENSE_ROWS else _matmul_native(layer, x)
+
+        return torch.float32, native
+    if _kind(layer) != "int4":
         return None
     kg, k_pad, n_pad = _int4_geometry(layer)
     p = layer.prepared
@@ -278,6 +329,27 @@ def _forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*shape[:-1], layer.out_features)
 
 
+def _describe(layer: QuantLinear) -> str:
+    """The kernel that runs this layer, as the model card names it."""
+    kind = _kind(layer)
+    if kind == "native":
+        lib = cpu_native.library()
+        return f"cpu: bitserve int16-activation kernel ({lib.isa if lib else '?'})"
+    return {
+        "int4": "cpu: torch int4 kernel (bf16 activations)",
+        "int8": "cpu: torch int8 kernel (bf16 activations)",
+        "dequant": "cpu: dequantize + matmul",
+    }[kind]
+
+
 BACKEND = register_backend(
-    Backend("cpu", 10, supports=_supports, prepare=_prepare, forward=_forward, direct=_direct)
+    Backend(
+        "cpu",
+        10,
+        supports=_supports,
+        prepare=_prepare,
+        forward=_forward,
+        direct=_direct,
+        describe=_describe,
+    )
 )

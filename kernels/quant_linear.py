@@ -3,14 +3,19 @@ registry that decides how its matmul runs (reference, CPU packed, GPU Triton, ..
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from bitserve.kernels.packing import num_groups, pack_rows, packed_rows, unpack_rows
+
+# Where backends keep what they build at run time (compiled CPU kernels, tuned Triton configs).
+CACHE_DIR = Path(os.environ.get("BITSERVE_CACHE_DIR") or os.path.expanduser("~/.cache/bitserve"))
 
 
 class QuantLinear(nn.Module):
@@ -160,7 +165,8 @@ class Backend:
     layer on its device, else the reason it cannot; `prepare` repacks once at load. `direct`
     (optional) gives the layer's matmul as one call on [M, K] rows already in the dtype it
     names, the same arithmetic as `forward` without its per-call reshapes and casts, for the
-    serving runner's CPU decode loop; None where it has none for this layer."""
+    serving runner's CPU decode loop; None where it has none for this layer. `describe`
+    (optional) names the kernel that runs a prepared layer, for the model card."""
 
     name: str
     priority: int
@@ -168,6 +174,7 @@ class Backend:
     prepare: Callable[[QuantLinear], None]
     forward: Callable[[QuantLinear, torch.Tensor], torch.Tensor]
     direct: Callable[[QuantLinear], Direct | None] | None = None
+    describe: Callable[[QuantLinear], str] | None = None
 
 
 BACKENDS: dict[str, Backend] = {}

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from bitserve.kernels.packing import num_groups
-from bitserve.kernels.quant_linear import Backend, QuantLinear, register_backend
+from bitserve.kernels.quant_linear import CACHE_DIR, Backend, QuantLinear, register_backend
 
 K_ALIGN = 256  # K is padded to this, so every BLOCK_K up to 256 tiles it exactly
 BIG_GROUP = 1 << 30  # "group size" of a per-channel layer: every k in group 0
@@ -1279,9 +1279,7 @@ TUNE_LOG: list[tuple[tuple[Any, ...], float]] = []  # (key, seconds spent tuning
 # Tuned configs also persist across processes, in one JSON file per (GPU model, Triton version,
 # this module's source), so a restarted server skips tuning. BITSERVE_CACHE_DIR moves it;
 # BITSERVE_TUNE_CACHE=0 turns it off.
-TUNE_CACHE_DIR = Path(
-    os.environ.get("BITSERVE_CACHE_DIR") or os.path.expanduser("~/.cache/bitserve")
-)
+TUNE_CACHE_DIR = CACHE_DIR
 TUNE_CACHE = os.environ.get("BITSERVE_TUNE_CACHE", "1") != "0"
 
 

@@ -180,6 +180,8 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     runner = LlamaRunner(
         model, slots, settings.max_model_len, head, decode_graphs=graphs, fused_decode=fused
     )
+    if quant is not None:  # the kernels of the layers as the runner runs them (fused)
+        quant["kernels"] = _kernels(runner)
     if settings.warmup and weight.device.type == "cuda":
         log = logging.getLogger("bitserve")
         log.info("warming up: tuning kernels and capturing decode graphs before serving")
@@ -216,6 +218,19 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
         lm_head=runner.head_description(),
     )
     return ServerState(engine=engine, tokenizer=tok, metrics=metrics, card=card)
+
+
+def _kernels(runner: Any) -> list[str]:
+    """The kernels that run the runner's quantized projections (as their backends name them)."""
+    from bitserve.kernels import BACKENDS, QuantLinear
+
+    mods = [m for layer in runner.layers for m in (*layer.qkv, layer.o, *layer.gate_up, layer.down)]
+    names = set()
+    for m in mods:
+        if isinstance(m, QuantLinear):
+            describe = BACKENDS[m.backend].describe
+            names.add(describe(m) if describe else m.backend)
+    return sorted(names)
 
 
 def in_worker_thread(fn: Callable[[], T]) -> T:
@@ -289,13 +304,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     decode = "CUDA graphs" if runner.decode_graphs else "eager"
     decode += ", fused decode kernels" if runner.fused_decode else ""
     decode += ", prefix cache" if state.engine.prefix_cache else ""
+    kernels = (state.card.quantization or {}).get("kernels")
     logging.getLogger("bitserve").info(
-        "serving %s on %s (%s, decode %s, lm_head %s)",
+        "serving %s on %s (%s, decode %s, lm_head %s%s)",
         path,
         device,
         dtype,
         decode,
         runner.head_description(),
+        f"; matmuls: {', '.join(kernels)}" if kernels else "",
     )
     config = uvicorn.Config(
         create_app(state),

@@ -1,7 +1,8 @@
 """The CPU backend against the reference backend on random layers and inputs, every bit width,
-group size and grid, odd shapes included (K=576 with g128 leaves a short last group). The packed
-kernels run activations in bf16 (see kernels/cpu.py), so they get a bf16 tolerance; the
-dequantize fallback computes in the caller's dtype and must match fp32 closely."""
+group size and grid, odd shapes included (K=576 with g128 leaves a short last group), with our
+own kernel (`cpu_native`) and with torch's int4 kernel in its place. torch's packed kernels run
+activations in bf16 (see kernels/cpu.py), so they get a bf16 tolerance; our kernel (int16
+activations) and the dequantize fallback compute in fp32 and must match fp32 closely."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitserve.kernels import QuantLinear, cpu
+from bitserve.kernels import QuantLinear, cpu, cpu_native
 from bitserve.kernels.quant_linear import concat_outputs
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
 
@@ -30,12 +31,33 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 BF16_TOL = 1e-2
+NATIVE = cpu_native.library()  # None where our kernel does not build (then only torch's runs)
+needs_native = pytest.mark.skipif(NATIVE is None, reason="our CPU kernel does not build here")
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with our own int4 kernel, and again with torch's in its place."""
+    if request.param == "native" and NATIVE is None:
+        pytest.skip("our CPU kernel does not build here")
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_native, "library", lambda: None)
+    return str(request.param)
+
+
+@pytest.fixture
+def torch_int4(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's int4 kernel in place of ours (the path of machines where ours does not build)."""
+    monkeypatch.setattr(cpu_native, "library", lambda: None)
 
 
 def check(layer: QuantLinear, m: int, dtype: torch.dtype) -> None:
     """Fresh random input; the cpu backend's output must match the reference's."""
-    exact = cpu._kind(layer) == "dequant" and dtype == torch.float32
-    tol = 1e-5 if exact else BF16_TOL
+    kind = cpu._kind(layer)
+    exact = dtype == torch.float32 and (
+        kind == "dequant" or (kind == "native" and m < cpu.DENSE_ROWS)
+    )
+    tol = 1e-4 if kind == "native" and exact else 1e-5 if exact else BF16_TOL
     x = torch.randn(m, layer.in_features).to(dtype)
     layer.set_backend("reference")
     ref = layer(x.float())
@@ -46,22 +68,26 @@ def check(layer: QuantLinear, m: int, dtype: torch.dtype) -> None:
     assert rel_err(y, ref) < tol, (layer.extra_repr(), m, dtype, rel_err(y, ref))
 
 
-SHAPES = [(576, 192), (256, 100), (96, 48), (100, 48)]  # K=100: the int4 path pads K
+# K=100: the int4 path pads K (and our kernel does not take it); N=100: not whole column blocks
+SHAPES = [(576, 192), (256, 100), (96, 48), (100, 48), (256, 64)]
 CASES = list(itertools.product((2, 3, 4, 8), (32, 64, 128, -1), (False, True)))
 
 
 @pytest.mark.parametrize(("bits", "group", "sym"), CASES)
-def test_cpu_matches_reference(bits: int, group: int, sym: bool) -> None:
+def test_cpu_matches_reference(bits: int, group: int, sym: bool, kernel: str) -> None:
     torch.manual_seed(bits * 100 + group + sym)
     for k, n in SHAPES:
         layer = random_layer(k, n, bits, group, sym)
-        for m in (1, 5):
+        layer.set_backend("cpu")
+        native = kernel == "native" and bits <= 4 and k % 32 == 0 and n % NATIVE.cols == 0
+        assert (cpu._kind(layer) == "native") == native
+        for m in (1, 5, 9):  # our kernel: rows in tiles of 4, and 1 or 5 left over
             check(layer, m, torch.float32)
         check(layer, 3, torch.bfloat16)
 
 
 @pytest.mark.parametrize(("bits", "group"), [(4, 128), (3, 64), (2, -1), (8, 128), (8, -1)])
-def test_many_rows_take_the_dense_path_and_match(bits: int, group: int) -> None:
+def test_many_rows_take_the_dense_path_and_match(bits: int, group: int, torch_int4: None) -> None:
     """From DENSE_ROWS rows (half as many at 8 bits) the int4 planes are dequantized to bf16
     tiles for a dense GEMM: it must match the reference (whole 64-row blocks, a tail of 48 rows
     past them, K padded), and it must run (the packed layout it reads is checked, and the int4
@@ -88,7 +114,7 @@ def test_many_rows_take_the_dense_path_and_match(bits: int, group: int) -> None:
 
 
 def test_many_rows_keep_the_int4_kernel_when_the_layout_is_unknown(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, torch_int4: None
 ) -> None:
     """Where the packed layout is not the one `_int4_columns` reads (other instruction sets),
     many-row calls stay on the int4 kernel and still match; several dense chunks do too."""
@@ -128,11 +154,12 @@ def test_layout_check_fails_on_another_layout(
     ("bits", "group", "kind"),
     [(4, 128, "int4"), (3, 64, "int4"), (2, -1, "int4"), (8, -1, "int8"), (8, 128, "int4")],
 )
-def test_path_taken_and_no_float_copy(bits: int, group: int, kind: str) -> None:
-    """Each layer takes its fast path, and nothing prepared is a full-precision weight."""
+def test_path_taken_and_no_float_copy(bits: int, group: int, kind: str, kernel: str) -> None:
+    """Each layer takes its fast path (ours for 2-4 bits where it builds), and nothing
+    prepared is a full-precision weight."""
     layer = random_layer(576, 1536, bits, group, False)
     assert layer.set_backend() == "cpu"
-    assert cpu._kind(layer) == kind
+    assert cpu._kind(layer) == ("native" if kernel == "native" and bits <= 4 else kind)
     for t in layer.prepared.values():
         assert not (t.is_floating_point() and t.numel() >= layer.in_features * layer.out_features)
 
@@ -163,7 +190,7 @@ def test_odd_group_size_falls_back_and_matches() -> None:
     assert rel_err(y, layer(x)) < 1e-5
 
 
-def test_bias_and_batched_input_int4() -> None:
+def test_bias_and_batched_input_int4(kernel: str) -> None:
     torch.manual_seed(2)
     layer = random_layer(576, 576, 4, 128, True, bias=True)
     x = torch.randn(2, 7, 576)
@@ -202,15 +229,19 @@ def test_default_checkpoint_loads_on_cpu_backend_with_reference_greedy(tmp_path:
     "bits,group,backend",
     [(4, 128, "cpu"), (3, 64, "cpu"), (8, 128, "cpu"), (2, 32, "reference")],
 )
-def test_concat_outputs_matches_separate_layers(bits: int, group: int, backend: str) -> None:
+def test_concat_outputs_matches_separate_layers(
+    bits: int, group: int, backend: str, kernel: str
+) -> None:
     """A fused q/k/v-style layer computes the three layers' outputs side by side, on the first
-    layer's backend. The first layer's 196 zero points do not fill whole packed words at 2, 3 or
-    4 bits, so concatenating packed words instead of codes would shift the others'."""
-    layers = [random_layer(576, n, bits, group, sym=False, bias=True) for n in (196, 576, 192)]
+    layer's backend. The first layer's 196 (or, where every part must fit our kernel's column
+    blocks, 208) zero points do not fill whole packed words at 2, 3 or 4 bits (3 bits for 208),
+    so concatenating packed words instead of codes would shift the others'."""
+    sizes = (208, 576, 176) if kernel == "native" else (196, 576, 192)
+    layers = [random_layer(576, n, bits, group, sym=False, bias=True) for n in sizes]
     for m in layers:
         m.set_backend(backend)
     fused = concat_outputs(layers)
-    assert fused is not None and fused.backend == backend and fused.out_features == 964
+    assert fused is not None and fused.backend == backend and fused.out_features == sum(sizes)
     assert torch.equal(fused.zero_codes(), torch.cat([m.zero_codes() for m in layers], dim=1))
     x = torch.randn(5, 576)
     ref = torch.cat([m(x) for m in layers], dim=1)
@@ -243,3 +274,136 @@ def test_release_packed_keeps_the_backend_running() -> None:
     assert torch.equal(layer(x), before)
     with pytest.raises(RuntimeError, match="released"):
         layer.set_backend("reference")
+
+
+# Our own kernel (kernels/cpu_gemv.c through cpu_native).
+
+
+def native_ref(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, x: torch.Tensor, group: int):
+    """x @ ((codes - z) * s) in fp64, groups of `group` along K."""
+    from bitserve.kernels.packing import group_index
+
+    g = group_index(codes.shape[0], group)
+    return x.double() @ ((codes.double() - z.double()[g]) * s.double()[g])
+
+
+@needs_native
+@pytest.mark.parametrize("march", ["native", "x86-64-v3"])
+def test_native_kernel_against_fp64_for_every_row_count(march: str) -> None:
+    """Built for this CPU (16-column blocks with AVX512) and for plain AVX2 (8 columns,
+    vpmaddwd), the kernel matches an fp64 matmul within 1e-4 (int16 activations) for 1 to 9
+    rows (tiles of 4 and what is left), a short last group, per-channel, and inputs whose blocks
+    differ in scale by 1e6; each row's result is the same bit for bit alone, in a batch, and on
+    one thread."""
+    if "avx2" not in cpu_native._cpu_flags():
+        pytest.skip("no AVX2")
+    lib = cpu_native.build(march)
+    assert lib is not None and lib.cols == (8 if march == "x86-64-v3" else NATIVE.cols)
+    gen = torch.Generator().manual_seed(3)
+    for k, n, group in [(576, 96, 128), (256, 48, 256), (320, 32, 64)]:
+        n = n // lib.cols * lib.cols
+        groups = -(-k // group)
+        codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.uint8)
+        s = torch.rand(groups, n, generator=gen) + 0.1
+        z = torch.randint(0, 16, (groups, n), generator=gen).float()
+        p = cpu_native.pack(lib, codes, s, z)
+        x = torch.randn(9, k, generator=gen)
+        x[:, :32] *= 1e6  # one block far larger than the rest: each block has its own scale
+        for m in range(1, 10):
+            y = cpu_native.matmul(lib, p, x[:m], group)
+            assert rel_err(y, native_ref(codes, s, z, x[:m], group)) < 1e-4, (k, n, m)
+        alone = cpu_native.matmul(lib, p, x[4:5].clone(), group)
+        assert torch.equal(alone[0], y[4])
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(cpu_native.matmul(lib, p, x, group), y)
+        finally:
+            torch.set_num_threads(threads)
+        dense = cpu_native.columns(lib, p, group, lib.cols, n)  # bf16 columns past the first block
+        g = torch.arange(k) // group
+        want = ((codes.float() - z[g]) * s[g])[:, lib.cols :]
+        assert dense.dtype == torch.bfloat16 and rel_err(dense, want) < 4e-3
+
+
+@needs_native
+def test_native_kernel_passes_nan_and_infinity_on() -> None:
+    """A NaN or an infinity in a row of x makes that row's outputs NaN (int16 quantization
+    would otherwise turn it into a finite number); the other rows are untouched."""
+    torch.manual_seed(4)
+    layer = random_layer(256, 64, 4, 64, False)
+    layer.set_backend("cpu")
+    x = torch.randn(3, 256)
+    clean = layer(x)
+    x[0, 100], x[2, 7] = float("nan"), float("inf")
+    y = layer(x)
+    assert torch.isnan(y[0]).all() and torch.isnan(y[2]).all()
+    assert torch.equal(y[1], clean[1])
+
+
+@needs_native
+def test_native_is_more_exact_than_torchs_int4_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a default-model-sized layer our kernel is at least 20x closer to the fp32 reference
+    than torch's bf16 int4 kernel (the point of int16 activations)."""
+    torch.manual_seed(11)
+    layer = random_layer(576, 960, 4, 128, False)
+    x = torch.randn(4, 576)
+    ref = layer(x)
+    layer.set_backend("cpu")
+    assert cpu._kind(layer) == "native"
+    ours = rel_err(layer(x), ref)
+    monkeypatch.setattr(cpu_native, "library", lambda: None)
+    layer.set_backend("reference")
+    layer.set_backend("cpu")
+    assert cpu._kind(layer) == "int4"
+    assert ours * 20 < rel_err(layer(x), ref), ours
+
+
+@needs_native
+def test_native_many_rows_take_the_dense_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From DENSE_ROWS rows the layer runs a bf16 GEMM on dequantized columns (several
+    chunks), matching the reference, without calling the kernel; the decode loop's direct call
+    takes fp32 rows and answers as the module does."""
+    torch.manual_seed(6)
+    layer = random_layer(576, 1024, 3, 64, True, bias=False)
+    layer.set_backend("cpu")
+    dtype, call = cpu.BACKEND.direct(layer)  # type: ignore[misc]
+    x = torch.randn(5, 576)
+    assert dtype == torch.float32 and torch.equal(call(x), layer(x))
+    assert torch.equal(call(x.t().contiguous().t()), call(x))  # strided rows are copied first
+    with pytest.raises(ValueError, match="rows of 576 values"):
+        call(torch.randn(2, 512))  # never read past the rows
+    monkeypatch.setattr(cpu, "DENSE_CHUNK", 320)
+    monkeypatch.setattr(cpu_native, "matmul", None)  # must not be used
+    for m in (cpu.DENSE_ROWS, cpu.DENSE_ROWS + 5):
+        check(layer, m, torch.float32)
+
+
+def test_native_build_failures_fall_back_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """No compiler, a compile error, or BITSERVE_CPU_KERNEL=torch: no kernel (the cpu backend
+    keeps torch's), with a warning that says why; a built library is reused from the cache
+    (keyed by the CPU's flags) without compiling again."""
+    monkeypatch.setattr(cpu_native, "CACHE_DIR", tmp_path)
+    with caplog.at_level("WARNING", logger="bitserve.kernels"):
+        assert cpu_native.build(cc=str(tmp_path / "no-such-cc")) is None
+        assert "own CPU kernel unavailable" in caplog.text
+        assert cpu_native.build(march="no-such-arch") is None
+        assert "did not compile" in caplog.text and "no-such-arch" in caplog.text
+    monkeypatch.setenv("BITSERVE_CPU_KERNEL", "torch")
+    assert cpu_native.library.__wrapped__() is None
+    if NATIVE is None:
+        return
+    assert cpu_native.build() is not None
+    built = list(tmp_path.glob("cpu-gemv-*.so"))
+    assert len(built) == 1
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(cpu_native.subprocess, "run", no_compiler)
+    assert cpu_native.build() is not None
+    monkeypatch.setattr(cpu_native, "_cpu_flags", lambda: "flags another CPU")
+    with pytest.raises(AssertionError, match="compiled again"):
+        cpu_native.build()

@@ -97,6 +97,11 @@ def test_health_ready_and_model_card(url: str, server_tiny_checkpoint: Path) -> 
     q = card["quantization"]
     assert (q["method"], q["bits"], q["group_size"]) == ("rtn", 4, 32)
     assert q["bits_per_weight"] == pytest.approx(4 + (16 + 4) / 32)
+    from bitserve.kernels import cpu_native
+
+    lib = cpu_native.library()  # our own kernel where it builds, else torch's int4 kernel
+    kernel = f"bitserve int16-activation kernel ({lib.isa})" if lib else "torch int4 kernel"
+    assert [k.startswith(f"cpu: {kernel}") for k in q["kernels"]] == [True], q["kernels"]
     assert card["quality"] == SERVER_QUALITY
 
 

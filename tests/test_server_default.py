@@ -33,6 +33,12 @@ def test_default_checkpoint_is_cached_and_described(url: str) -> None:
     q = card["quantization"]
     assert (q["bits"], q["group_size"]) == (4, 128)
     assert 4.0 < q["bits_per_weight"] < 4.3
+    from bitserve.kernels import cpu_native
+
+    if cpu_native.library() is not None:  # the fast kernel runs every projection
+        assert [k.startswith("cpu: bitserve int16-activation kernel") for k in q["kernels"]] == [
+            True
+        ]
 
 
 def test_chat_answers_paris(url: str) -> None:

@@ -912,24 +912,35 @@ def _tiny_llama(spec: Any, arch: str = "llama") -> Any:
 
 
 @pytest.mark.parametrize(
-    "spec, direct",
+    "spec, direct, native",
     [
-        ((4, 32), torch.bfloat16),  # one int4 kernel call per projection
-        ((4, 64), torch.bfloat16),  # K = 96 padded to the group: through _matmul_int4
-        ((8, 32), torch.bfloat16),  # two nibble planes
-        ((8, -1), None),  # int8 per channel: the module itself
-        (None, None),  # fp32 nn.Linear
+        ((4, 32), torch.float32, True),  # our own kernel on fp32 rows
+        ((4, 64), torch.float32, True),  # K = 96: a short last group
+        ((4, 32), torch.bfloat16, False),  # one torch int4 kernel call per projection
+        ((4, 64), torch.bfloat16, False),  # K = 96 padded to the group: through _matmul_int4
+        ((8, 32), torch.bfloat16, False),  # two nibble planes
+        ((8, -1), None, False),  # int8 per channel: the module itself
+        (None, None, False),  # fp32 nn.Linear
     ],
 )
 def test_cpu_decode_step_gives_the_generic_steps_logits_bit_for_bit(
-    spec: tuple[int, int] | None, direct: torch.dtype | None
+    spec: tuple[int, int] | None,
+    direct: torch.dtype | None,
+    native: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The CPU one-token step (`_cpu_step`: projections called directly, norms and activations
     rounded straight into the matmul's dtype) computes exactly what the generic step does:
     equal logits and equal KV caches, step after step, rows in any order and length."""
     import copy
 
+    from bitserve.kernels import cpu_native
     from bitserve.quantization.grid import QuantSpec
+
+    if native and cpu_native.library() is None:
+        pytest.skip("our CPU kernel does not build here")
+    if not native:
+        monkeypatch.setattr(cpu_native, "library", lambda: None)  # torch's int4 kernel
 
     model = _tiny_llama(None if spec is None else QuantSpec(*spec))
     fast = LlamaRunner(copy.deepcopy(model), num_slots=3, max_len=64)
@@ -988,11 +999,13 @@ def test_static_decode_steps_match_eager(server_tiny_checkpoint: Path) -> None:
         starts = torch.tensor([lens[s] for s in slots])
         a = eager.forward(ids, torch.tensor(slots), starts)
         b = static.forward(ids, torch.tensor(slots), starts)
-        assert b.shape == a.shape and rel_err(b, a) < 1e-5, step
+        # fp32 attention over another cache length rounds differently (2e-5 through the
+        # default int16-activation kernel, which passes on what bf16 activations rounded away)
+        assert b.shape == a.shape and rel_err(b, a) < 1e-4, step
         for s in slots:
             lens[s] += 1
     assert set(static._decodes) == {(4, 64), (2, 64)}  # kv length: the cache's, below 256
-    assert rel_err(static.k_cache[:, :3], eager.k_cache) < 1e-5  # padded rows wrote elsewhere
+    assert rel_err(static.k_cache[:, :3], eager.k_cache) < 1e-4  # padded rows wrote elsewhere
 
 
 def test_cleared_slot_hides_what_a_broken_sequence_left(server_tiny_checkpoint: Path) -> None:

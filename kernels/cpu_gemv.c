@@ -1,0 +1,226 @@
+/* bitserve's CPU matmul for 2-4 bit group-wise weights and a few rows of activations
+ * (kernels/cpu_native.py compiles it at first use with -march=native and calls it).
+ *
+ * torch's int4 CPU kernel is bound by its own unpacking at one row (docs/kernels.md). Here each
+ * row of x is first quantized to int16 per block of 32 values (scale max|x| / 32767: an error
+ * of about 1e-5, against bf16's 3e-3), then the codes, unpacked from nibbles into 16-bit lanes,
+ * meet it in integer dot products (vpdpwssd where AVX512-VNNI or AVX-VNNI exists, vpmaddwd
+ * otherwise) over COLS output columns at a time; scale and zero are applied once per block:
+ *     out += sx * (s * sum(q * xq) - s * z * sum(xq)).
+ * Up to ROWS rows share one unpacking of each weight register.
+ *
+ * Weight layout: [N / COLS][K / 8][COLS][4 bytes]; byte j of a column holds the code of
+ * k0 + j in its low nibble and of k0 + 4 + j in its high one. Scales s and s * z: fp32
+ * [N / COLS][groups][COLS].
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define COLS 16
+typedef __m512i vi;
+typedef __m512 vf;
+#define LOADI(p) _mm512_loadu_si512((const void *)(p))
+#define AND _mm512_and_si512
+#define SRLI16 _mm512_srli_epi16
+#define SET1_8 _mm512_set1_epi8
+#define SET1_16 _mm512_set1_epi16
+#define SET1_32 _mm512_set1_epi32
+#define ADD32 _mm512_add_epi32
+#define ZEROI _mm512_setzero_si512
+#define ZEROF _mm512_setzero_ps
+#define LOADF _mm512_loadu_ps
+#define STOREF _mm512_storeu_ps
+#define CVT _mm512_cvtepi32_ps
+#define FMSUB _mm512_fmsub_ps
+#define FMADD _mm512_fmadd_ps
+#define MULF _mm512_mul_ps
+#define SET1F _mm512_set1_ps
+#ifdef __AVX512VNNI__
+#define DOT(acc, w, x) _mm512_dpwssd_epi32(acc, w, x)
+#define ISA "AVX512-VNNI"
+#else
+#define DOT(acc, w, x) _mm512_add_epi32(acc, _mm512_madd_epi16(w, x))
+#define ISA "AVX512"
+#endif
+#else
+#define COLS 8
+typedef __m256i vi;
+typedef __m256 vf;
+#define LOADI(p) _mm256_loadu_si256((const __m256i *)(p))
+#define AND _mm256_and_si256
+#define SRLI16 _mm256_srli_epi16
+#define SET1_8 _mm256_set1_epi8
+#define SET1_16 _mm256_set1_epi16
+#define SET1_32 _mm256_set1_epi32
+#define ADD32 _mm256_add_epi32
+#define ZEROI _mm256_setzero_si256
+#define ZEROF _mm256_setzero_ps
+#define LOADF _mm256_loadu_ps
+#define STOREF _mm256_storeu_ps
+#define CVT _mm256_cvtepi32_ps
+#define FMSUB _mm256_fmsub_ps
+#define FMADD _mm256_fmadd_ps
+#define MULF _mm256_mul_ps
+#define SET1F _mm256_set1_ps
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DOT(acc, w, x) _mm256_dpwssd_epi32(acc, w, x)
+#define ISA "AVX2, AVX512-VNNI"
+#elif defined(__AVXVNNI__)
+#define DOT(acc, w, x) _mm256_dpwssd_avx_epi32(acc, w, x)
+#define ISA "AVX-VNNI"
+#else
+#define DOT(acc, w, x) _mm256_add_epi32(acc, _mm256_madd_epi16(w, x))
+#define ISA "AVX2"
+#endif
+#endif
+
+#define ROWS 4
+/* Bytes ahead of the weight loads to prefetch: a decode step's layers come from DRAM, not
+ * cache, and in short per-thread streams that the hardware prefetcher picks up late. */
+#define PREFETCH 2048
+
+/* Columns per block of the weight layout (for the packing code) and the instructions used. */
+int bitserve_gemv_cols(void) { return COLS; }
+const char *bitserve_gemv_isa(void) { return ISA; }
+
+/* 32 values of x to int16 in the order the dot products read them: within each 8, the pairs
+ * (0, 2), (1, 3), (4, 6), (5, 7), as the codes sit in the 16-bit lanes. Returns the scale and
+ * writes the sum of the int16 values to *sum. A NaN or infinity in the block makes the scale
+ * NaN, so the row's outputs are NaN as a float matmul's would be, not quietly finite. */
+static float quantize_block(const float *x, int16_t *xq, int32_t *sum) {
+  static const int order[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+  float m = 0.f;
+  int finite = 1;
+  for (int i = 0; i < 32; i++) {
+    const float a = x[i] < 0.f ? -x[i] : x[i];
+    finite &= a <= 3.4028235e38f; /* false for NaN and infinity */
+    m = a > m ? a : m;
+  }
+  if (!finite) {
+    for (int i = 0; i < 32; i++) xq[i] = 0;
+    *sum = 0;
+    return __builtin_nanf("");
+  }
+  const float inv = m > 0.f ? 32767.f / m : 0.f;
+  int32_t s = 0;
+  for (int i = 0; i < 32; i++) {
+    const float v = x[(i & ~7) + order[i & 7]] * inv;
+    xq[i] = (int16_t)(v >= 0.f ? v + 0.5f : v - 0.5f);
+    s += xq[i];
+  }
+  *sum = s;
+  return m / 32767.f;
+}
+
+static inline vi pair(const int16_t *p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return SET1_32(v);
+}
+
+/* out[r][COLS columns] for `rows` (1..ROWS) rows of quantized x against one column block.
+ * Each row keeps four dot accumulators (one per lane pair) so that their dependency chains
+ * overlap; two from three rows up, where sixteen accumulators would spill registers. */
+static inline __attribute__((always_inline)) void column_block(
+    const uint8_t *w, const float *s, const float *zs, const int16_t *xq, const float *sx,
+    const int32_t *sq, float *out, int k, int n, int blocks_per_group, int rows) {
+  const vi nib = SET1_8(15), low = SET1_16(255);
+  const int blocks = k / 32;
+  vf acc[ROWS];
+  for (int r = 0; r < rows; r++) acc[r] = ZEROF();
+  for (int b = 0, g = 0, left = blocks_per_group; b < blocks; b++) {
+    vi dot[ROWS][4];
+    const int chains = rows <= 2 ? 4 : 2;
+    for (int r = 0; r < rows; r++)
+      for (int j = 0; j < 4; j++) dot[r][j] = ZEROI();
+    for (int o = 0; o < 4; o++) {
+      const uint8_t *at = w + (size_t)(b * 4 + o) * 4 * COLS;
+      _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+      const vi v = LOADI(at);
+      const vi lo = AND(v, nib), hi = AND(SRLI16(v, 4), nib);
+      /* 16-bit lanes: the codes (k0, k2), (k1, k3), (k4, k6), (k5, k7) of each column */
+      const vi c[4] = {AND(lo, low), SRLI16(lo, 8), AND(hi, low), SRLI16(hi, 8)};
+      for (int r = 0; r < rows; r++) {
+        const int16_t *x = xq + (size_t)r * k + b * 32 + o * 8;
+        for (int j = 0; j < 4; j++)
+          dot[r][j % chains] = DOT(dot[r][j % chains], c[j], pair(x + 2 * j));
+      }
+    }
+    const vf sv = LOADF(s + g * COLS), zv = LOADF(zs + g * COLS);
+    for (int r = 0; r < rows; r++) {
+      const int i = r * blocks + b;
+      const vi d = chains == 4 ? ADD32(ADD32(dot[r][0], dot[r][1]), ADD32(dot[r][2], dot[r][3]))
+                               : ADD32(dot[r][0], dot[r][1]);
+      const vf t = FMSUB(sv, CVT(d), MULF(zv, SET1F((float)sq[i])));
+      acc[r] = FMADD(t, SET1F(sx[i]), acc[r]);
+    }
+    if (--left == 0) g++, left = blocks_per_group;
+  }
+  for (int r = 0; r < rows; r++) STOREF(out + (size_t)r * n, acc[r]);
+}
+
+/* out [m, n] fp32 = x [m, k] fp32 times the packed weight (k a multiple of 32, n of COLS,
+ * group a multiple of 32 or k). Rows are independent: a row's result does not depend on m or
+ * on the thread count. Returns 0, or -1 if the scratch for the quantized x cannot be had. */
+int bitserve_gemv(const uint8_t *w, const float *s, const float *zs, const float *x, float *out,
+                  int m, int k, int n, int group, int threads) {
+  int16_t *xq = malloc(sizeof(int16_t) * (size_t)m * k);
+  float *sx = malloc(sizeof(float) * (size_t)m * (k / 32));
+  int32_t *sq = malloc(sizeof(int32_t) * (size_t)m * (k / 32));
+  if (!xq || !sx || !sq) {
+    free(xq), free(sx), free(sq);
+    return -1;
+  }
+  const int blocks = k / 32, groups = (k + group - 1) / group, bpg = group / 32;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int i = 0; i < m * blocks; i++)
+      sx[i] = quantize_block(x + (size_t)i * 32, xq + (size_t)i * 32, sq + i);
+#pragma omp for schedule(static) collapse(2)
+    for (int c = 0; c < n / COLS; c++) {
+      for (int r0 = 0; r0 < m; r0 += ROWS) {
+        const uint8_t *wc = w + (size_t)c * k * COLS / 2;
+        const float *sc = s + (size_t)c * groups * COLS, *zc = zs + (size_t)c * groups * COLS;
+        const int16_t *xr = xq + (size_t)r0 * k;
+        const float *sxr = sx + (size_t)r0 * blocks;
+        const int32_t *sqr = sq + (size_t)r0 * blocks;
+        float *o = out + (size_t)r0 * n + c * COLS;
+        switch (m - r0 < ROWS ? m - r0 : ROWS) {
+          case 1: column_block(wc, sc, zc, xr, sxr, sqr, o, k, n, bpg, 1); break;
+          case 2: column_block(wc, sc, zc, xr, sxr, sqr, o, k, n, bpg, 2); break;
+          case 3: column_block(wc, sc, zc, xr, sxr, sqr, o, k, n, bpg, 3); break;
+          default: column_block(wc, sc, zc, xr, sxr, sqr, o, k, n, bpg, ROWS); break;
+        }
+      }
+    }
+  }
+  free(xq), free(sx), free(sq);
+  return 0;
+}
+
+/* Output columns n0..n1 (multiples of COLS) of the packed weight, dequantized and rounded to
+ * bf16 (to nearest even) into out [k][n1 - n0]: the weights of the dense path for many rows. */
+void bitserve_dequant(const uint8_t *w, const float *s, const float *zs, int k, int n0, int n1,
+                      int group, uint16_t *out, int threads) {
+  const int groups = (k + group - 1) / group, ld = n1 - n0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int c = n0 / COLS; c < n1 / COLS; c++) {
+    const uint8_t *wc = w + (size_t)c * k * COLS / 2;
+    for (int k8 = 0; k8 < k / 8; k8++) {
+      const size_t at = ((size_t)c * groups + k8 * 8 / group) * COLS;
+      for (int j = 0; j < 8; j++) {
+        uint16_t *o = out + (size_t)(k8 * 8 + j) * ld + (c * COLS - n0);
+        for (int col = 0; col < COLS; col++) {
+          const uint8_t byte = wc[(k8 * COLS + col) * 4 + (j & 3)];
+          const float v = (float)(j < 4 ? byte & 15 : byte >> 4) * s[at + col] - zs[at + col];
+          uint32_t bits;
+          __builtin_memcpy(&bits, &v, 4);
+          o[col] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,208 @@
+"""bitserve's own CPU matmul for 2-4 bit weights (`cpu_gemv.c`), used by the cpu backend.
+
+The C source is compiled at first use with the machine's compiler (`cc -O3 -march=native
+-fopenmp`) into the cache directory, keyed by the source, the compiler and the CPU's flags, and
+loaded with ctypes; a one-off check against a float matmul guards it. Where there is no
+compiler, no AVX2, or the check fails, `library()` logs why and returns None, and the cpu
+backend keeps torch's int4 kernel. `BITSERVE_CPU_KERNEL=torch` turns it off.
+
+It runs in the same OpenMP runtime as torch (the libgomp torch has loaded), with torch's thread
+count, so the two do not fight over the cores (docs/serving.md, "Threads").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bitserve.kernels.packing import group_index
+from bitserve.kernels.quant_linear import CACHE_DIR
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+log = logging.getLogger("bitserve.kernels")
+_P = ctypes.c_void_p
+_I = ctypes.c_int
+
+
+@dataclass(frozen=True)
+class Library:
+    """The compiled kernels (`bitserve_gemv` and `bitserve_dequant` in cpu_gemv.c), the weight
+    layout's columns per block (16 with AVX512, else 8) and the instruction set they use."""
+
+    gemv: Callable[..., int]
+    dequant: Callable[..., None]
+    cols: int
+    isa: str
+    path: Path
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: a library built with -march=native must not be reused on a
+    CPU that lacks some of them (a cache directory on a shared volume)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(cc: str, march: str, out: Path) -> None:
+    """Compile the source into `out` (written to a temporary file, then renamed, so that a
+    concurrent process never loads half a library)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        lib = Path(tmp) / out.name
+        cmd = [cc, *FLAGS, f"-march={march}", str(SOURCE), "-o", str(lib)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+        os.replace(lib, out)
+
+
+def build(march: str = "native", cc: str | None = None) -> Library | None:
+    """Compile (or find in the cache), load and check the kernel for `-march=march`; None, with
+    a logged warning that says why, where it cannot run here."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        log.info("own CPU kernel: x86-64 only (this is %s); using torch's", platform.machine())
+        return None
+    cc = cc or os.environ.get("CC", "cc")
+    key = hashlib.sha1(
+        SOURCE.read_bytes() + f"{cc} {FLAGS} {march} {_cpu_flags()}".encode()
+    ).hexdigest()[:16]
+    path = CACHE_DIR / f"cpu-gemv-{key}.so"
+    try:
+        if not path.exists():
+            _compile(cc, march, path)
+        lib = ctypes.CDLL(str(path))
+    except subprocess.CalledProcessError as e:
+        lines = (e.stderr or "").strip().splitlines() or ["no output"]
+        why = next((line for line in lines if "error" in line), lines[-1])
+        log.warning("own CPU kernel did not compile (%s): using torch's int4 kernel", why)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("own CPU kernel unavailable (%s): using torch's int4 kernel", e)
+        return None
+    gemv = lib.bitserve_gemv
+    gemv.argtypes = [_P] * 5 + [_I] * 5
+    dequant = lib.bitserve_dequant
+    dequant.argtypes = [_P] * 3 + [_I] * 4 + [_P, _I]
+    gemv.restype, dequant.restype = _I, None
+    lib.bitserve_gemv_isa.restype = ctypes.c_char_p
+    isa = lib.bitserve_gemv_isa().decode()
+    found = Library(gemv, dequant, int(lib.bitserve_gemv_cols()), isa, path)
+    err = _self_check(found)
+    if not err < 1e-4:
+        log.warning("own CPU kernel gave a relative error of %.2e: using torch's", err)
+        return None
+    log.info("own CPU kernel (%s, %d-column blocks): %s", isa, found.cols, path)
+    return found
+
+
+@functools.cache
+def library() -> Library | None:
+    """The kernel for this machine, built once per process (None: use torch's)."""
+    if os.environ.get("BITSERVE_CPU_KERNEL", "") == "torch":
+        return None
+    return build()
+
+
+def accepts(lib: Library, k: int, n: int, group: int) -> bool:
+    """Whether a [k -> n] layer with `group` (-1: per-channel) fits the kernel's layout."""
+    group = k if group == -1 or group >= k else group
+    return k % 32 == 0 and n % lib.cols == 0 and group % 32 == 0
+
+
+def pack(
+    lib: Library, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The kernel's tensors from codes uint8 [K, N] (below 16), scales and zero codes [G, N]:
+    `native_weight` uint8 [N / C, K / 8, C, 4], `native_s` and `native_zs` (s and s * z) fp32
+    [N / C, G, C], C = lib.cols (layout in cpu_gemv.c)."""
+    k, n = codes.shape
+    c = lib.cols
+    t = codes.t().reshape(n // c, c, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
+    weight = (t[..., 0, :] | (t[..., 1, :] << 4)).contiguous()
+
+    def blocked(a: torch.Tensor) -> torch.Tensor:
+        return a.float().t().reshape(n // c, c, -1).transpose(1, 2).contiguous()
+
+    s = scales.float()
+    return {"native_weight": weight, "native_s": blocked(s), "native_zs": blocked(s * zeros)}
+
+
+def caller(
+    lib: Library, p: dict[str, torch.Tensor], group: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [M, K] -> fp32 [M, N] through the kernel for the packed weight `p` (from `pack`), with
+    its pointers and sizes looked up once (the decode loop calls it on every step)."""
+    weight, s, zs = p["native_weight"], p["native_s"], p["native_zs"]
+    k, n = weight.shape[1] * 8, weight.shape[0] * lib.cols
+    group = k if group == -1 or group >= k else group
+    ptrs = (weight.data_ptr(), s.data_ptr(), zs.data_ptr())
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != k:
+            raise ValueError(f"expected rows of {k} values, got a tensor of shape {tuple(x.shape)}")
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        m = x.shape[0]
+        out = torch.empty(m, n)
+        threads = torch.get_num_threads()
+        if lib.gemv(*ptrs, x.data_ptr(), out.data_ptr(), m, k, n, group, threads):
+            raise MemoryError(f"no memory for the int16 copy of {m} x {k} activations")
+        assert weight.data_ptr() == ptrs[0]  # keeps the packed tensors alive with the closure
+        return out
+
+    return call
+
+
+def matmul(lib: Library, p: dict[str, torch.Tensor], x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] times the packed weight `p`: fp32 [M, N] (see `caller`)."""
+    return caller(lib, p, group)(x)
+
+
+def columns(lib: Library, p: dict[str, torch.Tensor], group: int, n0: int, n1: int) -> torch.Tensor:
+    """Output columns n0:n1 (multiples of lib.cols) of the packed weight, dequantized to bf16 as
+    [K, n1 - n0]: the weights of the dense path for many rows."""
+    weight = p["native_weight"]
+    k = weight.shape[1] * 8
+    out = torch.empty(k, n1 - n0, dtype=torch.bfloat16)
+    lib.dequant(
+        weight.data_ptr(),
+        p["native_s"].data_ptr(),
+        p["native_zs"].data_ptr(),
+        k,
+        n0,
+        n1,
+        k if group == -1 or group >= k else group,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def _self_check(lib: Library) -> float:
+    """Relative error of the kernel against a float matmul on random codes and inputs (three
+    rows, two groups, two column blocks)."""
+    gen = torch.Generator().manual_seed(0)
+    k, n, group = 64, 2 * lib.cols, 32
+    codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(2, n, generator=gen) + 0.5
+    zeros = torch.randint(0, 16, (2, n), generator=gen).float()
+    x = torch.randn(3, k, generator=gen)
+    g = group_index(k, group)
+    ref = x.double() @ ((codes.double() - zeros.double()[g]) * scales.double()[g])
+    y = matmul(lib, pack(lib, codes, scales, zeros), x, group)
+    return float((y.double() - ref).norm() / ref.norm())
