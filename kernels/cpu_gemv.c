@@ -103,11 +103,11 @@ static float quantize_block(const float *x, int16_t *xq, int32_t *sum) {
     *sum = 0;
     return __builtin_nanf("");
   }
-  const float inv = m > 0.f ? 32767.f / m : 0.f;
+  const double inv = m > 0.f ? 32767.0 / m : 0.0; /* double: no overflow for tiny m */
   int32_t s = 0;
   for (int i = 0; i < 32; i++) {
-    const float v = x[(i & ~7) + order[i & 7]] * inv;
-    xq[i] = (int16_t)(v >= 0.f ? v + 0.5f : v - 0.5f);
+    const double v = x[(i & ~7) + order[i & 7]] * inv;
+    xq[i] = (int16_t)(v >= 0.0 ? v + 0.5 : v - 0.5);
     s += xq[i];
   }
   *sum = s;
@@ -218,7 +218,9 @@ void bitserve_dequant(const uint8_t *w, const float *s, const float *zs, int k, 
           const float v = (float)(j < 4 ? byte & 15 : byte >> 4) * s[at + col] - zs[at + col];
           uint32_t bits;
           __builtin_memcpy(&bits, &v, 4);
-          o[col] = (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+          o[col] = (bits & 0x7fffffff) > 0x7f800000 /* NaN stays NaN */
+                       ? (uint16_t)((bits >> 16) | 0x40)
+                       : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
         }
       }
     }

@@ -147,10 +147,10 @@ def caller(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """x [M, K] -> fp32 [M, N] through the kernel for the packed weight `p` (from `pack`), with
     its pointers and sizes looked up once (the decode loop calls it on every step)."""
-    weight, s, zs = p["native_weight"], p["native_s"], p["native_zs"]
-    k, n = weight.shape[1] * 8, weight.shape[0] * lib.cols
+    keep = (p["native_weight"], p["native_s"], p["native_zs"])  # alive as long as the closure
+    k, n = keep[0].shape[1] * 8, keep[0].shape[0] * lib.cols
     group = k if group == -1 or group >= k else group
-    ptrs = (weight.data_ptr(), s.data_ptr(), zs.data_ptr())
+    ptrs = tuple(t.data_ptr() for t in keep)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != k:
@@ -158,11 +158,11 @@ def caller(
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
         m = x.shape[0]
-        out = torch.empty(m, n)
+        out = torch.empty(m, n, dtype=torch.float32)  # the kernel writes fp32
         threads = torch.get_num_threads()
         if lib.gemv(*ptrs, x.data_ptr(), out.data_ptr(), m, k, n, group, threads):
             raise MemoryError(f"no memory for the int16 copy of {m} x {k} activations")
-        assert weight.data_ptr() == ptrs[0]  # keeps the packed tensors alive with the closure
+        assert keep[0].data_ptr() == ptrs[0]  # referencing keep holds all three tensors
         return out
 
     return call
