@@ -1,7 +1,8 @@
 """The lm_head of the default model in fp32, bf16 (plain, and in oneDNN's layout as `bitserve
-serve` runs it on the CPU), int8 per-channel and int8 g32 (RTN, symmetric: the cpu backend's two nibble planes): perplexity on a
-text and argmax agreement with fp32 (the decoder stays fp32), then the matmul's time at M=1, 4
-and 16 against bf16, in the same run.
+serve` runs it on the CPU), int8 per-channel (torch's int8 kernel) and int8 g32 (RTN,
+symmetric: `--head-dtype int8`, on the cpu backend's own kernel, and on torch's int4 kernel as
+two nibble planes): perplexity on a text and argmax agreement with fp32 (the decoder stays
+fp32), then the matmul's time at M=1, 4 and 16 against bf16, in the same run.
 
     .venv/bin/python bench/head_dtype.py [--text ../shared/data/wikitext-2/test.txt] [--windows 20]
 """
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from kernels_cpu import torch_int4  # bench/ is on the path when run as a script
 
 from bitserve.models import load_model
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
@@ -22,13 +24,16 @@ from bitserve.server.runner import onednn_linear, onednn_weight
 
 
 def heads(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """fp32, bf16 (plain and oneDNN), int8 per-channel (symmetric absmax) and int8 g32 versions
-    of x @ weight.T."""
+    """fp32, bf16 (plain and oneDNN), int8 per-channel (symmetric absmax) and int8 g32 (ours,
+    and torch's kernels) versions of x @ weight.T."""
     wb = weight.bfloat16()
     packed = onednn_weight(wb)
     assert packed is not None, "this torch has no oneDNN"
     g32 = quantize_rtn(weight, QuantSpec(8, 32, sym=True)).to_module()
     assert g32.set_backend() == "cpu"
+    with torch_int4():
+        planes = quantize_rtn(weight, QuantSpec(8, 32, sym=True)).to_module()
+        assert planes.set_backend() == "cpu"
     scale = weight.abs().amax(dim=1) / 127
     q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
     sb = scale.bfloat16()
@@ -38,6 +43,7 @@ def heads(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tens
         "bf16 oneDNN": lambda x: onednn_linear(x.bfloat16(), packed, None).float(),
         "int8": lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, sb).float(),
         "int8 g32": lambda x: g32(x),
+        "int8 g32, torch's int4 kernel": lambda x: planes(x),
     }
 
 

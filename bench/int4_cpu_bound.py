@@ -53,7 +53,7 @@ def main() -> None:
         if lib:
             groups = -(-k // args.group)
             ours = cpu_native.pack(
-                lib, codes.t().to(torch.uint8), torch.rand(groups, n), torch.rand(groups, n)
+                lib, codes.t().to(torch.uint8), torch.rand(groups, n), torch.rand(groups, n), 4
             )
             fns.append(functools.partial(cpu_native.matmul, lib, ours, x.float(), args.group))
         torch.set_num_threads(2)

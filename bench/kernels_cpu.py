@@ -1,8 +1,8 @@
 """CPU kernel benchmark: the cpu QuantLinear backend vs an fp32 nn.Linear of the same shape, per
-layer shape of the default model and M (W4 g128 also with torch's int4 kernel in place of our
-own), plus greedy decode tokens/s of the default model W4 vs the unquantized one (HF generate,
-and the serving engine's runner, W4 with each kernel). Ratios are against baselines measured in
-the same run, interleaved.
+layer shape of the default model and M (W4 g128 and W8 per-channel also with torch's kernels in
+place of our own), plus greedy decode tokens/s of the default model W4 vs the unquantized one
+(HF generate, and the serving engine's runner, W4 with each kernel). Ratios are against
+baselines measured in the same run, interleaved.
 
     .venv/bin/python bench/kernels_cpu.py [--e2e-tokens 64] [--skip-e2e | --skip-layers]
 """
@@ -34,6 +34,7 @@ SHAPES = [
 ]
 MS = (1, 4, 16, 64)
 SPECS = [QuantSpec(4, 128), QuantSpec(8, -1), QuantSpec(3, 128), QuantSpec(8, 128)]
+BASELINES = [0, 1]  # the SPECS also timed with torch's kernels (int4, int8) in place of ours
 
 
 def _once(fn: Callable[[], object], budget_s: float) -> float:
@@ -62,7 +63,7 @@ def interleaved(
 
 @contextlib.contextmanager
 def torch_int4() -> Iterator[None]:
-    """Layers set up inside run torch's int4 kernel instead of our own (the baseline)."""
+    """Layers set up inside run torch's kernels instead of our own (the baseline)."""
     library = cpu_native.library
     cpu_native.library = lambda: None  # type: ignore[assignment]
     try:
@@ -72,13 +73,14 @@ def torch_int4() -> Iterator[None]:
 
 
 def layer_table() -> list[str]:
-    """Markdown rows: shape, M, fp32 time, then per spec time and speed-up over fp32, and W4
-    g128 through torch's int4 kernel (our kernel's speed-up over it in the last column)."""
+    """Markdown rows: shape, M, fp32 time, then per spec time and speed-up over fp32, and the
+    BASELINES specs through torch's kernels, each followed by our kernel's speed-up over it."""
     header = "| layer | K x N | M | fp32 Linear us | " + " | ".join(
         f"{s.label()} us (x fp32)" for s in SPECS
     )
-    header += " | W4 g128, torch's int4 kernel us (x fp32) | ours / torch's"
-    rows = [header + " |", "|" + "---|" * (6 + len(SPECS))]
+    for i in BASELINES:
+        header += f" | {SPECS[i].label()}, torch's kernel us (x fp32) | ours / torch's"
+    rows = [header + " |", "|" + "---|" * (4 + len(SPECS) + 2 * len(BASELINES))]
     torch.manual_seed(0)
     for name, k, n in SHAPES:
         dense = nn.Linear(k, n, bias=False).eval()
@@ -88,14 +90,19 @@ def layer_table() -> list[str]:
             assert layer.set_backend() == "cpu"
             quant.append(layer)
         with torch_int4():
-            quant.append(quantize_rtn(dense.weight.detach(), SPECS[0]).to_module())
-            assert quant[-1].set_backend() == "cpu"
+            for i in BASELINES:
+                quant.append(quantize_rtn(dense.weight.detach(), SPECS[i]).to_module())
+                assert quant[-1].set_backend() == "cpu"
         for m in MS:
             x = torch.randn(m, k)
             with torch.inference_mode():
                 times = interleaved([partial(mod, x) for mod in [dense, *quant]])
-            cells = " | ".join(f"{t * 1e6:.0f} ({times[0] / t:.2f}x)" for t in times[1:])
-            cells += f" | {times[-1] / times[1]:.2f}x"
+            cells = " | ".join(
+                f"{t * 1e6:.0f} ({times[0] / t:.2f}x)" for t in times[1 : 1 + len(SPECS)]
+            )
+            for j, i in enumerate(BASELINES):
+                t = times[1 + len(SPECS) + j]
+                cells += f" | {t * 1e6:.0f} ({times[0] / t:.2f}x) | {t / times[1 + i]:.2f}x"
             rows.append(f"| {name} | {k}x{n} | {m} | {times[0] * 1e6:.0f} | {cells} |")
             print(rows[-1], flush=True)
     return rows
@@ -251,7 +258,7 @@ def main() -> None:
         print(f"decode batch 1, {args.e2e_tokens} new tokens, greedy, serving runner:")
         print(
             f"fp32 model {base:.1f} tok/s; {args.checkpoint} {w4:.1f} tok/s ({w4 / base:.2f}x), "
-            f"with torch's int4 kernel {old:.1f} tok/s (ours {w4 / old:.2f}x)"
+            f"with torch's kernels {old:.1f} tok/s (ours {w4 / old:.2f}x)"
         )
 
 

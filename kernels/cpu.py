@@ -1,10 +1,10 @@
 """CPU backend: our own int16-activation kernel and PyTorch's packed CPU kernels for QuantLinear.
 
-2/3/4-bit codes go through bitserve's own kernel (`cpu_native`, compiled at first use; faster
-than torch's int4 kernel and as exact as fp32) where it builds and the shape fits, otherwise
-through the int4 tinygemm CPU kernel (`_weight_int4pack_mm_for_cpu`, any code below 16 fits a
-nibble); 8-bit group-wise codes through it twice (high and low nibbles, two matmuls that add
-up); 8-bit per-channel through `_weight_int8pack_mm`. torch's kernels are vectorised only for
+2/3/4 and 8-bit codes go through bitserve's own kernel (`cpu_native`, compiled at first use;
+faster than torch's kernels and as exact as fp32) where it builds and the shape fits. Otherwise
+2/3/4-bit codes go through the int4 tinygemm CPU kernel (`_weight_int4pack_mm_for_cpu`, any
+code below 16 fits a nibble); 8-bit group-wise codes through it twice (high and low nibbles,
+two matmuls that add up); 8-bit per-channel through `_weight_int8pack_mm`. torch's kernels are vectorised only for
 bf16 activations (fp32 and fp16 take a scalar path 20-30x slower), so those paths run in bf16
 with fp32 accumulation and return the caller's dtype. From DENSE_ROWS rows (prefill) both int4
 paths run a dense bf16 GEMM on weights dequantized a chunk at a time. Anything else (group
@@ -75,10 +75,10 @@ def _kind(layer: QuantLinear) -> str:
 
 
 def _native(layer: QuantLinear) -> cpu_native.Library | None:
-    """Our own kernel, where it is built and takes this layer (2-4 bits, aligned shape)."""
+    """Our own kernel, where it is built and takes this layer (2-4 or 8 bits, aligned shape)."""
     lib = cpu_native.library()
     k, n, group = layer.in_features, layer.out_features, layer.group_size
-    return lib if lib and layer.bits <= 4 and cpu_native.accepts(lib, k, n, group) else None
+    return lib if lib and cpu_native.accepts(lib, layer.bits, k, n, group) else None
 
 
 @functools.cache
@@ -158,7 +158,7 @@ def _prepare(layer: QuantLinear) -> None:
     lib = _native(layer)
     if lib is not None:
         codes, zeros = layer.codes(), layer.zero_codes().float()
-        layer.prepared.update(cpu_native.pack(lib, codes, layer.scales, zeros))
+        layer.prepared.update(cpu_native.pack(lib, codes, layer.scales, zeros, layer.bits))
         return
     {"int4": _prepare_int4, "int8": _prepare_int8, "dequant": _prepare_dequant}[_kind(layer)](layer)
 
@@ -230,7 +230,8 @@ def _matmul_int4(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, k_pad - layer.in_features))
     x, p = x.to(KERNEL_DTYPE), layer.prepared
     planes = 2 if "int4_weight1" in p else 1
-    if x.shape[0] * planes >= DENSE_ROWS and _layout_ok():
+    bf16_gemm = cpu_native.dense_dtype() == torch.bfloat16  # else the kernel is faster
+    if x.shape[0] * planes >= DENSE_ROWS and bf16_gemm and _layout_ok():
         y = _dense_int4(layer, x, kg)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, p["int4_weight0"], kg, p["int4_sz0"])
@@ -262,16 +263,18 @@ def _matmul_dequant(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _matmul_native(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (made fp32) through our own kernel, or from DENSE_ROWS rows a dense bf16 GEMM on
-    DENSE_CHUNK output rows dequantized at a time (as the int4 path): fp32 [M, N]."""
+    """x [M, K] (made fp32) through our own kernel, or from DENSE_ROWS rows a dense GEMM (bf16
+    or fp32, `cpu_native.dense_dtype`) on DENSE_CHUNK output rows dequantized at a time (as the
+    int4 path): fp32 [M, N]."""
     lib = cpu_native.library()
     assert lib is not None  # the layer was packed for it
     group, n = layer.group_size, layer.out_features
     if x.shape[0] < DENSE_ROWS:
         return cpu_native.matmul(lib, layer.prepared, x, group)
-    xb, chunk = x.to(KERNEL_DTYPE), DENSE_CHUNK // lib.cols * lib.cols
+    dtype, chunk = cpu_native.dense_dtype(), DENSE_CHUNK // lib.cols * lib.cols
+    xd = x.to(dtype)
     parts = [
-        torch.mm(xb, cpu_native.columns(lib, layer.prepared, group, n0, min(n0 + chunk, n)))
+        torch.mm(xd, cpu_native.columns(lib, layer.prepared, group, n0, min(n0 + chunk, n), dtype))
         for n0 in range(0, n, chunk)
     ]
     return torch.cat(parts, dim=1).float()

@@ -1,4 +1,4 @@
-/* bitserve's CPU matmul for 2-4 bit group-wise weights and a few rows of activations
+/* bitserve's CPU matmul for 2-8 bit group-wise weights and a few rows of activations
  * (kernels/cpu_native.py compiles it at first use with -march=native and calls it).
  *
  * torch's int4 CPU kernel is bound by its own unpacking at one row (docs/kernels.md). Here each
@@ -9,9 +9,11 @@
  *     out += sx * (s * sum(q * xq) - s * z * sum(xq)).
  * Up to ROWS rows share one unpacking of each weight register.
  *
- * Weight layout: [N / COLS][K / 8][COLS][4 bytes]; byte j of a column holds the code of
- * k0 + j in its low nibble and of k0 + 4 + j in its high one. Scales s and s * z: fp32
- * [N / COLS][groups][COLS].
+ * Weight layout, codes below 16 (2-4 bits): [N / COLS][K / 8][COLS][4 bytes]; byte j of a
+ * column holds the code of k0 + j in its low nibble and of k0 + 4 + j in its high one.
+ * 8-bit codes: [N / COLS][K / 8][2][COLS][4 bytes], byte j of the first word the code of
+ * k0 + j, of the second k0 + 4 + j. Either way a 16-bit lane of the unpacked registers holds
+ * the codes of k0 + i and k0 + i + 2. Scales s and s * z: fp32 [N / COLS][groups][COLS].
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -120,12 +122,13 @@ static inline vi pair(const int16_t *p) {
   return SET1_32(v);
 }
 
-/* out[r][COLS columns] for `rows` (1..ROWS) rows of quantized x against one column block.
- * Each row keeps four dot accumulators (one per lane pair) so that their dependency chains
- * overlap; two from three rows up, where sixteen accumulators would spill registers. */
+/* out[r][COLS columns] for `rows` (1..ROWS) rows of quantized x against one column block of
+ * `bits`-wide codes (4: nibbles, 8: bytes). Each row keeps four dot accumulators (one per lane
+ * pair) so that their dependency chains overlap; two from three rows up, where sixteen
+ * accumulators would spill registers. */
 static inline __attribute__((always_inline)) void column_block(
     const uint8_t *w, const float *s, const float *zs, const int16_t *xq, const float *sx,
-    const int32_t *sq, float *out, int k, int n, int blocks_per_group, int rows) {
+    const int32_t *sq, float *out, int k, int n, int blocks_per_group, int rows, int bits) {
   const vi nib = SET1_8(15), low = SET1_16(255);
   const int blocks = k / 32;
   vf acc[ROWS];
@@ -136,12 +139,19 @@ static inline __attribute__((always_inline)) void column_block(
     for (int r = 0; r < rows; r++)
       for (int j = 0; j < 4; j++) dot[r][j] = ZEROI();
     for (int o = 0; o < 4; o++) {
-      const uint8_t *at = w + (size_t)(b * 4 + o) * 4 * COLS;
-      _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
-      const vi v = LOADI(at);
-      const vi lo = AND(v, nib), hi = AND(SRLI16(v, 4), nib);
       /* 16-bit lanes: the codes (k0, k2), (k1, k3), (k4, k6), (k5, k7) of each column */
-      const vi c[4] = {AND(lo, low), SRLI16(lo, 8), AND(hi, low), SRLI16(hi, 8)};
+      vi c[4];
+      const uint8_t *at = w + (size_t)(b * 4 + o) * bits * COLS;
+      _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0);
+      if (bits == 4) {
+        const vi v = LOADI(at);
+        const vi lo = AND(v, nib), hi = AND(SRLI16(v, 4), nib);
+        c[0] = AND(lo, low), c[1] = SRLI16(lo, 8), c[2] = AND(hi, low), c[3] = SRLI16(hi, 8);
+      } else {
+        _mm_prefetch((const char *)at + 4 * COLS + PREFETCH, _MM_HINT_T0);
+        const vi v0 = LOADI(at), v1 = LOADI(at + 4 * COLS);
+        c[0] = AND(v0, low), c[1] = SRLI16(v0, 8), c[2] = AND(v1, low), c[3] = SRLI16(v1, 8);
+      }
       for (int r = 0; r < rows; r++) {
         const int16_t *x = xq + (size_t)r * k + b * 32 + o * 8;
         for (int j = 0; j < 4; j++)
@@ -161,11 +171,26 @@ static inline __attribute__((always_inline)) void column_block(
   for (int r = 0; r < rows; r++) STOREF(out + (size_t)r * n, acc[r]);
 }
 
-/* out [m, n] fp32 = x [m, k] fp32 times the packed weight (k a multiple of 32, n of COLS,
- * group a multiple of 32 or k). Rows are independent: a row's result does not depend on m or
- * on the thread count. Returns 0, or -1 if the scratch for the quantized x cannot be had. */
+/* column_block with `rows` and `bits` as constants, so that each case compiles to its own
+ * straight-line code. */
+static void column_block_any(const uint8_t *w, const float *s, const float *zs, const int16_t *xq,
+                             const float *sx, const int32_t *sq, float *out, int k, int n, int bpg,
+                             int rows, int bits) {
+#define CASE(R, B)                                                   \
+  if (rows == R && bits == B) {                                      \
+    column_block(w, s, zs, xq, sx, sq, out, k, n, bpg, R, B);        \
+    return;                                                          \
+  }
+  CASE(1, 4) CASE(2, 4) CASE(3, 4) CASE(4, 4) CASE(1, 8) CASE(2, 8) CASE(3, 8) CASE(4, 8)
+#undef CASE
+}
+
+/* out [m, n] fp32 = x [m, k] fp32 times the packed weight of `bits` (4: codes below 16, or 8)
+ * (k a multiple of 32, n of COLS, group a multiple of 32 or k). Rows are independent: a row's
+ * result does not depend on m or on the thread count. Returns 0, or -1 if the scratch for the
+ * quantized x cannot be had. */
 int bitserve_gemv(const uint8_t *w, const float *s, const float *zs, const float *x, float *out,
-                  int m, int k, int n, int group, int threads) {
+                  int m, int k, int n, int group, int bits, int threads) {
   int16_t *xq = malloc(sizeof(int16_t) * (size_t)m * k);
   float *sx = malloc(sizeof(float) * (size_t)m * (k / 32));
   int32_t *sq = malloc(sizeof(int32_t) * (size_t)m * (k / 32));
@@ -182,18 +207,11 @@ int bitserve_gemv(const uint8_t *w, const float *s, const float *zs, const float
 #pragma omp for schedule(static) collapse(2)
     for (int c = 0; c < n / COLS; c++) {
       for (int r0 = 0; r0 < m; r0 += ROWS) {
-        const uint8_t *wc = w + (size_t)c * k * COLS / 2;
-        const float *sc = s + (size_t)c * groups * COLS, *zc = zs + (size_t)c * groups * COLS;
-        const int16_t *xr = xq + (size_t)r0 * k;
-        const float *sxr = sx + (size_t)r0 * blocks;
-        const int32_t *sqr = sq + (size_t)r0 * blocks;
-        float *o = out + (size_t)r0 * n + c * COLS;
-        switch (m - r0 < ROWS ? m - r0 : ROWS) {
-          case 1: column_block(wc, sc, zc, xr, sxr, sqr, o, k, n, bpg, 1); break;
-          case 2: column_block(wc, sc, zc, xr, sxr, sqr, o, k, n, bpg, 2); break;
-          case 3: column_block(wc, sc, zc, xr, sxr, sqr, o, k, n, bpg, 3); break;
-          default: column_block(wc, sc, zc, xr, sxr, sqr, o, k, n, bpg, ROWS); break;
-        }
+        const int rows = m - r0 < ROWS ? m - r0 : ROWS;
+        column_block_any(w + (size_t)c * k * COLS * bits / 8, s + (size_t)c * groups * COLS,
+                         zs + (size_t)c * groups * COLS, xq + (size_t)r0 * k,
+                         sx + (size_t)r0 * blocks, sq + (size_t)r0 * blocks,
+                         out + (size_t)r0 * n + c * COLS, k, n, bpg, rows, bits);
       }
     }
   }
@@ -201,26 +219,37 @@ int bitserve_gemv(const uint8_t *w, const float *s, const float *zs, const float
   return 0;
 }
 
-/* Output columns n0..n1 (multiples of COLS) of the packed weight, dequantized and rounded to
- * bf16 (to nearest even) into out [k][n1 - n0]: the weights of the dense path for many rows. */
+/* Output columns n0..n1 (multiples of COLS) of the packed weight of `bits`, dequantized into
+ * out [k][n1 - n0], fp32, or rounded to bf16 (to nearest even) where `bf16`: the weights of
+ * the dense path for many rows. */
 void bitserve_dequant(const uint8_t *w, const float *s, const float *zs, int k, int n0, int n1,
-                      int group, uint16_t *out, int threads) {
+                      int group, int bits, void *out, int bf16, int threads) {
   const int groups = (k + group - 1) / group, ld = n1 - n0;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int c = n0 / COLS; c < n1 / COLS; c++) {
-    const uint8_t *wc = w + (size_t)c * k * COLS / 2;
+    const uint8_t *wc = w + (size_t)c * k * COLS * bits / 8;
     for (int k8 = 0; k8 < k / 8; k8++) {
       const size_t at = ((size_t)c * groups + k8 * 8 / group) * COLS;
       for (int j = 0; j < 8; j++) {
-        uint16_t *o = out + (size_t)(k8 * 8 + j) * ld + (c * COLS - n0);
+        const size_t o = (size_t)(k8 * 8 + j) * ld + (c * COLS - n0);
         for (int col = 0; col < COLS; col++) {
-          const uint8_t byte = wc[(k8 * COLS + col) * 4 + (j & 3)];
-          const float v = (float)(j < 4 ? byte & 15 : byte >> 4) * s[at + col] - zs[at + col];
-          uint32_t bits;
-          __builtin_memcpy(&bits, &v, 4);
-          o[col] = (bits & 0x7fffffff) > 0x7f800000 /* NaN stays NaN */
-                       ? (uint16_t)((bits >> 16) | 0x40)
-                       : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+          int code;
+          if (bits == 4) {
+            const uint8_t byte = wc[(k8 * COLS + col) * 4 + (j & 3)];
+            code = j < 4 ? byte & 15 : byte >> 4;
+          } else {
+            code = wc[((k8 * 2 + j / 4) * COLS + col) * 4 + (j & 3)];
+          }
+          const float v = (float)code * s[at + col] - zs[at + col];
+          if (!bf16) {
+            ((float *)out)[o + col] = v;
+            continue;
+          }
+          uint32_t u;
+          __builtin_memcpy(&u, &v, 4);
+          ((uint16_t *)out)[o + col] = (u & 0x7fffffff) > 0x7f800000 /* NaN stays NaN */
+                                           ? (uint16_t)((u >> 16) | 0x40)
+                                           : (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
         }
       }
     }

@@ -1,4 +1,4 @@
-"""bitserve's own CPU matmul for 2-4 bit weights (`cpu_gemv.c`), used by the cpu backend.
+"""bitserve's own CPU matmul for 2-8 bit weights (`cpu_gemv.c`), used by the cpu backend.
 
 The C source is compiled at first use with the machine's compiler (`cc -O3 -march=native
 -fopenmp`) into the cache directory, keyed by the source, the compiler and the CPU's flags, and
@@ -60,6 +60,15 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+@functools.cache
+def dense_dtype() -> torch.dtype:
+    """The dtype of the dense GEMM that many-row calls run on dequantized weights: bf16 where
+    the CPU multiplies it natively (AVX512-BF16, AMX), else fp32 (torch's bf16 GEMM on a plain
+    AVX2 CPU is about 100x slower than its fp32 one)."""
+    flags = _cpu_flags().split()
+    return torch.bfloat16 if "avx512_bf16" in flags or "amx_bf16" in flags else torch.float32
+
+
 def _compile(cc: str, march: str, out: Path) -> None:
     """Compile the source into `out` (written to a temporary file, then renamed, so that a
     concurrent process never loads half a library)."""
@@ -95,9 +104,9 @@ def build(march: str = "native", cc: str | None = None) -> Library | None:
         log.warning("own CPU kernel unavailable (%s): using torch's int4 kernel", e)
         return None
     gemv = lib.bitserve_gemv
-    gemv.argtypes = [_P] * 5 + [_I] * 5
+    gemv.argtypes = [_P] * 5 + [_I] * 6
     dequant = lib.bitserve_dequant
-    dequant.argtypes = [_P] * 3 + [_I] * 4 + [_P, _I]
+    dequant.argtypes = [_P] * 3 + [_I] * 5 + [_P, _I, _I]
     gemv.restype, dequant.restype = _I, None
     lib.bitserve_gemv_isa.restype = ctypes.c_char_p
     isa = lib.bitserve_gemv_isa().decode()
@@ -118,28 +127,38 @@ def library() -> Library | None:
     return build()
 
 
-def accepts(lib: Library, k: int, n: int, group: int) -> bool:
-    """Whether a [k -> n] layer with `group` (-1: per-channel) fits the kernel's layout."""
+def accepts(lib: Library, bits: int, k: int, n: int, group: int) -> bool:
+    """Whether a [k -> n] layer of `bits` with `group` (-1: per-channel) fits the kernel."""
     group = k if group == -1 or group >= k else group
-    return k % 32 == 0 and n % lib.cols == 0 and group % 32 == 0
+    return bits in (2, 3, 4, 8) and k % 32 == 0 and n % lib.cols == 0 and group % 32 == 0
 
 
 def pack(
-    lib: Library, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+    lib: Library, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
 ) -> dict[str, torch.Tensor]:
-    """The kernel's tensors from codes uint8 [K, N] (below 16), scales and zero codes [G, N]:
-    `native_weight` uint8 [N / C, K / 8, C, 4], `native_s` and `native_zs` (s and s * z) fp32
+    """The kernel's tensors from codes uint8 [K, N] of `bits`, scales and zero codes [G, N]:
+    `native_weight` uint8 [N / C, K / 8, C, 4] (codes below 16, two to a byte) or
+    [N / C, K / 8, 2, C, 4] (8 bits), `native_s` and `native_zs` (s and s * z) fp32
     [N / C, G, C], C = lib.cols (layout in cpu_gemv.c)."""
     k, n = codes.shape
     c = lib.cols
-    t = codes.t().reshape(n // c, c, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
-    weight = (t[..., 0, :] | (t[..., 1, :] << 4)).contiguous()
+    if bits == 8:
+        t = codes.t().reshape(n // c, c, k // 8, 2, 4).permute(0, 2, 3, 1, 4)
+        weight = t.contiguous()
+    else:
+        t = codes.t().reshape(n // c, c, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
+        weight = (t[..., 0, :] | (t[..., 1, :] << 4)).contiguous()
 
     def blocked(a: torch.Tensor) -> torch.Tensor:
         return a.float().t().reshape(n // c, c, -1).transpose(1, 2).contiguous()
 
     s = scales.float()
     return {"native_weight": weight, "native_s": blocked(s), "native_zs": blocked(s * zeros)}
+
+
+def _bits(lib: Library, weight: torch.Tensor) -> int:
+    """4 or 8: the code width a packed weight holds (its bytes per column and 8 codes)."""
+    return weight[0, 0].numel() // lib.cols
 
 
 def caller(
@@ -150,7 +169,7 @@ def caller(
     keep = (p["native_weight"], p["native_s"], p["native_zs"])  # alive as long as the closure
     k, n = keep[0].shape[1] * 8, keep[0].shape[0] * lib.cols
     group = k if group == -1 or group >= k else group
-    ptrs = tuple(t.data_ptr() for t in keep)
+    ptrs, bits = tuple(t.data_ptr() for t in keep), _bits(lib, keep[0])
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != k:
@@ -160,7 +179,7 @@ def caller(
         m = x.shape[0]
         out = torch.empty(m, n, dtype=torch.float32)  # the kernel writes fp32
         threads = torch.get_num_threads()
-        if lib.gemv(*ptrs, x.data_ptr(), out.data_ptr(), m, k, n, group, threads):
+        if lib.gemv(*ptrs, x.data_ptr(), out.data_ptr(), m, k, n, group, bits, threads):
             raise MemoryError(f"no memory for the int16 copy of {m} x {k} activations")
         assert keep[0].data_ptr() == ptrs[0]  # referencing keep holds all three tensors
         return out
@@ -173,12 +192,17 @@ def matmul(lib: Library, p: dict[str, torch.Tensor], x: torch.Tensor, group: int
     return caller(lib, p, group)(x)
 
 
-def columns(lib: Library, p: dict[str, torch.Tensor], group: int, n0: int, n1: int) -> torch.Tensor:
-    """Output columns n0:n1 (multiples of lib.cols) of the packed weight, dequantized to bf16 as
-    [K, n1 - n0]: the weights of the dense path for many rows."""
+def columns(
+    lib: Library, p: dict[str, torch.Tensor], group: int, n0: int, n1: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Output columns n0:n1 (multiples of lib.cols) of the packed weight, dequantized as
+    [K, n1 - n0] in `dtype` (fp32, or bf16 rounded to nearest even): the weights of the dense
+    path for many rows."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dequantizes to float32 or bfloat16, not {dtype}")
     weight = p["native_weight"]
     k = weight.shape[1] * 8
-    out = torch.empty(k, n1 - n0, dtype=torch.bfloat16)
+    out = torch.empty(k, n1 - n0, dtype=dtype)
     lib.dequant(
         weight.data_ptr(),
         p["native_s"].data_ptr(),
@@ -187,22 +211,27 @@ def columns(lib: Library, p: dict[str, torch.Tensor], group: int, n0: int, n1: i
         n0,
         n1,
         k if group == -1 or group >= k else group,
+        _bits(lib, weight),
         out.data_ptr(),
+        int(dtype == torch.bfloat16),
         torch.get_num_threads(),
     )
     return out
 
 
 def _self_check(lib: Library) -> float:
-    """Relative error of the kernel against a float matmul on random codes and inputs (three
-    rows, two groups, two column blocks)."""
+    """Largest relative error of the kernel against a float matmul on random codes and inputs
+    (three rows, two groups, two column blocks), for 4 and 8-bit codes."""
     gen = torch.Generator().manual_seed(0)
     k, n, group = 64, 2 * lib.cols, 32
-    codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.uint8)
-    scales = torch.rand(2, n, generator=gen) + 0.5
-    zeros = torch.randint(0, 16, (2, n), generator=gen).float()
-    x = torch.randn(3, k, generator=gen)
-    g = group_index(k, group)
-    ref = x.double() @ ((codes.double() - zeros.double()[g]) * scales.double()[g])
-    y = matmul(lib, pack(lib, codes, scales, zeros), x, group)
-    return float((y.double() - ref).norm() / ref.norm())
+    errors = []
+    for bits in (4, 8):
+        codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.uint8)
+        scales = torch.rand(2, n, generator=gen) + 0.5
+        zeros = torch.randint(0, 1 << bits, (2, n), generator=gen).float()
+        x = torch.randn(3, k, generator=gen)
+        g = group_index(k, group)
+        ref = x.double() @ ((codes.double() - zeros.double()[g]) * scales.double()[g])
+        y = matmul(lib, pack(lib, codes, scales, zeros, bits), x, group)
+        errors.append(float((y.double() - ref).norm() / ref.norm()))
+    return max(errors)

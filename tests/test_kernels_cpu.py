@@ -79,7 +79,7 @@ def test_cpu_matches_reference(bits: int, group: int, sym: bool, kernel: str) ->
     for k, n in SHAPES:
         layer = random_layer(k, n, bits, group, sym)
         layer.set_backend("cpu")
-        native = kernel == "native" and bits <= 4 and k % 32 == 0 and n % NATIVE.cols == 0
+        native = kernel == "native" and k % 32 == 0 and n % NATIVE.cols == 0
         assert (cpu._kind(layer) == "native") == native
         for m in (1, 5, 9):  # our kernel: rows in tiles of 4, and 1 or 5 left over
             check(layer, m, torch.float32)
@@ -92,8 +92,8 @@ def test_many_rows_take_the_dense_path_and_match(bits: int, group: int, torch_in
     tiles for a dense GEMM: it must match the reference (whole 64-row blocks, a tail of 48 rows
     past them, K padded), and it must run (the packed layout it reads is checked, and the int4
     kernel is not called)."""
-    if not cpu._layout_ok():
-        pytest.skip("this CPU's int4 packed layout is not the AVX512 one the dense path reads")
+    if not cpu._layout_ok() or cpu_native.dense_dtype() != torch.bfloat16:
+        pytest.skip("this CPU's int4 layout is not the AVX512 one, or it has no bf16 GEMM")
     torch.manual_seed(bits + group)
     for k, n in [(576, 1000), (100, 48), (256, 64)]:
         layer = random_layer(k, n, bits, group, False, bias=True)
@@ -155,11 +155,11 @@ def test_layout_check_fails_on_another_layout(
     [(4, 128, "int4"), (3, 64, "int4"), (2, -1, "int4"), (8, -1, "int8"), (8, 128, "int4")],
 )
 def test_path_taken_and_no_float_copy(bits: int, group: int, kind: str, kernel: str) -> None:
-    """Each layer takes its fast path (ours for 2-4 bits where it builds), and nothing
-    prepared is a full-precision weight."""
+    """Each layer takes its fast path (ours where it builds), and nothing prepared is a
+    full-precision weight."""
     layer = random_layer(576, 1536, bits, group, False)
     assert layer.set_backend() == "cpu"
-    assert cpu._kind(layer) == ("native" if kernel == "native" and bits <= 4 else kind)
+    assert cpu._kind(layer) == ("native" if kernel == "native" else kind)
     for t in layer.prepared.values():
         assert not (t.is_floating_point() and t.numel() >= layer.in_features * layer.out_features)
 
@@ -291,27 +291,28 @@ def native_ref(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, x: torch.T
 @pytest.mark.parametrize("march", ["native", "x86-64-v3"])
 def test_native_kernel_against_fp64_for_every_row_count(march: str) -> None:
     """Built for this CPU (16-column blocks with AVX512) and for plain AVX2 (8 columns,
-    vpmaddwd), the kernel matches an fp64 matmul within 1e-4 (int16 activations) for 1 to 9
-    rows (tiles of 4 and what is left), a short last group, per-channel, and inputs whose blocks
-    differ in scale by 1e6; each row's result is the same bit for bit alone, in a batch, and on
-    one thread."""
+    vpmaddwd), the kernel matches an fp64 matmul within 1e-4 (int16 activations) for 4 and
+    8-bit codes, 1 to 9 rows (tiles of 4 and what is left), a short last group, per-channel,
+    and inputs whose blocks differ in scale by 1e6; each row's result is the same bit for bit
+    alone, in a batch, and on one thread."""
     if "avx2" not in cpu_native._cpu_flags():
         pytest.skip("no AVX2")
     lib = cpu_native.build(march)
     assert lib is not None and lib.cols == (8 if march == "x86-64-v3" else NATIVE.cols)
     gen = torch.Generator().manual_seed(3)
-    for k, n, group in [(576, 96, 128), (256, 48, 256), (320, 32, 64)]:
+    cases = [(576, 96, 128, 4), (256, 48, 256, 4), (320, 32, 64, 4), (576, 48, 128, 8)]
+    for k, n, group, bits in cases + [(256, 32, 256, 8), (320, 48, 32, 8)]:
         n = n // lib.cols * lib.cols
         groups = -(-k // group)
-        codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.uint8)
+        codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.uint8)
         s = torch.rand(groups, n, generator=gen) + 0.1
-        z = torch.randint(0, 16, (groups, n), generator=gen).float()
-        p = cpu_native.pack(lib, codes, s, z)
+        z = torch.randint(0, 1 << bits, (groups, n), generator=gen).float()
+        p = cpu_native.pack(lib, codes, s, z, bits)
         x = torch.randn(9, k, generator=gen)
         x[:, :32] *= 1e6  # one block far larger than the rest: each block has its own scale
         for m in range(1, 10):
             y = cpu_native.matmul(lib, p, x[:m], group)
-            assert rel_err(y, native_ref(codes, s, z, x[:m], group)) < 1e-4, (k, n, m)
+            assert rel_err(y, native_ref(codes, s, z, x[:m], group)) < 1e-4, (k, n, m, bits)
         alone = cpu_native.matmul(lib, p, x[4:5].clone(), group)
         assert torch.equal(alone[0], y[4])
         threads = torch.get_num_threads()
@@ -320,18 +321,21 @@ def test_native_kernel_against_fp64_for_every_row_count(march: str) -> None:
             assert torch.equal(cpu_native.matmul(lib, p, x, group), y)
         finally:
             torch.set_num_threads(threads)
-        dense = cpu_native.columns(lib, p, group, lib.cols, n)  # bf16 columns past the first block
         g = torch.arange(k) // group
-        want = ((codes.float() - z[g]) * s[g])[:, lib.cols :]
-        assert dense.dtype == torch.bfloat16 and rel_err(dense, want) < 4e-3
+        want = ((codes.float() - z[g]) * s[g])[:, lib.cols :]  # the columns past the first block
+        dense = cpu_native.columns(lib, p, group, lib.cols, n, torch.float32)
+        assert dense.dtype == torch.float32 and rel_err(dense, want) < 1e-6
+        bf16 = cpu_native.columns(lib, p, group, lib.cols, n, torch.bfloat16)
+        assert torch.equal(bf16, dense.bfloat16())  # rounded once, to nearest even
 
 
 @needs_native
-def test_native_kernel_passes_nan_and_infinity_on() -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_native_kernel_passes_nan_and_infinity_on(bits: int) -> None:
     """A NaN or an infinity in a row of x makes that row's outputs NaN (int16 quantization
     would otherwise turn it into a finite number); the other rows are untouched."""
     torch.manual_seed(4)
-    layer = random_layer(256, 64, 4, 64, False)
+    layer = random_layer(256, 64, bits, 64, False)
     layer.set_backend("cpu")
     x = torch.randn(3, 256)
     clean = layer(x)
@@ -375,8 +379,34 @@ def test_native_many_rows_take_the_dense_path(monkeypatch: pytest.MonkeyPatch) -
         call(torch.randn(2, 512))  # never read past the rows
     monkeypatch.setattr(cpu, "DENSE_CHUNK", 320)
     monkeypatch.setattr(cpu_native, "matmul", None)  # must not be used
-    for m in (cpu.DENSE_ROWS, cpu.DENSE_ROWS + 5):
-        check(layer, m, torch.float32)
+    for dtype in (torch.bfloat16, torch.float32):
+        monkeypatch.setattr(cpu_native, "dense_dtype", lambda dtype=dtype: dtype)
+        for m in (cpu.DENSE_ROWS, cpu.DENSE_ROWS + 5):
+            check(layer, m, torch.float32)
+
+
+def test_dense_gemm_is_bf16_only_where_the_cpu_multiplies_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The many-row GEMM runs in bf16 only on CPUs with AVX512-BF16 or AMX; on others (plain
+    AVX2: torch's bf16 GEMM about 100x slower than fp32) in fp32, and torch's int4 planes keep
+    their kernel for every call."""
+    for flags, dtype in [
+        ("flags : fpu avx2 avx512f avx512_bf16", torch.bfloat16),
+        ("flags : fpu avx2 amx_bf16 amx_tile", torch.bfloat16),
+        ("flags : fpu avx2 avx512f avx512_vnni", torch.float32),
+        ("flags : fpu avx avx2 fma", torch.float32),
+    ]:
+        monkeypatch.setattr(cpu_native, "_cpu_flags", lambda flags=flags: flags)
+        assert cpu_native.dense_dtype.__wrapped__() == dtype, flags
+    monkeypatch.setattr(cpu_native, "library", lambda: None)
+    monkeypatch.setattr(cpu_native, "dense_dtype", lambda: torch.float32)
+    monkeypatch.setattr(cpu, "_layout_ok", lambda: True)
+    layer = random_layer(256, 64, 4, 64, False)
+    layer.set_backend("cpu")
+    assert cpu._kind(layer) == "int4"
+    monkeypatch.setattr(cpu, "_dense_int4", None)  # must not be used
+    check(layer, cpu.DENSE_ROWS, torch.float32)
 
 
 def test_native_build_failures_fall_back_with_a_reason(

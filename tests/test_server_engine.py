@@ -918,6 +918,8 @@ def _tiny_llama(spec: Any, arch: str = "llama") -> Any:
         ((4, 64), torch.float32, True),  # K = 96: a short last group
         ((4, 32), torch.bfloat16, False),  # one torch int4 kernel call per projection
         ((4, 64), torch.bfloat16, False),  # K = 96 padded to the group: through _matmul_int4
+        ((8, 32), torch.float32, True),  # our own kernel, 8-bit codes
+        ((8, -1), torch.float32, True),  # our own kernel, 8-bit per channel
         ((8, 32), torch.bfloat16, False),  # two nibble planes
         ((8, -1), None, False),  # int8 per channel: the module itself
         (None, None, False),  # fp32 nn.Linear
