@@ -131,15 +131,17 @@ def decode_tps(src: str, tokens: int, rounds: int = 3) -> float:
     return statistics.median(rates)
 
 
-def runner_decoder(src: str, tokens: int) -> Callable[[], float]:
-    """A greedy decode at batch 1 through the serving engine's runner (fused projections, bf16
-    lm_head, as `bitserve serve` runs it); each call decodes `tokens` and returns tokens/s."""
+def runner_decoder(src: str, tokens: int, head: torch.dtype | None = None) -> Callable[[], float]:
+    """A greedy decode at batch 1 through the serving engine's runner (fused projections, the
+    lm_head in `head`, default `--head-dtype auto`'s, as `bitserve serve` runs it); each call
+    decodes `tokens` and returns tokens/s."""
     from bitserve.models import load_model
-    from bitserve.server.runner import LlamaRunner
+    from bitserve.server.runner import LlamaRunner, auto_head_dtype
 
     loaded = load_model(src)
     prompt = loaded.tokenizer("The history of the city begins")["input_ids"]
-    runner = LlamaRunner(loaded.model, 1, len(prompt) + tokens, torch.bfloat16)
+    head = head or auto_head_dtype(torch.device("cpu"))
+    runner = LlamaRunner(loaded.model, 1, len(prompt) + tokens, head)
     slot = torch.tensor([0])
 
     def decode() -> float:
@@ -171,16 +173,25 @@ def dense_table(checkpoints: list[str]) -> None:
 
 
 def _dense_table(checkpoints: list[str], default: int) -> None:
-    """The cpu backend's two paths for many rows, in the same run: the kernel (our own at W4
-    where it builds, torch's int4 kernel at W8) against dequantized bf16 tiles and a dense GEMM
-    (what it takes from DENSE_ROWS rows), per decoder layer shape at W4 and W8 g128, then a
+    """The cpu backend's two paths for many rows, in the same run: the kernel (our own where it
+    builds, else torch's) against dequantized tiles and a dense GEMM (bf16 or fp32 by the CPU,
+    what it takes from DENSE_ROWS rows), per decoder layer shape at W4 and W8 g128, then a
     prefill through the serving runner per checkpoint."""
     from bitserve.kernels import cpu
     from bitserve.models import load_model
     from bitserve.server.runner import LlamaRunner
 
-    if not cpu._layout_ok() and cpu_native.library() is None:
-        print("(this CPU's int4 packed layout is not the one the dense path reads: no comparison)")
+    dtype = cpu_native.dense_dtype()
+    a, b = torch.randn(512, 576), torch.randn(576, 2048)
+    dtypes = (torch.float32, torch.bfloat16)
+    gemm: list[Callable[[], object]] = [partial(torch.mm, a.to(d), b.to(d)) for d in dtypes]
+    fp32, bf16 = interleaved(gemm, rounds=3, budget_s=0.0)
+    print(
+        f"torch.mm 512 x 576 x 2048: fp32 {fp32 * 1e3:.1f} ms, bf16 {bf16 * 1e3:.1f} ms "
+        f"({fp32 / bf16:.2f}x); dense GEMMs here in {dtype}"
+    )
+    if cpu_native.library() is None and not (cpu._layout_ok() and dtype == torch.bfloat16):
+        print("(torch's int4 kernel keeps every call on this CPU: no comparison)")
         return
 
     def path(rows: int, fn: Callable[[], object]) -> Callable[[], object]:
@@ -190,9 +201,7 @@ def _dense_table(checkpoints: list[str], default: int) -> None:
 
         return run
 
-    print(
-        "| layer | K x N | M | W4 kernel us | W4 dense us (x) | W8 int4 kernel us | W8 dense us (x) |"
-    )
+    print("| layer | K x N | M | W4 kernel us | W4 dense us (x) | W8 kernel us | W8 dense us (x) |")
     print("|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     for name, k, n in SHAPES[2:6]:
@@ -246,20 +255,28 @@ def main() -> None:
         w4 = decode_tps(args.checkpoint, args.e2e_tokens)
         print(f"\ndecode batch 1, {args.e2e_tokens} new tokens, greedy, HF generate:")
         print(f"fp32 model {base:.1f} tok/s; {args.checkpoint} {w4:.1f} tok/s ({w4 / base:.2f}x)")
-        runs = [runner_decoder("default", args.e2e_tokens)]
+        from bitserve.server.runner import auto_head_dtype
+
+        auto = str(auto_head_dtype(torch.device("cpu"))).removeprefix("torch.")
+        ckpt, bf16 = args.checkpoint, torch.bfloat16
+        runs = {
+            f"fp32 model, {auto} head (auto)": runner_decoder("default", args.e2e_tokens),
+            f"{ckpt}, our kernel, {auto} head (auto)": runner_decoder(ckpt, args.e2e_tokens),
+            f"{ckpt}, our kernel, bfloat16 head": runner_decoder(ckpt, args.e2e_tokens, bf16),
+        }
         with torch_int4():
-            runs.append(runner_decoder(args.checkpoint, args.e2e_tokens))
-        runs.append(runner_decoder(args.checkpoint, args.e2e_tokens))
-        rates: list[list[float]] = [[], [], []]
+            runs[f"{ckpt}, torch's kernels, bfloat16 head"] = runner_decoder(
+                ckpt, args.e2e_tokens, bf16
+            )
+        rates: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(3):  # interleaved rounds
-            for rate, run in zip(rates, runs, strict=True):
-                rate.append(run())
-        base, old, w4 = (statistics.median(r) for r in rates)
+            for name, run in runs.items():
+                rates[name].append(run())
         print(f"decode batch 1, {args.e2e_tokens} new tokens, greedy, serving runner:")
-        print(
-            f"fp32 model {base:.1f} tok/s; {args.checkpoint} {w4:.1f} tok/s ({w4 / base:.2f}x), "
-            f"with torch's kernels {old:.1f} tok/s (ours {w4 / old:.2f}x)"
-        )
+        base = statistics.median(rates[next(iter(runs))])
+        for name, rate in rates.items():
+            tps = statistics.median(rate)
+            print(f"{name}: {tps:.1f} tok/s ({tps / base:.2f}x the first)")
 
 
 if __name__ == "__main__":

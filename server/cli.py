@@ -145,7 +145,7 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     from bitserve.server.api import ServerState
     from bitserve.server.engine import Engine
     from bitserve.server.metrics import create_metrics
-    from bitserve.server.runner import LlamaRunner, kv_bytes_per_slot
+    from bitserve.server.runner import LlamaRunner, auto_head_dtype, kv_bytes_per_slot
     from bitserve.server.schemas import ModelCard
 
     model, tok = loaded.model, loaded.tokenizer
@@ -175,7 +175,10 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
             "backend": sorted({m.backend for m in layers}),
         }
         quality = loaded.manifest.get("quality")
-    head = getattr(torch, settings.head_dtype)
+    if settings.head_dtype == "auto":
+        head = auto_head_dtype(weight.device)
+    else:
+        head = getattr(torch, settings.head_dtype)
     fused = None if settings.fused_decode else False  # None: the runner's default (CUDA, Triton)
     runner = LlamaRunner(
         model, slots, settings.max_model_len, head, decode_graphs=graphs, fused_decode=fused
@@ -431,11 +434,13 @@ def add_parser(sub: Any) -> None:
     )
     s.add_argument(
         "--head-dtype",
-        choices=["bfloat16", "int8", "float32"],
-        help="the lm_head matmul, when narrower than the model's (default bfloat16, on the "
-        "CPU in oneDNN's layout: about 2x torch's plain bf16 matmul). int8, on the CPU: an RTN "
-        "W8 g32 copy, half bf16's bytes and as close to fp32; as fast for one sequence, slower "
-        "for 4 and more (docs/serving.md). An fp16 model on a GPU keeps its own",
+        choices=["auto", "bfloat16", "int8", "float32"],
+        help="the lm_head matmul, when narrower than the model's. bfloat16: on the CPU in "
+        "oneDNN's layout where the CPU has it (about 2x torch's plain bf16 matmul). int8, on "
+        "the CPU: an RTN W8 g32 copy, half bf16's bytes and closer to fp32, through bitserve's "
+        "own kernel. auto (default): int8 on a CPU where bitserve's kernel runs and oneDNN's "
+        "bf16 matmul does not (plain AVX2: 3-5x faster there), else bfloat16 "
+        "(docs/serving.md). An fp16 model on a GPU keeps its own",
     )
     s.add_argument(
         "--shutdown-timeout",

@@ -99,6 +99,18 @@ def onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
+def auto_head_dtype(device: torch.device) -> torch.dtype:
+    """`--head-dtype auto`: int8 on a CPU where bitserve's own kernel runs and oneDNN's bf16
+    matmul does not (plain AVX2: there torch's bf16 head is 3x slower than the int8 one at one
+    row and 5x at 16, and no closer to fp32; docs/serving.md), else bfloat16."""
+    from bitserve.kernels import cpu_native
+
+    if device.type != "cpu" or cpu_native.library() is None:
+        return torch.bfloat16
+    probe = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    return torch.bfloat16 if onednn_weight(probe) is not None else torch.int8
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding as HF llama applies it (rotate_half convention): rotate_half(x) * sin is
     the half-rolled x times sin with its first half negated."""

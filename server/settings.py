@@ -51,12 +51,13 @@ class Settings(BaseSettings):
     warmup: bool = Field(
         True, description="on CUDA, tune kernels and capture decode graphs before serving"
     )
-    head_dtype: Literal["bfloat16", "int8", "float32"] = Field(
-        "bfloat16",
+    head_dtype: Literal["auto", "bfloat16", "int8", "float32"] = Field(
+        "auto",
         description="the lm_head matmul when narrower than the model's: bfloat16 (halves an "
-        "fp32 head's memory traffic; on the CPU in oneDNN's layout), int8 (on the CPU: an RTN "
-        "W8 g32 copy, half bf16's bytes, as fast for one sequence, slower for 4 and more) or "
-        "float32; a 16-bit model on a GPU keeps its own",
+        "fp32 head's memory traffic; on the CPU in oneDNN's layout where the CPU has it), int8 "
+        "(on the CPU: an RTN W8 g32 copy through bitserve's own kernel, half bf16's bytes), "
+        "float32, or auto: int8 on a CPU where bitserve's kernel runs and oneDNN's bf16 matmul "
+        "does not, else bfloat16; a 16-bit model on a GPU keeps its own",
     )
     shutdown_timeout: float | None = Field(
         None,

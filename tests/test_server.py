@@ -91,9 +91,13 @@ def test_health_ready_and_model_card(url: str, server_tiny_checkpoint: Path) -> 
     assert (card["device"], card["dtype"]) == ("cpu", "float32")
     # CUDA-only paths, and the prefix cache is off by default
     assert card["decode"] == {"cuda_graphs": False, "fused_kernels": False, "prefix_cache": False}
-    # the default: a bf16 copy of the fp32 head, in oneDNN's layout where torch has oneDNN
+    # the default (auto): a bf16 copy of the fp32 head in oneDNN's layout where the CPU has
+    # it, else an int8 one where our kernel runs, else a plain bf16 one
+    from bitserve.server.runner import auto_head_dtype
+
+    auto = auto_head_dtype(torch.device("cpu"))
     onednn = " (oneDNN layout)" if torch.backends.mkldnn.is_available() else ""
-    assert card["lm_head"] == "bfloat16" + onednn
+    assert card["lm_head"] == ("int8 g32" if auto == torch.int8 else "bfloat16" + onednn)
     q = card["quantization"]
     assert (q["method"], q["bits"], q["group_size"]) == ("rtn", 4, 32)
     assert q["bits_per_weight"] == pytest.approx(4 + (16 + 4) / 32)

@@ -46,7 +46,9 @@ def test_runner_matches_hf_forward(server_tiny_checkpoint: Path) -> None:
             seqs[i].append(t)
             with torch.no_grad():
                 ref = model(torch.tensor([seqs[i]])).logits[0, -1]
-            assert rel_err(logits[i], ref) < 1e-4
+            # 1e-4 plus a little: a different op order flips some int16 roundings of the
+            # activations in our CPU kernel (about 3e-5 each), and layers carry them on
+            assert rel_err(logits[i], ref) < 2e-4
 
 
 def test_detokenizer_never_splits_a_character(server_tiny_checkpoint: Path) -> None:
@@ -226,7 +228,38 @@ def test_int8_head_matches_fp32_and_is_batch_invariant() -> None:
     assert torch.equal(alone[0], got[2])
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_auto_head_is_int8_only_where_our_kernel_runs_and_onednn_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--head-dtype auto`: int8 on a CPU with our kernel and without oneDNN's bf16 matmul (plain
+    AVX2); bf16 with oneDNN, without our kernel, or off the CPU."""
+    import bitserve.server.runner as runner_module
+    from bitserve.kernels import cpu_native
+    from bitserve.server.runner import auto_head_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    lib = object()  # stands for a built kernel
+    for have_lib, have_onednn, device, want in [
+        (True, False, cpu, torch.int8),
+        (True, True, cpu, torch.bfloat16),
+        (False, False, cpu, torch.bfloat16),
+        (True, False, cuda, torch.bfloat16),
+    ]:
+        monkeypatch.setattr(cpu_native, "library", lambda h=have_lib: lib if h else None)
+        monkeypatch.setattr(
+            runner_module, "onednn_weight", lambda w, o=have_onednn: w if o else None
+        )
+        assert auto_head_dtype(device) == want, (have_lib, have_onednn, device)
+
+
+def _onednn_bf16() -> bool:
+    """Whether oneDNN's bf16 matmul runs on this CPU (it needs AVX512 or AVX-NE-CONVERT)."""
+    from bitserve.server.runner import onednn_weight
+
+    return onednn_weight(torch.randn(16, 32).bfloat16()) is not None
+
+
+@pytest.mark.skipif(not _onednn_bf16(), reason="no oneDNN bf16 matmul on this CPU or torch")
 def test_bf16_head_in_onednn_layout_gives_f_linears_logits(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
