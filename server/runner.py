@@ -293,9 +293,9 @@ class LlamaRunner:
         self.norm = inner.norm
         self.lm_head = model.lm_head
         # The vocabulary projection is the largest matmul; a bf16 copy halves the bytes it reads.
-        # int8 (on the CPU): an RTN W8 g32 copy instead (the cpu backend's two nibble planes), a
-        # quarter of fp32's bytes and as close to fp32 as bf16; as fast as the oneDNN bf16 head
-        # at one row, slower from four (docs/serving.md).
+        # int8 (on the CPU): an RTN W8 g32 copy instead, run by the cpu backend (our kernel where
+        # it builds), a quarter of fp32's bytes and closer to fp32 than bf16; 3-5x torch's plain
+        # bf16 head, slower than the oneDNN one from four rows (docs/serving.md).
         self.head_weight: torch.Tensor | None = None
         self.head_int8: QuantLinear | None = None
         head = model.lm_head
