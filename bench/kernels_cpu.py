@@ -81,6 +81,7 @@ def layer_table() -> list[str]:
     for i in BASELINES:
         header += f" | {SPECS[i].label()}, torch's kernel us (x fp32) | ours / torch's"
     rows = [header + " |", "|" + "---|" * (4 + len(SPECS) + 2 * len(BASELINES))]
+    print("\n".join(rows), flush=True)
     torch.manual_seed(0)
     for name, k, n in SHAPES:
         dense = nn.Linear(k, n, bias=False).eval()
@@ -140,7 +141,7 @@ def runner_decoder(src: str, tokens: int, head: torch.dtype | None = None) -> Ca
 
     loaded = load_model(src)
     prompt = loaded.tokenizer("The history of the city begins")["input_ids"]
-    head = head or auto_head_dtype(torch.device("cpu"))
+    head = head or auto_head_dtype(loaded.model.lm_head.weight)
     runner = LlamaRunner(loaded.model, 1, len(prompt) + tokens, head)
     slot = torch.tensor([0])
 
@@ -255,9 +256,11 @@ def main() -> None:
         w4 = decode_tps(args.checkpoint, args.e2e_tokens)
         print(f"\ndecode batch 1, {args.e2e_tokens} new tokens, greedy, HF generate:")
         print(f"fp32 model {base:.1f} tok/s; {args.checkpoint} {w4:.1f} tok/s ({w4 / base:.2f}x)")
+        from bitserve.models import load_model
         from bitserve.server.runner import auto_head_dtype
 
-        auto = str(auto_head_dtype(torch.device("cpu"))).removeprefix("torch.")
+        head = load_model("default").model.lm_head.weight
+        auto = str(auto_head_dtype(head)).removeprefix("torch.")
         ckpt, bf16 = args.checkpoint, torch.bfloat16
         runs = {
             f"fp32 model, {auto} head (auto)": runner_decoder("default", args.e2e_tokens),

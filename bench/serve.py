@@ -324,7 +324,7 @@ def print_table(results: dict[str, Any], baseline: str) -> None:
 
 
 def _offline_engine(
-    args: argparse.Namespace, head_dtype: str = "bfloat16"
+    args: argparse.Namespace, head_dtype: str = "auto"
 ) -> tuple[Any, Any, list[list[int]]]:
     """(loaded model, engine over it, prompt ids) for the offline modes."""
     from bitserve.models import load_model

@@ -6,8 +6,9 @@ faster than torch's kernels and as exact as fp32) where it builds and the shape 
 code below 16 fits a nibble); 8-bit group-wise codes through it twice (high and low nibbles,
 two matmuls that add up); 8-bit per-channel through `_weight_int8pack_mm`. torch's kernels are vectorised only for
 bf16 activations (fp32 and fp16 take a scalar path 20-30x slower), so those paths run in bf16
-with fp32 accumulation and return the caller's dtype. From DENSE_ROWS rows (prefill) both int4
-paths run a dense bf16 GEMM on weights dequantized a chunk at a time. Anything else (group
+with fp32 accumulation and return the caller's dtype. From DENSE_ROWS rows (prefill) our
+kernel's layers and torch's int4 planes run a dense GEMM on weights dequantized a chunk at a
+time, in bf16 where the CPU multiplies it natively, else in fp32. Anything else (group
 sizes that are not multiples of 32) runs dequantize-then-matmul in the caller's dtype over
 chunks of output rows, so no full-precision copy of a whole layer is ever held. Repacking
 happens in `prepare`.
@@ -27,9 +28,9 @@ from bitserve.kernels.quant_linear import Backend, Direct, QuantLinear, register
 
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
 DEQUANT_CHUNK = 512  # output rows dequantized at a time by the fallback path
-# Calls with at least DENSE_ROWS rows (prefill; half as many for 8-bit's two planes) dequantize
-# DENSE_CHUNK output rows at a time to bf16 and run a dense GEMM instead of the int4 kernel,
-# where that is faster (docs/kernels.md, "Many rows": W4 layers 1.5-1.6x at 256 rows).
+# Calls with at least DENSE_ROWS rows (prefill; half as many for torch's two 8-bit planes)
+# dequantize DENSE_CHUNK output rows at a time (bf16 or fp32, `cpu_native.dense_dtype`) and run
+# a dense GEMM instead of the kernel, where that is faster (docs/kernels.md, "Many rows").
 DENSE_ROWS, DENSE_CHUNK = 256, 2048  # the chunk: whole 64-row blocks of the packed layout
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNEL_DTYPE = torch.bfloat16  # the packed kernels' fast activation dtype
@@ -205,9 +206,9 @@ def _layout_ok() -> bool:
 
 
 def _dense_int4(layer: QuantLinear, x: torch.Tensor, kg: int) -> torch.Tensor:
-    """x [M, K_pad] bf16 times the layer's int4 planes, dequantized DENSE_CHUNK output rows at a
-    time into bf16 for a dense GEMM (bf16 GEMMs are vectorised; the int4 kernel is slower than
-    them past a hundred rows or so): bf16 [M, N_pad]."""
+    """x [M, K_pad] (bf16 or fp32, `cpu_native.dense_dtype`) times the layer's int4 planes,
+    dequantized DENSE_CHUNK output rows at a time into x's dtype for a dense GEMM (the int4
+    kernel is slower than one past a hundred rows or so): [M, N_pad] in x's dtype."""
     p = layer.prepared
     n_pad = p["int4_sz0"].shape[1]
     whole = n_pad // 64 * 64  # rows in whole 64-row blocks; the rest has its own layout
@@ -220,7 +221,7 @@ def _dense_int4(layer: QuantLinear, x: torch.Tensor, kg: int) -> torch.Tensor:
         w = _int4_columns(*planes[0], kg, n0, n1)
         for packed, sz in planes[1:]:  # 8-bit: the low nibbles
             w += _int4_columns(packed, sz, kg, n0, n1)
-        parts.append(torch.mm(x, w.to(KERNEL_DTYPE)))
+        parts.append(torch.mm(x, w.to(x.dtype)))
     return torch.cat(parts, dim=1)
 
 
@@ -228,12 +229,12 @@ def _matmul_int4(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     kg, k_pad, _ = _int4_geometry(layer)
     if k_pad != layer.in_features:
         x = F.pad(x, (0, k_pad - layer.in_features))
-    x, p = x.to(KERNEL_DTYPE), layer.prepared
+    p = layer.prepared
     planes = 2 if "int4_weight1" in p else 1
-    bf16_gemm = cpu_native.dense_dtype() == torch.bfloat16  # else the kernel is faster
-    if x.shape[0] * planes >= DENSE_ROWS and bf16_gemm and _layout_ok():
-        y = _dense_int4(layer, x, kg)
+    if x.shape[0] * planes >= DENSE_ROWS and _layout_ok():
+        y = _dense_int4(layer, x.to(cpu_native.dense_dtype()), kg)
     else:
+        x = x.to(KERNEL_DTYPE)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, p["int4_weight0"], kg, p["int4_sz0"])
         if "int4_weight1" in p:  # the low nibbles of 8-bit codes
             y = y.float() + torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -187,10 +187,11 @@ static void column_block_any(const uint8_t *w, const float *s, const float *zs, 
 
 /* out [m, n] fp32 = x [m, k] fp32 times the packed weight of `bits` (4: codes below 16, or 8)
  * (k a multiple of 32, n of COLS, group a multiple of 32 or k). Rows are independent: a row's
- * result does not depend on m or on the thread count. Returns 0, or -1 if the scratch for the
- * quantized x cannot be had. */
+ * result does not depend on m or on the thread count. Returns 0, -1 if the scratch for the
+ * quantized x cannot be had, -2 for a `bits` that is neither 4 nor 8. */
 int bitserve_gemv(const uint8_t *w, const float *s, const float *zs, const float *x, float *out,
                   int m, int k, int n, int group, int bits, int threads) {
+  if (bits != 4 && bits != 8) return -2;
   int16_t *xq = malloc(sizeof(int16_t) * (size_t)m * k);
   float *sx = malloc(sizeof(float) * (size_t)m * (k / 32));
   int32_t *sq = malloc(sizeof(int32_t) * (size_t)m * (k / 32));
@@ -221,9 +222,10 @@ int bitserve_gemv(const uint8_t *w, const float *s, const float *zs, const float
 
 /* Output columns n0..n1 (multiples of COLS) of the packed weight of `bits`, dequantized into
  * out [k][n1 - n0], fp32, or rounded to bf16 (to nearest even) where `bf16`: the weights of
- * the dense path for many rows. */
-void bitserve_dequant(const uint8_t *w, const float *s, const float *zs, int k, int n0, int n1,
-                      int group, int bits, void *out, int bf16, int threads) {
+ * the dense path for many rows. Returns 0, or -2 for a `bits` that is neither 4 nor 8. */
+int bitserve_dequant(const uint8_t *w, const float *s, const float *zs, int k, int n0, int n1,
+                     int group, int bits, void *out, int bf16, int threads) {
+  if (bits != 4 && bits != 8) return -2;
   const int groups = (k + group - 1) / group, ld = n1 - n0;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int c = n0 / COLS; c < n1 / COLS; c++) {
@@ -254,4 +256,5 @@ void bitserve_dequant(const uint8_t *w, const float *s, const float *zs, int k, 
       }
     }
   }
+  return 0;
 }

@@ -42,7 +42,7 @@ class Library:
     layout's columns per block (16 with AVX512, else 8) and the instruction set they use."""
 
     gemv: Callable[..., int]
-    dequant: Callable[..., None]
+    dequant: Callable[..., int]
     cols: int
     isa: str
     path: Path
@@ -107,7 +107,7 @@ def build(march: str = "native", cc: str | None = None) -> Library | None:
     gemv.argtypes = [_P] * 5 + [_I] * 6
     dequant = lib.bitserve_dequant
     dequant.argtypes = [_P] * 3 + [_I] * 5 + [_P, _I, _I]
-    gemv.restype, dequant.restype = _I, None
+    gemv.restype, dequant.restype = _I, _I
     lib.bitserve_gemv_isa.restype = ctypes.c_char_p
     isa = lib.bitserve_gemv_isa().decode()
     found = Library(gemv, dequant, int(lib.bitserve_gemv_cols()), isa, path)
@@ -140,6 +140,8 @@ def pack(
     `native_weight` uint8 [N / C, K / 8, C, 4] (codes below 16, two to a byte) or
     [N / C, K / 8, 2, C, 4] (8 bits), `native_s` and `native_zs` (s and s * z) fp32
     [N / C, G, C], C = lib.cols (layout in cpu_gemv.c)."""
+    if bits not in (2, 3, 4, 8) or codes.dtype != torch.uint8:
+        raise ValueError(f"packs uint8 codes of 2, 3, 4 or 8 bits, not {codes.dtype} of {bits}")
     k, n = codes.shape
     c = lib.cols
     if bits == 8:
@@ -179,8 +181,11 @@ def caller(
         m = x.shape[0]
         out = torch.empty(m, n, dtype=torch.float32)  # the kernel writes fp32
         threads = torch.get_num_threads()
-        if lib.gemv(*ptrs, x.data_ptr(), out.data_ptr(), m, k, n, group, bits, threads):
+        err = lib.gemv(*ptrs, x.data_ptr(), out.data_ptr(), m, k, n, group, bits, threads)
+        if err == -1:
             raise MemoryError(f"no memory for the int16 copy of {m} x {k} activations")
+        if err:
+            raise ValueError(f"the kernel takes 4 or 8-bit storage, not {bits} bits")
         assert keep[0].data_ptr() == ptrs[0]  # referencing keep holds all three tensors
         return out
 
@@ -203,7 +208,7 @@ def columns(
     weight = p["native_weight"]
     k = weight.shape[1] * 8
     out = torch.empty(k, n1 - n0, dtype=dtype)
-    lib.dequant(
+    err = lib.dequant(
         weight.data_ptr(),
         p["native_s"].data_ptr(),
         p["native_zs"].data_ptr(),
@@ -216,6 +221,8 @@ def columns(
         int(dtype == torch.bfloat16),
         torch.get_num_threads(),
     )
+    if err:
+        raise ValueError(f"the kernel takes 4 or 8-bit storage, not {_bits(lib, weight)} bits")
     return out
 
 

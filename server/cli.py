@@ -176,7 +176,8 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
         }
         quality = loaded.manifest.get("quality")
     if settings.head_dtype == "auto":
-        head = auto_head_dtype(weight.device)
+        head_weight = getattr(model.get_output_embeddings(), "weight", None)
+        head = torch.bfloat16 if head_weight is None else auto_head_dtype(head_weight)
     else:
         head = getattr(torch, settings.head_dtype)
     fused = None if settings.fused_decode else False  # None: the runner's default (CUDA, Triton)

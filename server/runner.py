@@ -99,13 +99,15 @@ def onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
-def auto_head_dtype(device: torch.device) -> torch.dtype:
-    """`--head-dtype auto`: int8 on a CPU where bitserve's own kernel runs and oneDNN's bf16
-    matmul does not (plain AVX2: there torch's bf16 head is 3x slower than the int8 one at one
-    row and 5x at 16, and no closer to fp32; docs/serving.md), else bfloat16."""
+def auto_head_dtype(weight: torch.Tensor) -> torch.dtype:
+    """`--head-dtype auto` for an lm_head weight [N, K]: int8 on a CPU where bitserve's own
+    kernel runs and takes the head's shape (as W8 g32) and oneDNN's bf16 matmul does not (plain
+    AVX2: there torch's bf16 head is 3x slower than the int8 one at one row and 5x at 16, and
+    no closer to fp32; docs/serving.md), else bfloat16."""
     from bitserve.kernels import cpu_native
 
-    if device.type != "cpu" or cpu_native.library() is None:
+    lib = cpu_native.library() if weight.device.type == "cpu" and weight.dim() == 2 else None
+    if lib is None or not cpu_native.accepts(lib, 8, weight.shape[1], weight.shape[0], 32):
         return torch.bfloat16
     probe = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
     return torch.bfloat16 if onednn_weight(probe) is not None else torch.int8
@@ -295,7 +297,8 @@ class LlamaRunner:
         # The vocabulary projection is the largest matmul; a bf16 copy halves the bytes it reads.
         # int8 (on the CPU): an RTN W8 g32 copy instead, run by the cpu backend (our kernel where
         # it builds), a quarter of fp32's bytes and closer to fp32 than bf16; 3-5x torch's plain
-        # bf16 head, slower than the oneDNN one from four rows (docs/serving.md).
+        # bf16 head; against the oneDNN one measured only as torch's two nibble planes, slower
+        # from four rows (docs/serving.md).
         self.head_weight: torch.Tensor | None = None
         self.head_int8: QuantLinear | None = None
         head = model.lm_head
@@ -306,7 +309,7 @@ class LlamaRunner:
                 None if head.bias is None else head.bias.detach()
             )
             w8.set_backend("cpu")
-            w8.release_packed()  # the cpu backend's planes are all it needs
+            w8.release_packed()  # the cpu backend's repacked copy is all it needs
             self.head_int8 = w8
         elif head_dtype == torch.int8:
             log.warning("an int8 lm_head runs on the CPU only: keeping the model's own head")

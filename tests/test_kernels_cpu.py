@@ -52,10 +52,12 @@ def torch_int4(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def check(layer: QuantLinear, m: int, dtype: torch.dtype) -> None:
-    """Fresh random input; the cpu backend's output must match the reference's."""
+    """Fresh random input; the cpu backend's output must match the reference's (as exactly as
+    the path runs: fp32, int16 activations in our kernel, or bf16)."""
     kind = cpu._kind(layer)
+    dense_fp32 = m >= cpu.DENSE_ROWS and cpu_native.dense_dtype() == torch.float32
     exact = dtype == torch.float32 and (
-        kind == "dequant" or (kind == "native" and m < cpu.DENSE_ROWS)
+        kind == "dequant" or (kind == "native" and (m < cpu.DENSE_ROWS or dense_fp32))
     )
     tol = 1e-4 if kind == "native" and exact else 1e-5 if exact else BF16_TOL
     x = torch.randn(m, layer.in_features).to(dtype)
@@ -88,12 +90,12 @@ def test_cpu_matches_reference(bits: int, group: int, sym: bool, kernel: str) ->
 
 @pytest.mark.parametrize(("bits", "group"), [(4, 128), (3, 64), (2, -1), (8, 128), (8, -1)])
 def test_many_rows_take_the_dense_path_and_match(bits: int, group: int, torch_int4: None) -> None:
-    """From DENSE_ROWS rows (half as many at 8 bits) the int4 planes are dequantized to bf16
-    tiles for a dense GEMM: it must match the reference (whole 64-row blocks, a tail of 48 rows
-    past them, K padded), and it must run (the packed layout it reads is checked, and the int4
-    kernel is not called)."""
-    if not cpu._layout_ok() or cpu_native.dense_dtype() != torch.bfloat16:
-        pytest.skip("this CPU's int4 layout is not the AVX512 one, or it has no bf16 GEMM")
+    """From DENSE_ROWS rows (half as many at 8 bits) the int4 planes are dequantized into tiles
+    (bf16 on CPUs with native bf16, else fp32) for a dense GEMM: it must match the reference
+    (whole 64-row blocks, a tail of 48 rows past them, K padded), and it must run (the packed
+    layout it reads is checked, and the int4 kernel is not called)."""
+    if not cpu._layout_ok():
+        pytest.skip("this CPU's int4 packed layout is not the AVX512 one the dense path reads")
     torch.manual_seed(bits + group)
     for k, n in [(576, 1000), (100, 48), (256, 64)]:
         layer = random_layer(k, n, bits, group, False, bias=True)
@@ -337,6 +339,7 @@ def test_native_kernel_passes_nan_and_infinity_on(bits: int) -> None:
     torch.manual_seed(4)
     layer = random_layer(256, 64, bits, 64, False)
     layer.set_backend("cpu")
+    assert cpu._kind(layer) == "native"
     x = torch.randn(3, 256)
     clean = layer(x)
     x[0, 100], x[2, 7] = float("nan"), float("inf")
@@ -365,8 +368,8 @@ def test_native_is_more_exact_than_torchs_int4_kernel(monkeypatch: pytest.Monkey
 
 @needs_native
 def test_native_many_rows_take_the_dense_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From DENSE_ROWS rows the layer runs a bf16 GEMM on dequantized columns (several
-    chunks), matching the reference, without calling the kernel; the decode loop's direct call
+    """From DENSE_ROWS rows the layer runs a GEMM on dequantized columns (several chunks; bf16
+    and fp32 both), matching the reference, without calling the kernel; the decode loop's direct call
     takes fp32 rows and answers as the module does."""
     torch.manual_seed(6)
     layer = random_layer(576, 1024, 3, 64, True, bias=False)
@@ -389,8 +392,8 @@ def test_dense_gemm_is_bf16_only_where_the_cpu_multiplies_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The many-row GEMM runs in bf16 only on CPUs with AVX512-BF16 or AMX; on others (plain
-    AVX2: torch's bf16 GEMM about 100x slower than fp32) in fp32, and torch's int4 planes keep
-    their kernel for every call."""
+    AVX2: torch's bf16 GEMM about 100x slower than fp32) in fp32, torch's int4 planes' dense
+    path included."""
     for flags, dtype in [
         ("flags : fpu avx2 avx512f avx512_bf16", torch.bfloat16),
         ("flags : fpu avx2 amx_bf16 amx_tile", torch.bfloat16),
@@ -400,13 +403,40 @@ def test_dense_gemm_is_bf16_only_where_the_cpu_multiplies_it(
         monkeypatch.setattr(cpu_native, "_cpu_flags", lambda flags=flags: flags)
         assert cpu_native.dense_dtype.__wrapped__() == dtype, flags
     monkeypatch.setattr(cpu_native, "library", lambda: None)
-    monkeypatch.setattr(cpu_native, "dense_dtype", lambda: torch.float32)
     monkeypatch.setattr(cpu, "_layout_ok", lambda: True)
     layer = random_layer(256, 64, 4, 64, False)
     layer.set_backend("cpu")
     assert cpu._kind(layer) == "int4"
-    monkeypatch.setattr(cpu, "_dense_int4", None)  # must not be used
-    check(layer, cpu.DENSE_ROWS, torch.float32)
+    seen = []
+
+    def dense(layer: QuantLinear, x: torch.Tensor, kg: int) -> torch.Tensor:
+        seen.append(x.dtype)
+        return torch.zeros(x.shape[0], 64, dtype=x.dtype)
+
+    monkeypatch.setattr(cpu, "_dense_int4", dense)
+    for dtype in (torch.float32, torch.bfloat16):
+        monkeypatch.setattr(cpu_native, "dense_dtype", lambda dtype=dtype: dtype)
+        layer(torch.randn(cpu.DENSE_ROWS, 256))
+    assert seen == [torch.float32, torch.bfloat16]
+
+
+@needs_native
+def test_native_refuses_other_storage_widths() -> None:
+    """Codes of a width the kernel has no layout for, or not uint8, are refused when packed; a
+    packed weight of another width is refused by the call, not read past its end."""
+    lib = NATIVE
+    codes = torch.randint(0, 16, (64, lib.cols), dtype=torch.uint8)
+    s, z = torch.rand(2, lib.cols), torch.rand(2, lib.cols)
+    with pytest.raises(ValueError, match="2, 3, 4 or 8 bits"):
+        cpu_native.pack(lib, codes, s, z, 5)
+    with pytest.raises(ValueError, match="2, 3, 4 or 8 bits"):
+        cpu_native.pack(lib, codes.int(), s, z, 4)
+    p = cpu_native.pack(lib, codes, s, z, 4)
+    p["native_weight"] = p["native_weight"][..., :2].contiguous()  # 2 bytes per column: 2 bits
+    with pytest.raises(ValueError, match="4 or 8-bit storage"):
+        cpu_native.matmul(lib, p, torch.randn(1, 64), 32)
+    with pytest.raises(ValueError, match="4 or 8-bit storage"):
+        cpu_native.columns(lib, p, 32, 0, lib.cols, torch.float32)
 
 
 def test_native_build_failures_fall_back_with_a_reason(

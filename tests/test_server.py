@@ -93,11 +93,13 @@ def test_health_ready_and_model_card(url: str, server_tiny_checkpoint: Path) -> 
     assert card["decode"] == {"cuda_graphs": False, "fused_kernels": False, "prefix_cache": False}
     # the default (auto): a bf16 copy of the fp32 head in oneDNN's layout where the CPU has
     # it, else an int8 one where our kernel runs, else a plain bf16 one
-    from bitserve.server.runner import auto_head_dtype
+    from bitserve.models import load_model
+    from bitserve.server.runner import auto_head_dtype, onednn_weight
 
-    auto = auto_head_dtype(torch.device("cpu"))
-    onednn = " (oneDNN layout)" if torch.backends.mkldnn.is_available() else ""
-    assert card["lm_head"] == ("int8 g32" if auto == torch.int8 else "bfloat16" + onednn)
+    auto = auto_head_dtype(load_model(server_tiny_checkpoint).model.lm_head.weight)
+    onednn = onednn_weight(torch.randn(16, 32).bfloat16()) is not None
+    want = "int8 g32" if auto == torch.int8 else "bfloat16" + " (oneDNN layout)" * onednn
+    assert card["lm_head"] == want
     q = card["quantization"]
     assert (q["method"], q["bits"], q["group_size"]) == ("rtn", 4, 32)
     assert q["bits_per_weight"] == pytest.approx(4 + (16 + 4) / 32)

@@ -231,25 +231,30 @@ def test_int8_head_matches_fp32_and_is_batch_invariant() -> None:
 def test_auto_head_is_int8_only_where_our_kernel_runs_and_onednn_does_not(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`--head-dtype auto`: int8 on a CPU with our kernel and without oneDNN's bf16 matmul (plain
-    AVX2); bf16 with oneDNN, without our kernel, or off the CPU."""
+    """`--head-dtype auto`: int8 on a CPU with our kernel, a head shape it takes and no oneDNN
+    bf16 matmul (plain AVX2); bf16 with oneDNN, without our kernel, for a vocabulary that is not
+    whole column blocks, or off the CPU."""
+    import types
+
     import bitserve.server.runner as runner_module
     from bitserve.kernels import cpu_native
     from bitserve.server.runner import auto_head_dtype
 
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    lib = object()  # stands for a built kernel
-    for have_lib, have_onednn, device, want in [
-        (True, False, cpu, torch.int8),
-        (True, True, cpu, torch.bfloat16),
-        (False, False, cpu, torch.bfloat16),
-        (True, False, cuda, torch.bfloat16),
+    lib = types.SimpleNamespace(cols=16)  # stands for a built kernel
+    head, odd, meta = torch.zeros(64, 96), torch.zeros(50, 96), torch.zeros(64, 96, device="meta")
+    for have_lib, have_onednn, weight, want in [
+        (True, False, head, torch.int8),
+        (True, True, head, torch.bfloat16),
+        (False, False, head, torch.bfloat16),
+        (True, False, odd, torch.bfloat16),
+        (True, False, meta, torch.bfloat16),
     ]:
         monkeypatch.setattr(cpu_native, "library", lambda h=have_lib: lib if h else None)
         monkeypatch.setattr(
             runner_module, "onednn_weight", lambda w, o=have_onednn: w if o else None
         )
-        assert auto_head_dtype(device) == want, (have_lib, have_onednn, device)
+        got = auto_head_dtype(weight)
+        assert got == want, (have_lib, have_onednn, tuple(weight.shape), weight.device)
 
 
 def _onednn_bf16() -> bool:
