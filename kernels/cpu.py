@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,12 @@ DENSE_ROWS, DENSE_CHUNK = 256, 2048  # the chunk: whole 64-row blocks of the pac
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNEL_DTYPE = torch.bfloat16  # the packed kernels' fast activation dtype
 log = logging.getLogger("bitserve.kernels")
+# Each native layer's kernel call with its pointers looked up once (`cpu_native.caller`), made on
+# first use and dropped when the layer is prepared again: building it costs more than a small
+# layer's matmul.
+_CALLERS: weakref.WeakKeyDictionary[QuantLinear, Callable[[torch.Tensor], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -156,6 +164,7 @@ def _prepare_dequant(layer: QuantLinear) -> None:
 
 def _prepare(layer: QuantLinear) -> None:
     """Repack the checkpoint tensors once for the path this layer takes."""
+    _CALLERS.pop(layer, None)
     lib = _native(layer)
     if lib is not None:
         codes, zeros = layer.codes(), layer.zero_codes().float()
@@ -263,6 +272,14 @@ def _matmul_dequant(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _gemv(lib: cpu_native.Library, layer: QuantLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The layer's kernel call (`_CALLERS`)."""
+    call = _CALLERS.get(layer)
+    if call is None:
+        call = _CALLERS[layer] = cpu_native.caller(lib, layer.prepared, layer.group_size)
+    return call
+
+
 def _matmul_native(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """x [M, K] (made fp32) through our own kernel, or from DENSE_ROWS rows a dense GEMM (bf16
     or fp32, `cpu_native.dense_dtype`) on DENSE_CHUNK output rows dequantized at a time (as the
@@ -271,7 +288,7 @@ def _matmul_native(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     assert lib is not None  # the layer was packed for it
     group, n = layer.group_size, layer.out_features
     if x.shape[0] < DENSE_ROWS:
-        return cpu_native.matmul(lib, layer.prepared, x, group)
+        return _gemv(lib, layer)(x)
     dtype, chunk = cpu_native.dense_dtype(), DENSE_CHUNK // lib.cols * lib.cols
     xd = x.to(dtype)
     parts = [
@@ -298,7 +315,7 @@ def _direct(layer: QuantLinear) -> Direct | None:
     if _kind(layer) == "native":
         lib = cpu_native.library()
         assert lib is not None  # the layer was packed for it
-        gemv = cpu_native.caller(lib, layer.prepared, layer.group_size)
+        gemv = _gemv(lib, layer)
 
         def native(x: torch.Tensor) -> torch.Tensor:
             return gemv(x) if x.shape[0] < DENSE_ROWS else _matmul_native(layer, x)

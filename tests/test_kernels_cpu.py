@@ -381,7 +381,7 @@ def test_native_many_rows_take_the_dense_path(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ValueError, match="rows of 576 values"):
         call(torch.randn(2, 512))  # never read past the rows
     monkeypatch.setattr(cpu, "DENSE_CHUNK", 320)
-    monkeypatch.setattr(cpu_native, "matmul", None)  # must not be used
+    monkeypatch.setattr(cpu, "_gemv", None)  # the kernel call: must not be used
     for dtype in (torch.bfloat16, torch.float32):
         monkeypatch.setattr(cpu_native, "dense_dtype", lambda dtype=dtype: dtype)
         for m in (cpu.DENSE_ROWS, cpu.DENSE_ROWS + 5):
@@ -418,6 +418,22 @@ def test_dense_gemm_is_bf16_only_where_the_cpu_multiplies_it(
         monkeypatch.setattr(cpu_native, "dense_dtype", lambda dtype=dtype: dtype)
         layer(torch.randn(cpu.DENSE_ROWS, 256))
     assert seen == [torch.float32, torch.bfloat16]
+
+
+@needs_native
+def test_native_kernel_call_is_made_again_when_the_layer_is_prepared_again() -> None:
+    """The layer's cached kernel call follows its weights: scales changed and the layer
+    prepared again, the call uses the new ones."""
+    torch.manual_seed(8)
+    layer = random_layer(256, 64, 4, 64, False)
+    layer.set_backend("cpu")
+    x = torch.randn(2, 256)
+    before = layer(x)
+    layer.set_backend("reference")
+    with torch.no_grad():
+        layer.scales *= 2
+    layer.set_backend("cpu")
+    assert rel_err(layer(x), 2 * before) < 1e-6
 
 
 @needs_native
