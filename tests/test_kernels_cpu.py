@@ -439,7 +439,8 @@ def test_native_kernel_call_is_made_again_when_the_layer_is_prepared_again() -> 
 @needs_native
 def test_native_refuses_other_storage_widths() -> None:
     """Codes of a width the kernel has no layout for, or not uint8, are refused when packed; a
-    packed weight of another width is refused by the call, not read past its end."""
+    packed weight of another width is refused by the call, not read past its end; the dense
+    columns come in fp32 or bf16 only (their buffer is sized by the dtype)."""
     lib = NATIVE
     codes = torch.randint(0, 16, (64, lib.cols), dtype=torch.uint8)
     s, z = torch.rand(2, lib.cols), torch.rand(2, lib.cols)
@@ -453,6 +454,8 @@ def test_native_refuses_other_storage_widths() -> None:
         cpu_native.matmul(lib, p, torch.randn(1, 64), 32)
     with pytest.raises(ValueError, match="4 or 8-bit storage"):
         cpu_native.columns(lib, p, 32, 0, lib.cols, torch.float32)
+    with pytest.raises(ValueError, match="float32 or bfloat16, not torch.float16"):
+        cpu_native.columns(lib, cpu_native.pack(lib, codes, s, z, 4), 32, 0, lib.cols, torch.half)
 
 
 def test_native_build_failures_fall_back_with_a_reason(
