@@ -132,10 +132,13 @@ def decode_tps(src: str, tokens: int, rounds: int = 3) -> float:
     return statistics.median(rates)
 
 
-def runner_decoder(src: str, tokens: int, head: torch.dtype | None = None) -> Callable[[], float]:
+def runner_decoder(
+    src: str, tokens: int, head: torch.dtype | None = None, c_step: bool = True
+) -> Callable[[], float]:
     """A greedy decode at batch 1 through the serving engine's runner (fused projections, the
-    lm_head in `head`, default `--head-dtype auto`'s, as `bitserve serve` runs it); each call
-    decodes `tokens` and returns tokens/s."""
+    lm_head in `head`, default `--head-dtype auto`'s, the whole step in one C call where every
+    projection runs on our kernel, as `bitserve serve` runs it; c_step=False: torch ops between
+    the matmuls instead); each call decodes `tokens` and returns tokens/s."""
     from bitserve.models import load_model
     from bitserve.server.runner import LlamaRunner, auto_head_dtype
 
@@ -143,6 +146,8 @@ def runner_decoder(src: str, tokens: int, head: torch.dtype | None = None) -> Ca
     prompt = loaded.tokenizer("The history of the city begins")["input_ids"]
     head = head or auto_head_dtype(loaded.model.lm_head.weight)
     runner = LlamaRunner(loaded.model, 1, len(prompt) + tokens, head)
+    if not c_step:
+        runner.cpu_decode = None
     slot = torch.tensor([0])
 
     def decode() -> float:
@@ -264,7 +269,12 @@ def main() -> None:
         ckpt, bf16 = args.checkpoint, torch.bfloat16
         runs = {
             f"fp32 model, {auto} head (auto)": runner_decoder("default", args.e2e_tokens),
-            f"{ckpt}, our kernel, {auto} head (auto)": runner_decoder(ckpt, args.e2e_tokens),
+            f"{ckpt}, our kernel, {auto} head (auto), one C call a step": runner_decoder(
+                ckpt, args.e2e_tokens
+            ),
+            f"{ckpt}, our kernel, {auto} head (auto), torch ops between matmuls": runner_decoder(
+                ckpt, args.e2e_tokens, c_step=False
+            ),
             f"{ckpt}, our kernel, bfloat16 head": runner_decoder(ckpt, args.e2e_tokens, bf16),
         }
         with torch_int4():

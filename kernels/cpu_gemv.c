@@ -38,6 +38,7 @@ typedef __m512 vf;
 #define FMSUB _mm512_fmsub_ps
 #define FMADD _mm512_fmadd_ps
 #define MULF _mm512_mul_ps
+#define ADDF _mm512_add_ps
 #define SET1F _mm512_set1_ps
 #ifdef __AVX512VNNI__
 #define DOT(acc, w, x) _mm512_dpwssd_epi32(acc, w, x)
@@ -65,6 +66,7 @@ typedef __m256 vf;
 #define FMSUB _mm256_fmsub_ps
 #define FMADD _mm256_fmadd_ps
 #define MULF _mm256_mul_ps
+#define ADDF _mm256_add_ps
 #define SET1F _mm256_set1_ps
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DOT(acc, w, x) _mm256_dpwssd_epi32(acc, w, x)
@@ -128,7 +130,8 @@ static inline vi pair(const int16_t *p) {
  * accumulators would spill registers. */
 static inline __attribute__((always_inline)) void column_block(
     const uint8_t *w, const float *s, const float *zs, const int16_t *xq, const float *sx,
-    const int32_t *sq, float *out, int k, int n, int blocks_per_group, int rows, int bits) {
+    const int32_t *sq, const float *bias, float *out, int k, int n, int blocks_per_group, int rows,
+    int bits, int add) {
   const vi nib = SET1_8(15), low = SET1_16(255);
   const int blocks = k / 32;
   vf acc[ROWS];
@@ -168,29 +171,34 @@ static inline __attribute__((always_inline)) void column_block(
     }
     if (--left == 0) g++, left = blocks_per_group;
   }
-  for (int r = 0; r < rows; r++) STOREF(out + (size_t)r * n, acc[r]);
+  for (int r = 0; r < rows; r++) {
+    vf v = bias ? ADDF(acc[r], LOADF(bias)) : acc[r];
+    STOREF(out + (size_t)r * n, add ? ADDF(v, LOADF(out + (size_t)r * n)) : v);
+  }
 }
 
 /* column_block with `rows` and `bits` as constants, so that each case compiles to its own
  * straight-line code. */
 static void column_block_any(const uint8_t *w, const float *s, const float *zs, const int16_t *xq,
-                             const float *sx, const int32_t *sq, float *out, int k, int n, int bpg,
-                             int rows, int bits) {
-#define CASE(R, B)                                                   \
-  if (rows == R && bits == B) {                                      \
-    column_block(w, s, zs, xq, sx, sq, out, k, n, bpg, R, B);        \
-    return;                                                          \
+                             const float *sx, const int32_t *sq, const float *bias, float *out,
+                             int k, int n, int bpg, int rows, int bits, int add) {
+#define CASE(R, B)                                                          \
+  if (rows == R && bits == B) {                                             \
+    column_block(w, s, zs, xq, sx, sq, bias, out, k, n, bpg, R, B, add);    \
+    return;                                                                 \
   }
   CASE(1, 4) CASE(2, 4) CASE(3, 4) CASE(4, 4) CASE(1, 8) CASE(2, 8) CASE(3, 8) CASE(4, 8)
 #undef CASE
 }
 
 /* out [m, n] fp32 = x [m, k] fp32 times the packed weight of `bits` (4: codes below 16, or 8)
- * (k a multiple of 32, n of COLS, group a multiple of 32 or k). Rows are independent: a row's
- * result does not depend on m or on the thread count. Returns 0, -1 if the scratch for the
- * quantized x cannot be had, -2 for a `bits` that is neither 4 nor 8. */
-int bitserve_gemv(const uint8_t *w, const float *s, const float *zs, const float *x, float *out,
-                  int m, int k, int n, int group, int bits, int threads) {
+ * (k a multiple of 32, n of COLS, group a multiple of 32 or k), plus bias [n] where not NULL,
+ * added to what out holds where `add` (a residual). Rows are independent: a row's result does
+ * not depend on m or on the thread count. Returns 0, -1 if the scratch for the quantized x
+ * cannot be had, -2 for a `bits` that is neither 4 nor 8. */
+static int gemv(const uint8_t *w, const float *s, const float *zs, const float *bias,
+                const float *x, float *out, int m, int k, int n, int group, int bits, int add,
+                int threads) {
   if (bits != 4 && bits != 8) return -2;
   int16_t *xq = malloc(sizeof(int16_t) * (size_t)m * k);
   float *sx = malloc(sizeof(float) * (size_t)m * (k / 32));
@@ -212,12 +220,19 @@ int bitserve_gemv(const uint8_t *w, const float *s, const float *zs, const float
         column_block_any(w + (size_t)c * k * COLS * bits / 8, s + (size_t)c * groups * COLS,
                          zs + (size_t)c * groups * COLS, xq + (size_t)r0 * k,
                          sx + (size_t)r0 * blocks, sq + (size_t)r0 * blocks,
-                         out + (size_t)r0 * n + c * COLS, k, n, bpg, rows, bits);
+                         bias ? bias + c * COLS : NULL, out + (size_t)r0 * n + c * COLS, k, n,
+                         bpg, rows, bits, add);
       }
     }
   }
   free(xq), free(sx), free(sq);
   return 0;
+}
+
+/* `gemv` without bias or residual: out = x times the weight. */
+int bitserve_gemv(const uint8_t *w, const float *s, const float *zs, const float *x, float *out,
+                  int m, int k, int n, int group, int bits, int threads) {
+  return gemv(w, s, zs, NULL, x, out, m, k, n, group, bits, 0, threads);
 }
 
 /* Output columns n0..n1 (multiples of COLS) of the packed weight of `bits`, dequantized into
@@ -242,7 +257,7 @@ int bitserve_dequant(const uint8_t *w, const float *s, const float *zs, int k, i
           } else {
             code = wc[((k8 * 2 + j / 4) * COLS + col) * 4 + (j & 3)];
           }
-          const float v = (float)code * s[at + col] - zs[at + col];
+          const float v = __builtin_fmaf((float)code, s[at + col], -zs[at + col]);
           if (!bf16) {
             ((float *)out)[o + col] = v;
             continue;

@@ -1,4 +1,5 @@
-"""bitserve's own CPU matmul for 2-8 bit weights (`cpu_gemv.c`), used by the cpu backend.
+"""bitserve's own CPU matmul for 2-8 bit weights (`cpu_gemv.c`), used by the cpu backend, and
+a whole one-token decoder step built on it (`cpu_decode.c`), used by the serving runner.
 
 The C source is compiled at first use with the machine's compiler (`cc -O3 -march=native
 -fopenmp`) into the cache directory, keyed by the source, the compiler and the CPU's flags, and
@@ -29,8 +30,11 @@ import torch
 from bitserve.kernels.packing import group_index
 from bitserve.kernels.quant_linear import CACHE_DIR
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+# cpu_decode.c includes cpu_gemv.c; both go into the cache key.
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_decode.c", "cpu_gemv.c")]
+# No contraction of a * b + c into one FMA in the plain C loops (the matmul's FMAs are explicit):
+# the decoder step's norms and rotary then round as torch's separate ops do.
+FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 log = logging.getLogger("bitserve.kernels")
 _P = ctypes.c_void_p
 _I = ctypes.c_int
@@ -38,11 +42,13 @@ _I = ctypes.c_int
 
 @dataclass(frozen=True)
 class Library:
-    """The compiled kernels (`bitserve_gemv` and `bitserve_dequant` in cpu_gemv.c), the weight
-    layout's columns per block (16 with AVX512, else 8) and the instruction set they use."""
+    """The compiled kernels (`bitserve_gemv` and `bitserve_dequant` in cpu_gemv.c,
+    `bitserve_decode` in cpu_decode.c), the weight layout's columns per block (16 with AVX512,
+    else 8) and the instruction set they use."""
 
     gemv: Callable[..., int]
     dequant: Callable[..., int]
+    decode: Callable[..., int]
     cols: int
     isa: str
     path: Path
@@ -75,7 +81,7 @@ def _compile(cc: str, march: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         lib = Path(tmp) / out.name
-        cmd = [cc, *FLAGS, f"-march={march}", str(SOURCE), "-o", str(lib)]
+        cmd = [cc, *FLAGS, f"-march={march}", str(SOURCES[0]), "-o", str(lib)]
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
         os.replace(lib, out)
 
@@ -88,7 +94,7 @@ def build(march: str = "native", cc: str | None = None) -> Library | None:
         return None
     cc = cc or os.environ.get("CC", "cc")
     key = hashlib.sha1(
-        SOURCE.read_bytes() + f"{cc} {FLAGS} {march} {_cpu_flags()}".encode()
+        b"".join(p.read_bytes() for p in SOURCES) + f"{cc} {FLAGS} {march} {_cpu_flags()}".encode()
     ).hexdigest()[:16]
     path = CACHE_DIR / f"cpu-gemv-{key}.so"
     try:
@@ -107,10 +113,12 @@ def build(march: str = "native", cc: str | None = None) -> Library | None:
     gemv.argtypes = [_P] * 5 + [_I] * 6
     dequant = lib.bitserve_dequant
     dequant.argtypes = [_P] * 3 + [_I] * 5 + [_P, _I, _I]
-    gemv.restype, dequant.restype = _I, _I
+    decode = lib.bitserve_decode
+    decode.argtypes = [_P, _P, _I, _P, _I, _P, _P, _I]
+    gemv.restype, dequant.restype, decode.restype = _I, _I, _I
     lib.bitserve_gemv_isa.restype = ctypes.c_char_p
     isa = lib.bitserve_gemv_isa().decode()
-    found = Library(gemv, dequant, int(lib.bitserve_gemv_cols()), isa, path)
+    found = Library(gemv, dequant, decode, int(lib.bitserve_gemv_cols()), isa, path)
     err = _self_check(found)
     if not err < 1e-4:
         log.warning("own CPU kernel gave a relative error of %.2e: using torch's", err)
@@ -242,3 +250,161 @@ def _self_check(lib: Library) -> float:
         y = matmul(lib, pack(lib, codes, scales, zeros, bits), x, group)
         errors.append(float((y.double() - ref).norm() / ref.norm()))
     return max(errors)
+
+
+class _Matrix(ctypes.Structure):
+    """`bs_matrix` of cpu_decode.c: a packed projection and its bias (or NULL)."""
+
+    _fields_ = [
+        ("w", _P),
+        ("s", _P),
+        ("zs", _P),
+        ("bias", _P),
+        ("k", _I),
+        ("n", _I),
+        ("group", _I),
+        ("bits", _I),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    """`bs_layer` of cpu_decode.c."""
+
+    _fields_ = [
+        ("qkv", _Matrix),
+        ("o", _Matrix),
+        ("gate_up", _Matrix),
+        ("down", _Matrix),
+        ("attn_norm", _P),
+        ("mlp_norm", _P),
+        ("attn_eps", ctypes.c_float),
+        ("mlp_eps", ctypes.c_float),
+        ("k_cache", _P),
+        ("v_cache", _P),
+    ]
+
+
+class _Model(ctypes.Structure):
+    """`bs_model` of cpu_decode.c."""
+
+    _fields_ = [
+        ("dim", _I),
+        ("heads", _I),
+        ("kv_heads", _I),
+        ("head_dim", _I),
+        ("max_len", _I),
+        ("scale", ctypes.c_float),
+        ("cos", _P),
+        ("sin", _P),
+    ]
+
+
+# A projection for `decoder`: its tensors from `pack`, its group size (-1: per channel) and its
+# bias (None: none).
+Projection = tuple[dict[str, torch.Tensor], int, torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class DecodeLayer:
+    """A llama-family decoder layer for `decoder`: q/k/v fused as [q heads, k heads, v heads],
+    gate/up fused as [gate, up], the two RMSNorms' weights and epsilons, and the layer's K/V
+    cache [slots, kv_heads, max_len, head_dim]; all fp32 (the MLP's activation is SiLU)."""
+
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
+    attn_norm: tuple[torch.Tensor, float]
+    mlp_norm: tuple[torch.Tensor, float]
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+
+def decoder(
+    lib: Library,
+    layers: list[DecodeLayer],
+    heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """`bitserve_decode` over `layers`: step(h, slots, pos) runs h [B, dim] fp32 (the embedded
+    tokens; updated in place) through every layer, row b being the token at position pos[b] of
+    the sequence whose K/V live in slot slots[b]. cos, sin: the rotary tables [max_len,
+    head_dim], sin with its first half negated. Raises ValueError where the shapes do not
+    chain, head_dim is not a multiple of 8 or the query heads do not split evenly over the KV
+    heads (checked here once, since the C trusts them). A step that fails (no memory) may have
+    written some layers' K/V at its positions: a retry writes them again."""
+    keep: list[torch.Tensor] = [cos, sin]  # every tensor the C reads, alive with the closure
+    max_len, head_dim = cos.shape
+    first = layers[0]
+    dim, kv_heads = first.attn_norm[0].numel(), first.k_cache.shape[1]
+    inner = first.down[0]["native_weight"].shape[1] * 8
+
+    def ptr(t: torch.Tensor) -> int:
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"the decoder step takes contiguous fp32 tensors, not {t.dtype}")
+        keep.append(t)
+        return t.data_ptr()
+
+    def matrix(proj: Projection, k: int, n: int) -> _Matrix:
+        p, group, bias = proj
+        w = p["native_weight"]
+        shape = (w.shape[1] * 8, w.shape[0] * lib.cols)
+        if shape != (k, n) or (bias is not None and bias.shape != (n,)):
+            raise ValueError(f"a projection of shape {shape} where the model needs {(k, n)}")
+        keep.extend((w, p["native_s"], p["native_zs"]))
+        ptrs = (w.data_ptr(), ptr(p["native_s"]), ptr(p["native_zs"]))
+        group = k if group == -1 or group >= k else group
+        return _Matrix(*ptrs, None if bias is None else ptr(bias), k, n, group, _bits(lib, w))
+
+    if head_dim % 8 or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(
+            f"the decoder step takes head sizes of 8k and whole query groups, not {head_dim}"
+            f" and {heads} heads over {kv_heads} KV heads"
+        )
+    cache = (first.k_cache.shape[0], kv_heads, max_len, head_dim)
+    structs = []
+    for x in layers:
+        if x.k_cache.shape != cache or x.v_cache.shape != cache or sin.shape != cos.shape:
+            raise ValueError(f"K/V caches of shape {cache} and rotary tables of {cos.shape}")
+        structs.append(
+            _Layer(
+                matrix(x.qkv, dim, (heads + 2 * kv_heads) * head_dim),
+                matrix(x.o, heads * head_dim, dim),
+                matrix(x.gate_up, dim, 2 * inner),
+                matrix(x.down, inner, dim),
+                ptr(x.attn_norm[0]),
+                ptr(x.mlp_norm[0]),
+                x.attn_norm[1],
+                x.mlp_norm[1],
+                ptr(x.k_cache),
+                ptr(x.v_cache),
+            )
+        )
+    model = _Model(dim, heads, kv_heads, head_dim, max_len, scale, ptr(cos), ptr(sin))
+    array = (_Layer * len(structs))(*structs)
+    slots_held = cache[0]
+
+    def step(h: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor) -> None:
+        rows = h.shape[0]
+        if h.dtype != torch.float32 or not h.is_contiguous() or h.shape != (rows, dim):
+            raise ValueError(f"expected contiguous fp32 rows of {dim}, got {tuple(h.shape)}")
+        slots, pos = (t.to(torch.int64).contiguous() for t in (slots, pos))
+        s, p = slots.tolist(), pos.tolist()
+        if len(s) != rows or len(p) != rows or not all(0 <= i < slots_held for i in s):
+            raise ValueError(f"expected {rows} slots below {slots_held}, got {s}")
+        if not all(0 <= i < max_len for i in p):
+            raise ValueError(f"positions must lie in [0, {max_len}), got {p}")
+        threads = torch.get_num_threads()
+        err = lib.decode(
+            ctypes.byref(model), array, len(structs), h.data_ptr(), rows, slots.data_ptr(),
+            pos.data_ptr(), threads,
+        )  # fmt: skip
+        if err == -1:
+            raise MemoryError(f"no memory for the scratch of a {rows}-row decode step")
+        if err:
+            raise ValueError("a projection's storage is neither 4 nor 8 bits")
+        assert keep  # the closure holds every tensor the C reads
+
+    return step

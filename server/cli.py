@@ -216,7 +216,7 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
         quality=quality,
         decode={
             "cuda_graphs": runner.decode_graphs,
-            "fused_kernels": runner.fused_decode,
+            "fused_kernels": runner.fused_decode or runner.cpu_decode is not None,
             "prefix_cache": settings.prefix_cache,
         },
         lm_head=runner.head_description(),
@@ -307,6 +307,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     runner = state.engine.runner
     decode = "CUDA graphs" if runner.decode_graphs else "eager"
     decode += ", fused decode kernels" if runner.fused_decode else ""
+    decode += ", one C call a decode step" if runner.cpu_decode is not None else ""
     decode += ", prefix cache" if state.engine.prefix_cache else ""
     kernels = (state.card.quantization or {}).get("kernels")
     logging.getLogger("bitserve").info(

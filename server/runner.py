@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bitserve.errors import UsageError
+from bitserve.kernels.cpu import DENSE_ROWS
 from bitserve.kernels.quant_linear import BACKENDS, QuantLinear, concat_outputs
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
 
@@ -212,6 +213,17 @@ def _cpu_rows(layers: list[_Layer], silu: bool) -> list[_Rows] | None:
     return rows
 
 
+def _native_projection(mods: tuple[nn.Module, ...]) -> Any:
+    """A fused projection as `cpu_native.decoder` takes it, where it is one QuantLinear packed
+    for our own kernel (with an fp32 bias or none); else None."""
+    mod = mods[0]
+    if len(mods) != 1 or not isinstance(mod, QuantLinear) or "native_weight" not in mod.prepared:
+        return None
+    if mod.bias is not None and mod.bias.dtype != torch.float32:
+        return None
+    return mod.prepared, mod.group_size, None if mod.bias is None else mod.bias.detach()
+
+
 def _norm_into(norm: tuple[torch.Tensor, float], h: torch.Tensor, dtype: Any) -> torch.Tensor:
     """_rms_norm of fp32 rows h rounded once into `dtype` (None: h's), the next matmul's
     input, instead of cast by a second op: the same values."""
@@ -259,7 +271,9 @@ class LlamaRunner:
     fused_decode (default: on CUDA with Triton): one-token steps run the ops between the
     matmuls as fused Triton kernels (`bitserve.kernels.triton_decode`: residual add + norm,
     rotary + cache write, attention read from the cache in place, SiLU * up). On the CPU,
-    one-token steps of an fp32 model run `_cpu_step`: the same arithmetic in fewer ops."""
+    one-token steps of an fp32 model whose projections all run on our own kernel run every
+    layer in one C call (`cpu_decode`, kernels/cpu_decode.c); of other fp32 models,
+    `_cpu_step`: the generic step's arithmetic in fewer ops."""
 
     def __init__(
         self,
@@ -347,6 +361,8 @@ class LlamaRunner:
         # One-token CPU steps in fewer ops (`_cpu_step`), for an fp32 model whose groups fused.
         cpu_fp32 = self.device.type == "cpu" and dtype == torch.float32
         self.cpu_rows = _cpu_rows(self.layers, self.silu) if cpu_fp32 else None
+        # ... and, where every projection runs on our own kernel, the whole step in one C call.
+        self.cpu_decode = self._cpu_decoder() if cpu_fp32 and self.silu else None
         self._graphable = self.device.type == "cuda"  # capture decode steps (else run them)
         self._decodes: dict[tuple[int, int], _Decode] = {}
         self._pool: Any = None  # one CUDA graph memory pool for every captured step
@@ -539,6 +555,10 @@ class LlamaRunner:
         B, T = ids.shape
         if T == 1 and self.fused_decode:
             return self._fused_step(ids[:, 0], slots, pos[:, 0], kv_len)
+        if T == 1 and spans is not None and self.cpu_decode is not None and B < DENSE_ROWS:
+            h = self.embed(ids[:, 0])
+            self.cpu_decode(h, slots, pos[:, 0])
+            return self._head(self.norm(h))
         if T == 1 and spans is not None and self.cpu_rows is not None:
             return self._cpu_step(ids[:, 0], slots, pos[:, 0], spans)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
@@ -607,6 +627,36 @@ class LlamaRunner:
             act = torch.empty(gate.shape, dtype=down_dtype or h.dtype)
             h = h + down_fn(torch.mul(rows.act(gate), up, out=act))
         return self._head(self.norm(h))
+
+    def _cpu_decoder(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
+        """The one-token step of a model whose projections all run on our own CPU kernel, as
+        one C call for every layer (`cpu_native.decoder`: norms, rotary, cache writes and
+        attention in plain loops between the matmuls, 2-3x faster than `_cpu_step`'s torch
+        ops, docs/serving.md); None for any other model. Its logits match `_cpu_step`'s to
+        about 1e-6, not bit for bit (its sums run in another order)."""
+        from bitserve.kernels import cpu_native
+
+        lib = cpu_native.library()
+        if lib is None or self.head_dim % 8:
+            return None
+        layers = []
+        for i, x in enumerate(self.layers):
+            projections = [_native_projection(m) for m in (x.qkv, (x.o,), x.gate_up, (x.down,))]
+            if any(p is None for p in projections):
+                return None
+            norms = [
+                (n.weight.detach(), float(n.variance_epsilon)) for n in (x.attn_norm, x.mlp_norm)
+            ]
+            layers.append(
+                cpu_native.DecodeLayer(*projections, *norms, self.k_cache[i], self.v_cache[i])
+            )
+        try:
+            return cpu_native.decoder(
+                lib, layers, self.heads, self.cos, self.signed_sin, self.scale
+            )
+        except ValueError as e:
+            log.warning("one-token CPU steps keep torch's ops between the matmuls: %s", e)
+            return None
 
     def _attend_rows(
         self,

@@ -344,7 +344,8 @@ class ModelCard(BaseModel):
     dtype: str = "float32"
     quantization: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
-    decode: dict[str, bool] | None = None  # cuda_graphs, fused_kernels, prefix_cache
+    # cuda_graphs, fused_kernels (Triton on CUDA, `cpu_native.decoder` on the CPU), prefix_cache
+    decode: dict[str, bool] | None = None
     lm_head: str | None = None  # how the vocabulary projection runs (dtype, int8 copy)
 
 

@@ -148,6 +148,7 @@ def test_runner_fused_decode_matches_torch_ops(
         return m
 
     ref = LlamaRunner(model(), num_slots=3, max_len=64)
+    ref.cpu_decode = None  # torch's ops, not the one-C-call step
     runner = LlamaRunner(
         model(),
         num_slots=3,

@@ -986,7 +986,8 @@ def test_cpu_decode_step_gives_the_generic_steps_logits_bit_for_bit(
     fast = LlamaRunner(copy.deepcopy(model), num_slots=3, max_len=64)
     generic = LlamaRunner(model, num_slots=3, max_len=64)
     assert fast.cpu_rows is not None and fast.cpu_rows[0].qkv[0] == direct
-    generic.cpu_rows = None
+    assert (fast.cpu_decode is not None) == native  # our kernel everywhere: the C step
+    generic.cpu_rows = fast.cpu_decode = generic.cpu_decode = None
     g = torch.Generator().manual_seed(1)
     lens = [9, 3, 20]
     for r in (fast, generic):
@@ -1005,6 +1006,213 @@ def test_cpu_decode_step_gives_the_generic_steps_logits_bit_for_bit(
             lens[s] += 1
     assert torch.equal(fast.k_cache, generic.k_cache)
     assert torch.equal(fast.v_cache, generic.v_cache)
+
+
+class _counted:
+    """A callable that counts its calls."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.count = fn, 0
+
+    def __call__(self, *args: Any) -> Any:
+        self.count += 1
+        return self.fn(*args)
+
+
+def _decode_steps(
+    runner: LlamaRunner, lens: list[int], steps: list[list[int]], seed: int = 1
+) -> list[torch.Tensor]:
+    """Prefill slot s with lens[s] tokens, then decode one token per step for the slots listed,
+    in that row order: the logits of each step."""
+    for slot, n in enumerate(lens):
+        ids = torch.randint(0, 40, (1, n), generator=torch.Generator().manual_seed(slot))
+        runner.forward(ids, torch.tensor([slot]), torch.tensor([0]))
+    g, lens, out = torch.Generator().manual_seed(seed), list(lens), []
+    for slots in steps:
+        ids = torch.randint(0, 40, (len(slots), 1), generator=g)
+        out.append(runner.forward(ids, torch.tensor(slots), torch.tensor([lens[s] for s in slots])))
+        for s in slots:
+            lens[s] += 1
+    return out
+
+
+@pytest.mark.parametrize("spec", [(4, 32), (4, 64), (8, 32), (8, -1)])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cpu_c_decode_step_matches_the_torch_step(spec: tuple[int, int], arch: str) -> None:
+    """The one-C-call decode step (`cpu_native.decoder`) against `_cpu_step` (the same kernel
+    called from torch ops): close logits and KV caches (a misplaced head or position would be
+    off by 1e-2 or more), step after step, rows in any order and
+    length; q/k/v biases (qwen2-style, run as llama) included."""
+    import copy
+
+    from bitserve.kernels import cpu_native
+    from bitserve.quantization.grid import QuantSpec
+
+    if cpu_native.library() is None:
+        pytest.skip("our CPU kernel does not build here")
+    model = _tiny_llama(QuantSpec(*spec), arch)
+    model.config.model_type = "llama"  # a llama with biased q/k/v
+    fast = LlamaRunner(copy.deepcopy(model), num_slots=3, max_len=64)
+    torch_ops = LlamaRunner(model, num_slots=3, max_len=64)
+    assert fast.cpu_decode is not None
+    fast.cpu_decode = calls = _counted(fast.cpu_decode)
+    torch_ops.cpu_decode = None
+    steps = [[1], [2, 0, 1], [0], [2, 1, 0], [1, 2]]
+    for a, b in zip(*(_decode_steps(r, [9, 3, 20], steps) for r in (fast, torch_ops)), strict=True):
+        assert torch.isfinite(a).all() and a.std() > 0
+        assert rel_err(a, b) < 1e-4  # the sums' order differs: int16 activations round apart
+    for c in ("k_cache", "v_cache"):
+        ours, theirs = getattr(fast, c), getattr(torch_ops, c)
+        assert theirs.abs().sum() > 0 and rel_err(ours, theirs) < 1e-4
+    assert calls.count == len(steps)  # every decode step ran in C
+
+
+def test_cpu_c_decode_step_rows_do_not_depend_on_the_batch_or_threads() -> None:
+    """A row's logits are bit for bit the same alone or beside other rows, and with one thread
+    or two."""
+    from bitserve.kernels import cpu_native
+    from bitserve.quantization.grid import QuantSpec
+
+    if cpu_native.library() is None:
+        pytest.skip("our CPU kernel does not build here")
+    # the int8 head runs on our kernel too (an fp32 head is torch.mm's, whose rows depend on
+    # the batch)
+    runner = LlamaRunner(_tiny_llama(QuantSpec(4, 32)), 6, 64, torch.int8)
+    assert runner.cpu_decode is not None
+    runner.cpu_decode = calls = _counted(runner.cpu_decode)
+    # slots 3-5 hold the same prompts as 0-2 (prefill is row by row); decode 0-2 together, 3-5
+    # alone, under different thread counts
+    for slot, n in enumerate([9, 3, 20] * 2):
+        ids = torch.randint(0, 40, (1, n), generator=torch.Generator().manual_seed(n))
+        runner.forward(ids, torch.tensor([slot]), torch.tensor([0]))
+    ids = torch.tensor([[7], [11], [13]])
+    threads = torch.get_num_threads()
+    together = runner.forward(ids, torch.tensor([0, 1, 2]), torch.tensor([9, 3, 20]))
+    try:
+        torch.set_num_threads(1)
+        alone = [
+            runner.forward(ids[r : r + 1], torch.tensor([3 + r]), torch.tensor([[9, 3, 20][r]]))
+            for r in range(3)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    for r in range(3):
+        assert torch.equal(together[r], alone[r][0]), r
+    assert torch.equal(runner.k_cache[:, :3], runner.k_cache[:, 3:])
+    assert calls.count == 4
+
+
+def test_cpu_c_decode_step_refuses_what_would_read_out_of_bounds() -> None:
+    """Slots, positions and row widths are checked before the C runs; so are the shapes of the
+    projections when the step is built."""
+    import dataclasses
+
+    from bitserve.kernels import cpu_native
+    from bitserve.quantization.grid import QuantSpec
+    from bitserve.server.runner import _native_projection
+
+    lib = cpu_native.library()
+    if lib is None:
+        pytest.skip("our CPU kernel does not build here")
+    runner = LlamaRunner(_tiny_llama(QuantSpec(4, 32)), num_slots=2, max_len=16)
+    step = runner.cpu_decode
+    assert step is not None
+    h = torch.randn(1, 96)
+    for slots, pos in (([2], [0]), ([-1], [0]), ([0], [16]), ([0, 1], [0])):
+        with pytest.raises(ValueError, match="slots|positions"):
+            step(h, torch.tensor(slots), torch.tensor(pos))
+    with pytest.raises(ValueError, match="rows of 96"):
+        step(torch.randn(1, 64), torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="rows of 96"):
+        step(h.double(), torch.tensor([0]), torch.tensor([0]))
+    layer = cpu_native.DecodeLayer(
+        *(
+            _native_projection(m)
+            for m in (
+                runner.layers[0].qkv,
+                (runner.layers[0].o,),
+                runner.layers[0].gate_up,
+                (runner.layers[0].down,),
+            )
+        ),
+        (runner.layers[0].attn_norm.weight, 1e-5),
+        (runner.layers[0].mlp_norm.weight, 1e-5),
+        runner.k_cache[0],
+        runner.v_cache[0],
+    )
+    with pytest.raises(ValueError, match="projection of shape"):
+        cpu_native.decoder(
+            lib, [dataclasses.replace(layer, o=layer.down)], 4, runner.cos, runner.signed_sin, 1.0
+        )
+    with pytest.raises(ValueError, match="K/V caches"):
+        cpu_native.decoder(
+            lib,
+            [dataclasses.replace(layer, v_cache=runner.v_cache[0, :1])],
+            4,
+            runner.cos,
+            runner.signed_sin,
+            1.0,
+        )
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_native.decoder(lib, [layer], 4, runner.cos.double(), runner.signed_sin, 1.0)
+    with pytest.raises(ValueError, match="whole query groups"):
+        cpu_native.decoder(lib, [layer], 3, runner.cos, runner.signed_sin, 1.0)
+    h = torch.randn(1, 96)
+    ok = cpu_native.decoder(lib, [layer], 4, runner.cos, runner.signed_sin, 1.0)
+    ok(h, torch.tensor([0]), torch.tensor([0]))
+    assert torch.isfinite(h).all()
+
+
+@pytest.mark.slow
+def test_c_decode_step_greedy_tokens_are_the_reference_backends(tmp_path: Path) -> None:
+    """The default model's W4 checkpoint decoded greedily by the runner's one-C-call step:
+    every token is the reference backend's argmax (one teacher-forced pass of a copy)."""
+    import copy
+
+    from bitserve.kernels import cpu_native
+    from bitserve.models import fetch_default
+    from bitserve.quantization.checkpoint import set_backends
+    from bitserve.quantization.quantize import quantize_to_checkpoint
+
+    if cpu_native.library() is None:
+        pytest.skip("our CPU kernel does not build here")
+    path = quantize_to_checkpoint(fetch_default(), tmp_path / "w4", "rtn", progress=False)
+    loaded = load_model(path)
+    reference = copy.deepcopy(loaded.model)
+    set_backends(reference, "reference")
+    prompt = loaded.tokenizer("The history of the city begins")["input_ids"]
+    runner = LlamaRunner(loaded.model, 1, 64)  # the model's fp32 head, as the reference's
+    assert runner.cpu_decode is not None
+    runner.cpu_decode = calls = _counted(runner.cpu_decode)
+    tokens = list(prompt)
+    logits = runner.forward(torch.tensor([prompt]), torch.tensor([0]), torch.tensor([0]))
+    for _ in range(16):
+        tokens.append(int(logits[0].argmax()))
+        logits = runner.forward(
+            torch.tensor([tokens[-1:]]), torch.tensor([0]), torch.tensor([len(tokens) - 1])
+        )
+    assert calls.count == 16
+    with torch.inference_mode():
+        ref = reference(torch.tensor([tokens])).logits[0, len(prompt) - 1 : -1].argmax(-1)
+    assert ref.tolist() == tokens[len(prompt) :]
+
+
+def test_runner_keeps_torch_ops_where_the_c_step_cannot_read_a_weight(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A norm weight the C step cannot take (not contiguous) leaves the runner on `_cpu_step`,
+    with a warning that says why, not a failed start."""
+    from bitserve.quantization.grid import QuantSpec
+
+    model = _tiny_llama(QuantSpec(4, 32))
+    norm = model.model.layers[1].post_attention_layernorm
+    norm.weight = torch.nn.Parameter(torch.rand(2 * 96)[::2])  # the same shape, strided
+    with caplog.at_level("WARNING", logger="bitserve.runner"):
+        runner = LlamaRunner(model, 1, 16)
+    assert runner.cpu_decode is None and runner.cpu_rows is not None
+    assert "torch's ops between the matmuls" in caplog.text and "contiguous" in caplog.text
+    logits = runner.forward(torch.tensor([[3, 4]]), torch.tensor([0]), torch.tensor([0]))
+    assert torch.isfinite(logits).all()
 
 
 def test_cpu_decode_step_is_kept_for_fp32_models_whose_projections_fuse() -> None:

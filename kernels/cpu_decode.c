@@ -1,0 +1,216 @@
+/* One-token decode steps of a llama-family decoder on the CPU, every layer in one call
+ * (kernels/cpu_native.py builds this file, which includes the matmul of cpu_gemv.c).
+ *
+ * At one row a decode step of the default model spends about 4 ms in its matmuls and 10 ms in
+ * the ~25 small torch ops a layer runs between them (norms, rotary, cache writes, attention,
+ * activation), each a few to 50 us of dispatch for a few hundred floats of work. Here those ops
+ * are plain loops over fp32 rows, with the projections run by `gemv` straight from the packed
+ * weights; the residual adds happen in the o and down projections' epilogue. Every row is
+ * computed alone (norms, rotary and attention per row; `gemv` is row-independent), so a row's
+ * result does not depend on the batch or the thread count.
+ */
+#include <math.h>
+#include <omp.h>
+
+#include "cpu_gemv.c"
+
+/* A packed projection (the layout of cpu_gemv.c) with its fp32 bias, or NULL. */
+typedef struct {
+  const uint8_t *w;
+  const float *s, *zs, *bias;
+  int k, n, group, bits;
+} bs_matrix;
+
+/* One decoder layer: its projections (q/k/v fused as [q heads, k heads, v heads], gate/up
+ * fused as [gate, up]), its two RMSNorms and its K/V cache [slots][kv_heads][max_len][head_dim]. */
+typedef struct {
+  bs_matrix qkv, o, gate_up, down;
+  const float *attn_norm, *mlp_norm;
+  float attn_eps, mlp_eps;
+  float *k_cache, *v_cache;
+} bs_layer;
+
+/* The model's sizes, attention scale and rotary tables [max_len][head_dim] (sin with its first
+ * half negated: rotate_half(x) * sin is x rolled by half a head times it). */
+typedef struct {
+  int dim, heads, kv_heads, head_dim, max_len;
+  float scale;
+  const float *cos, *sin;
+} bs_model;
+
+static int project(const bs_matrix *m, const float *x, float *out, int rows, int add,
+                   int threads) {
+  return gemv(m->w, m->s, m->zs, m->bias, x, out, rows, m->k, m->n, m->group, m->bits, add,
+              threads);
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * weight, rounded after each product as torch's is. */
+static void rms_norm(const float *x, const float *weight, float eps, float *out, int n) {
+  double sum = 0.0;
+  for (int i = 0; i < n; i++) sum += (double)x[i] * x[i];
+  const float r = 1.f / sqrtf((float)(sum / n) + eps);
+  for (int i = 0; i < n; i++) {
+    const float y = x[i] * r;
+    out[i] = y * weight[i];
+  }
+}
+
+/* Attention and the activation run on 8-wide vectors on every x86-64 CPU with AVX2 (head_dim a
+ * multiple of 8). */
+typedef __m256 v8;
+
+/* The lane sums of a[0..7], as the lanes of one vector. */
+static inline v8 sum8(const v8 *a) {
+  const v8 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const v8 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* e^x of 8 floats (Cephes' expf polynomial, within 2 ulp of expf for the x <= 0 that softmax
+ * gives it); NaN stays NaN. */
+static inline v8 exp8(v8 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_min_ps(_mm256_set1_ps(88.3f), x));
+  const v8 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), _mm256_set1_ps(.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  v8 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* One query head q [d] attending to positions 0..len-1 of its KV head's keys and values
+ * [max_len][d]: out [d]. scores: scratch of len rounded up to 8 floats. */
+static void attend(const float *q, const float *k, const float *v, int len, int d, float scale,
+                   float *scores, float *out) {
+  v8 top = _mm256_set1_ps(-INFINITY), total = _mm256_setzero_ps();
+  for (int t = 0; t < len; t += 8) { /* eight keys' dot products at a time */
+    v8 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    const int keys = len - t < 8 ? len - t : 8;
+    for (int i = 0; i < d; i += 8) {
+      const v8 qv = _mm256_loadu_ps(q + i);
+      for (int j = 0; j < keys; j++)
+        acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (size_t)(t + j) * d + i), acc[j]);
+    }
+    v8 sc = _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale));
+    if (keys < 8) /* past the last key: -inf, a weight of e^-87.3 that no V meets */
+      sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc,
+                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                _mm256_set1_epi32(keys), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+    _mm256_storeu_ps(scores + t, sc);
+    top = _mm256_max_ps(top, sc);
+  }
+  float lanes[8], m = -INFINITY, sum = 0.f;
+  _mm256_storeu_ps(lanes, top);
+  for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+  for (int t = 0; t < len; t += 8) {
+    const v8 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(m)));
+    _mm256_storeu_ps(scores + t, e);
+    total = _mm256_add_ps(total, e);
+  }
+  _mm256_storeu_ps(lanes, total);
+  for (int j = 0; j < 8; j++) sum += lanes[j];
+  for (int i = 0; i < d; i += 8) _mm256_storeu_ps(out + i, _mm256_setzero_ps());
+  for (int t = 0; t < len; t++) {
+    const v8 p = _mm256_set1_ps(scores[t]);
+    for (int i = 0; i < d; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + (size_t)t * d + i),
+                                                _mm256_loadu_ps(out + i)));
+  }
+  for (int i = 0; i < d; i++) out[i] /= sum;
+}
+
+/* Rotary embedding of n heads of x [n][head_dim] in place, at the table row `cos`, `sin`. */
+static void rotate(float *x, const float *cos, const float *sin, int n, int d) {
+  float tmp[d];
+  for (int h = 0; h < n; h++, x += d) {
+    for (int i = 0; i < d; i++) tmp[i] = x[i];
+    for (int i = 0; i < d; i++) x[i] = tmp[i] * cos[i] + tmp[(i + d / 2) % d] * sin[i];
+  }
+}
+
+/* One layer's attention block for `rows` one-token rows: norm, q/k/v, rotary, the new K/V
+ * written at pos[b] of slot slots[b], attention over positions 0..pos[b], and the o projection
+ * added to h. x, qkv, att: scratch of rows x dim, qkv's n, heads x head_dim floats; scores:
+ * threads x (max_len + 8). */
+static int attention_block(const bs_model *m, const bs_layer *l, float *h, int rows,
+                           const int64_t *slots, const int64_t *pos, float *x, float *qkv,
+                           float *att, float *scores, int threads) {
+  const int d = m->head_dim, heads = m->heads, kvh = m->kv_heads, group = heads / kvh;
+  const int width = (heads + 2 * kvh) * d;
+  for (int b = 0; b < rows; b++)
+    rms_norm(h + (size_t)b * m->dim, l->attn_norm, l->attn_eps, x + (size_t)b * m->dim, m->dim);
+  int err = project(&l->qkv, x, qkv, rows, 0, threads);
+  if (err) return err;
+  for (int b = 0; b < rows; b++) {
+    float *row = qkv + (size_t)b * width;
+    rotate(row, m->cos + pos[b] * d, m->sin + pos[b] * d, heads + kvh, d);
+    for (int j = 0; j < kvh; j++) {
+      const size_t at = (((size_t)slots[b] * kvh + j) * m->max_len + pos[b]) * d;
+      for (int i = 0; i < d; i++) {
+        l->k_cache[at + i] = row[(heads + j) * d + i];
+        l->v_cache[at + i] = row[(heads + kvh + j) * d + i];
+      }
+    }
+  }
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * heads > 1)
+  for (int task = 0; task < rows * heads; task++) { /* one query head of one row */
+    const int b = task / heads, j = task % heads;
+    const size_t at = ((size_t)slots[b] * kvh + j / group) * m->max_len * d;
+    attend(qkv + (size_t)b * width + (size_t)j * d, l->k_cache + at, l->v_cache + at,
+           (int)pos[b] + 1, d, m->scale, scores + (size_t)omp_get_thread_num() * (m->max_len + 8),
+           att + ((size_t)b * heads + j) * d);
+  }
+  return project(&l->o, att, h, rows, 1, threads);
+}
+
+/* One layer's MLP block: norm, gate/up, silu(gate) * up, and the down projection added to h.
+ * x: scratch of rows x max(dim, inner) floats, gu: rows x 2 inner. */
+static int mlp_block(const bs_model *m, const bs_layer *l, float *h, int rows, float *x, float *gu,
+                     int threads) {
+  const int inner = l->gate_up.n / 2;
+  for (int b = 0; b < rows; b++)
+    rms_norm(h + (size_t)b * m->dim, l->mlp_norm, l->mlp_eps, x + (size_t)b * m->dim, m->dim);
+  int err = project(&l->gate_up, x, gu, rows, 0, threads);
+  if (err) return err;
+  for (int b = 0; b < rows; b++) { /* silu(gate) * up = gate / (1 + e^-gate) * up */
+    const float *gate = gu + (size_t)b * 2 * inner, *up = gate + inner;
+    float *out = x + (size_t)b * inner;
+    int i = 0;
+    for (; i + 8 <= inner; i += 8) {
+      const v8 g = _mm256_loadu_ps(gate + i);
+      const v8 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+      const v8 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < inner; i++) out[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+  }
+  return project(&l->down, x, h, rows, 1, threads);
+}
+
+/* The residual stream h [rows][dim] (the embedded tokens) through every layer, in place: row b
+ * is the token at position pos[b] of the sequence in KV slot slots[b]. Returns 0, -1 without
+ * memory for the scratch, -2 for a projection whose storage is neither 4 nor 8 bits. */
+int bitserve_decode(const bs_model *m, const bs_layer *layers, int n_layers, float *h, int rows,
+                    const int64_t *slots, const int64_t *pos, int threads) {
+  const bs_layer *l0 = layers;
+  const int inner = l0->gate_up.n / 2, wide = inner > m->dim ? inner : m->dim;
+  float *x = malloc(sizeof(float) * (size_t)rows * wide);
+  float *qkv = malloc(sizeof(float) * (size_t)rows * l0->qkv.n);
+  float *att = malloc(sizeof(float) * (size_t)rows * m->heads * m->head_dim);
+  float *gu = malloc(sizeof(float) * (size_t)rows * l0->gate_up.n);
+  float *scores = malloc(sizeof(float) * (size_t)threads * (m->max_len + 8));
+  int err = x && qkv && att && gu && scores ? 0 : -1;
+  for (int i = 0; i < n_layers && !err; i++) {
+    err = attention_block(m, layers + i, h, rows, slots, pos, x, qkv, att, scores, threads);
+    if (!err) err = mlp_block(m, layers + i, h, rows, x, gu, threads);
+  }
+  free(x), free(qkv), free(att), free(gu), free(scores);
+  return err;
+}
