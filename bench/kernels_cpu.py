@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -132,13 +133,30 @@ def decode_tps(src: str, tokens: int, rounds: int = 3) -> float:
     return statistics.median(rates)
 
 
+def weight_bytes(runner: Any) -> int:
+    """Bytes of weights a decode step of the runner reads: each projection's (packed, as its
+    backend keeps them, or float) and the head's."""
+    from bitserve.kernels import QuantLinear
+
+    mods = [m for x in runner.layers for m in (*x.qkv, x.o, *x.gate_up, x.down)]
+    tensors = [
+        t for m in mods for t in (m.prepared.values() if isinstance(m, QuantLinear) else [m.weight])
+    ]
+    if runner.head_int8 is not None:
+        tensors += runner.head_int8.prepared.values()
+    else:
+        tensors.append(runner.lm_head.weight if runner.head_weight is None else runner.head_weight)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def runner_decoder(
     src: str, tokens: int, head: torch.dtype | None = None, c_step: bool = True
-) -> Callable[[], float]:
+) -> tuple[Callable[[], float], int]:
     """A greedy decode at batch 1 through the serving engine's runner (fused projections, the
     lm_head in `head`, default `--head-dtype auto`'s, the whole step in one C call where every
     projection runs on our kernel, as `bitserve serve` runs it; c_step=False: torch ops between
-    the matmuls instead); each call decodes `tokens` and returns tokens/s."""
+    the matmuls instead); each call decodes `tokens` and returns tokens/s. Also the bytes of
+    weights a token reads (`weight_bytes`)."""
     from bitserve.models import load_model
     from bitserve.server.runner import LlamaRunner, auto_head_dtype
 
@@ -158,13 +176,7 @@ def runner_decoder(
             logits = runner.forward(nxt, slot, torch.tensor([len(prompt) + i]))
         return tokens / (time.perf_counter() - t0)
 
-    return decode
-
-
-def runner_tps(src: str, tokens: int, rounds: int = 3) -> float:
-    """`runner_decoder`'s tokens/s, median of rounds."""
-    decode = runner_decoder(src, tokens)
-    return statistics.median(decode() for _ in range(rounds))
+    return decode, weight_bytes(runner)
 
 
 def dense_table(checkpoints: list[str]) -> None:
@@ -283,13 +295,16 @@ def main() -> None:
             )
         rates: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(3):  # interleaved rounds
-            for name, run in runs.items():
+            for name, (run, _) in runs.items():
                 rates[name].append(run())
         print(f"decode batch 1, {args.e2e_tokens} new tokens, greedy, serving runner:")
         base = statistics.median(rates[next(iter(runs))])
         for name, rate in rates.items():
-            tps = statistics.median(rate)
-            print(f"{name}: {tps:.1f} tok/s ({tps / base:.2f}x the first)")
+            tps, read = statistics.median(rate), runs[name][1]
+            print(
+                f"{name}: {tps:.1f} tok/s ({tps / base:.2f}x the first); weights "
+                f"{read / 1e6:.1f} MB a token, read at {tps * read / 1e9:.1f} GB/s"
+            )
 
 
 if __name__ == "__main__":

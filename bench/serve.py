@@ -449,7 +449,8 @@ def engine_compare(args: argparse.Namespace) -> None:
 
 def profile_step(args: argparse.Namespace) -> None:
     """torch.profiler view of one runner decode step at batch 1 and 16, grouped by kind of op,
-    for the CPU one-token step (`_cpu_step`) and the generic step it replaces, in one run."""
+    for the one-C-call step (`cpu_native.decoder`, where the model runs it), the CPU one-token
+    step in torch ops (`_cpu_step`) and the generic step, in one run."""
     from collections import defaultdict
 
     import torch
@@ -463,6 +464,8 @@ def profile_step(args: argparse.Namespace) -> None:
         load_model(resolve_checkpoint(args.checkpoint)).model, 16, 512, torch.bfloat16
     )
     kinds = {
+        "bitserve::decode": "C step (every layer)",
+        "bitserve::gemv": "quant matmul",
         "int4pack": "quant matmul",
         "int8pack": "quant matmul",
         "aten::mm": "dense mm",
@@ -471,17 +474,21 @@ def profile_step(args: argparse.Namespace) -> None:
         "scaled_dot": "attention",
         "index": "kv gather/scatter",
     }
-    steps = {"cpu step": runner.cpu_rows, "generic step": None}
+    steps = {
+        "C step": (runner.cpu_decode, runner.cpu_rows),
+        "cpu step": (None, runner.cpu_rows),
+        "generic step": (None, None),
+    }
     for batch in (1, 16):
         inputs = (
             torch.zeros(batch, 1, dtype=torch.long),
             torch.arange(batch),
             torch.full((batch,), 40),
         )
-        for name, rows in steps.items():
-            if name == "cpu step" and rows is None:
-                continue  # this model keeps the generic step
-            runner.cpu_rows = rows
+        for name, (decode, rows) in steps.items():
+            if name != "generic step" and (rows if name == "cpu step" else decode) is None:
+                continue  # this model does not run that step
+            runner.cpu_decode, runner.cpu_rows = decode, rows
             for _ in range(2):
                 runner.forward(*inputs)
             t0 = time.perf_counter()

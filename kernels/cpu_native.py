@@ -135,6 +135,15 @@ def library() -> Library | None:
     return build()
 
 
+def _profiled(name: str, fn: Callable[[], int]) -> int:
+    """fn(), inside a torch.profiler range called `name` while a profiler records: ctypes calls
+    are no aten ops, so it would not see them otherwise. (The check costs 0.2 us; a range, 10.)"""
+    if not torch.autograd._profiler_enabled():
+        return fn()
+    with torch.profiler.record_function(name):
+        return fn()
+
+
 def accepts(lib: Library, bits: int, k: int, n: int, group: int) -> bool:
     """Whether a [k -> n] layer of `bits` with `group` (-1: per-channel) fits the kernel."""
     group = k if group == -1 or group >= k else group
@@ -189,7 +198,8 @@ def caller(
         m = x.shape[0]
         out = torch.empty(m, n, dtype=torch.float32)  # the kernel writes fp32
         threads = torch.get_num_threads()
-        err = lib.gemv(*ptrs, x.data_ptr(), out.data_ptr(), m, k, n, group, bits, threads)
+        args = (*ptrs, x.data_ptr(), out.data_ptr(), m, k, n, group, bits, threads)
+        err = _profiled("bitserve::gemv", lambda: lib.gemv(*args))
         if err == -1:
             raise MemoryError(f"no memory for the int16 copy of {m} x {k} activations")
         if err:
@@ -397,10 +407,8 @@ def decoder(
         if not all(0 <= i < max_len for i in p):
             raise ValueError(f"positions must lie in [0, {max_len}), got {p}")
         threads = torch.get_num_threads()
-        err = lib.decode(
-            ctypes.byref(model), array, len(structs), h.data_ptr(), rows, slots.data_ptr(),
-            pos.data_ptr(), threads,
-        )  # fmt: skip
+        args = (ctypes.byref(model), array, len(structs), h.data_ptr(), rows, slots.data_ptr())
+        err = _profiled("bitserve::decode", lambda: lib.decode(*args, pos.data_ptr(), threads))
         if err == -1:
             raise MemoryError(f"no memory for the scratch of a {rows}-row decode step")
         if err:

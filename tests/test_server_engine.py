@@ -1102,6 +1102,25 @@ def test_cpu_c_decode_step_rows_do_not_depend_on_the_batch_or_threads() -> None:
     assert calls.count == 4
 
 
+def test_torch_profiler_sees_our_c_calls() -> None:
+    """Our kernel and the C step are ctypes calls, not aten ops: while a torch profiler records,
+    each runs inside a named range."""
+    from torch.profiler import profile
+
+    from bitserve.kernels import cpu_native
+    from bitserve.quantization.grid import QuantSpec
+
+    if cpu_native.library() is None:
+        pytest.skip("our CPU kernel does not build here")
+    runner = LlamaRunner(_tiny_llama(QuantSpec(4, 32)), 1, 16)
+    runner.forward(torch.tensor([[3, 4]]), torch.tensor([0]), torch.tensor([0]))
+    with profile() as prof:
+        runner.forward(torch.tensor([[5]]), torch.tensor([0]), torch.tensor([2]))
+        runner.layers[0].o(torch.randn(1, 96))  # a QuantLinear on our kernel
+    names = [e.name for e in prof.events()]
+    assert names.count("bitserve::decode") == 1 and names.count("bitserve::gemv") == 1
+
+
 def test_cpu_c_decode_step_refuses_what_would_read_out_of_bounds() -> None:
     """Slots, positions and row widths are checked before the C runs; so are the shapes of the
     projections when the step is built."""
