@@ -1,10 +1,11 @@
 """The serving runner's step times against another version of server/runner.py, interleaved in
 one process (the VM's noise is larger than the changes it checks): decode steps of 1, 4 and 16
-rows of other lengths, and prefills of 1 x 200, 8 x 8-30 and 4 x 30-59 tokens (right-padded).
+rows of other lengths (20-200 positions, or --context each), and prefills of 1 x 200, 8 x 8-30
+and 4 x 30-59 tokens (right-padded).
 
     git show bbb33a6:server/runner.py > /tmp/runner_base.py
     OMP_NUM_THREADS=2 .venv/bin/python bench/runner_steps.py /tmp/runner_base.py \
-        [--checkpoint checkpoints/rtn-w4g128]
+        [--checkpoint checkpoints/rtn-w4g128] [--context 1000 --batches 1 4]
 """
 
 from __future__ import annotations
@@ -46,10 +47,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("baseline", help="another server/runner.py (e.g. from `git show`)")
     ap.add_argument("--checkpoint", default="checkpoints/rtn-w4g128")
+    ap.add_argument("--context", type=int, default=0, help="positions each decode row attends to")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="decode rows")
     args = ap.parse_args()
+    if not 0 <= args.context <= 8192 or not all(1 <= b <= 16 for b in args.batches):
+        ap.error("--context takes 0-8192 positions, --batches 1-16 rows")
     modules = {"baseline": load_module(args.baseline), "current": current}
+    max_len = max(512, args.context + 128)
     runners = {
-        k: m.LlamaRunner(load_model(args.checkpoint).model, 16, 512, torch.bfloat16)
+        k: m.LlamaRunner(load_model(args.checkpoint).model, 16, max_len, torch.bfloat16)
         for k, m in modules.items()
     }
     g = torch.Generator().manual_seed(0)
@@ -64,8 +70,10 @@ def main() -> None:
         print(
             f"| prefill {b} x {lo}-{hi} | {m['baseline']:.0f} | {m['current']:.0f} | {ratio:.2f}x |"
         )
-    for b in (1, 4, 16):
+    for b in args.batches:
         lens = torch.randint(20, 200, (b,), generator=g)
+        if args.context:
+            lens = torch.full((b,), args.context)
         ids = torch.randint(0, 1000, (b, int(lens.max())), generator=g)
         for r in runners.values():
             r.forward(ids, torch.arange(b), torch.zeros(b, dtype=torch.long), lens - 1)
@@ -73,7 +81,8 @@ def main() -> None:
         a = (nxt, torch.arange(b), lens)
         m = median_ms(runners, lambda r, i, a=a: r.forward(a[0], a[1], a[2] + i), 60)
         ratio = m["baseline"] / m["current"]
-        print(f"| decode {b} rows | {m['baseline']:.1f} | {m['current']:.1f} | {ratio:.2f}x |")
+        at = f", {args.context} positions" if args.context else ""
+        print(f"| decode {b} rows{at} | {m['baseline']:.1f} | {m['current']:.1f} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":
