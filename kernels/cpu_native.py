@@ -353,7 +353,10 @@ def decoder(
 
     def ptr(t: torch.Tensor) -> int:
         if t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(f"the decoder step takes contiguous fp32 tensors, not {t.dtype}")
+            layout = "a contiguous" if t.is_contiguous() else "a non-contiguous"
+            raise ValueError(
+                f"the decoder step takes contiguous fp32 tensors, not {layout} {t.dtype}"
+            )
         keep.append(t)
         return t.data_ptr()
 

@@ -215,11 +215,9 @@ def _cpu_rows(layers: list[_Layer], silu: bool) -> list[_Rows] | None:
 
 def _native_projection(mods: tuple[nn.Module, ...]) -> Any:
     """A fused projection as `cpu_native.decoder` takes it, where it is one QuantLinear packed
-    for our own kernel (with an fp32 bias or none); else None."""
+    for our own kernel; else None."""
     mod = mods[0]
     if len(mods) != 1 or not isinstance(mod, QuantLinear) or "native_weight" not in mod.prepared:
-        return None
-    if mod.bias is not None and mod.bias.dtype != torch.float32:
         return None
     return mod.prepared, mod.group_size, None if mod.bias is None else mod.bias.detach()
 
@@ -632,8 +630,9 @@ class LlamaRunner:
         """The one-token step of a model whose projections all run on our own CPU kernel, as
         one C call for every layer (`cpu_native.decoder`: norms, rotary, cache writes and
         attention in plain loops between the matmuls, 2-3x faster than `_cpu_step`'s torch
-        ops, docs/serving.md); None for any other model. Its logits match `_cpu_step`'s to
-        about 1e-6, not bit for bit (its sums run in another order)."""
+        ops, docs/serving.md); None for any other model, or (with a warning) one whose weights
+        the C cannot read. Its logits match `_cpu_step`'s to about 1e-4, not bit for bit (sums
+        in another order flip some int16 roundings of the activations)."""
         from bitserve.kernels import cpu_native
 
         lib = cpu_native.library()

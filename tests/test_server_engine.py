@@ -1176,6 +1176,20 @@ def test_cpu_c_decode_step_refuses_what_would_read_out_of_bounds() -> None:
         cpu_native.decoder(lib, [layer], 4, runner.cos.double(), runner.signed_sin, 1.0)
     with pytest.raises(ValueError, match="whole query groups"):
         cpu_native.decoder(lib, [layer], 3, runner.cos, runner.signed_sin, 1.0)
+    # a weight whose bytes per column say 3-bit storage: the C refuses it before reading it
+    p = dict(layer.o[0])
+    w = p["native_weight"]
+    p["native_weight"] = torch.zeros(*w.shape[:2], lib.cols * 3, dtype=torch.uint8)
+    odd = cpu_native.decoder(
+        lib,
+        [dataclasses.replace(layer, o=(p, *layer.o[1:]))],
+        4,
+        runner.cos,
+        runner.signed_sin,
+        1.0,
+    )
+    with pytest.raises(ValueError, match="neither 4 nor 8 bits"):
+        odd(torch.randn(1, 96), torch.tensor([0]), torch.tensor([0]))
     h = torch.randn(1, 96)
     ok = cpu_native.decoder(lib, [layer], 4, runner.cos, runner.signed_sin, 1.0)
     ok(h, torch.tensor([0]), torch.tensor([0]))
