@@ -1,24 +1,32 @@
-"""The serving runner's step times against another version of server/runner.py, interleaved in
-one process (the VM's noise is larger than the changes it checks): decode steps of 1, 4 and 16
-rows of other lengths (20-200 positions, or --context each), and prefills of 1 x 200, 8 x 8-30
-and 4 x 30-59 tokens (right-padded).
+"""The serving runner's step times against another version of server/runner.py, or of the C
+kernels (`--kernel REV`: kernels/cpu_*.c as of git revision REV), interleaved in one process
+(the VM's noise is larger than the changes it checks): decode steps of 1, 4 and 16 rows of
+other lengths (20-200 positions, or --context each), and prefills of 1 x 200, 8 x 8-30 and
+4 x 30-59 tokens (right-padded).
 
     git show bbb33a6:server/runner.py > /tmp/runner_base.py
     OMP_NUM_THREADS=2 .venv/bin/python bench/runner_steps.py /tmp/runner_base.py \
         [--checkpoint checkpoints/rtn-w4g128] [--context 1000 --batches 1 4]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/runner_steps.py --kernel 15bf9d9
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from bitserve.kernels import cpu_native
 from bitserve.models import load_model
 from bitserve.server import runner as current
 
@@ -32,32 +40,76 @@ def load_module(path: str) -> Any:
     return module
 
 
+def kernel_at(rev: str) -> cpu_native.Library:
+    """The C kernels as of git revision `rev`, built as `cpu_native.build` builds the current
+    ones (a library of its own: the cache key is the sources)."""
+    saved, tmp = cpu_native.SOURCES, Path(tempfile.mkdtemp())
+    for src in saved:
+        code = subprocess.run(
+            ["git", "show", f"{rev}:kernels/{src.name}"], capture_output=True, check=True
+        ).stdout
+        (tmp / src.name).write_bytes(code)
+    cpu_native.SOURCES = [tmp / src.name for src in saved]
+    try:
+        lib = cpu_native.build()
+    finally:
+        cpu_native.SOURCES = saved
+    if lib is None:
+        sys.exit(f"the kernels of {rev} do not build here")
+    return lib
+
+
+LIBS: dict[str, cpu_native.Library] = {}  # the runners' kernels, where not this checkout's
+
+
+@contextlib.contextmanager
+def kernel(lib: cpu_native.Library | None) -> Iterator[None]:
+    """Models loaded and runners built inside take `lib` as this machine's kernel."""
+    if lib is None:
+        yield
+        return
+    saved = cpu_native.library
+    cpu_native.library = lambda: lib  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        cpu_native.library = saved
+
+
 def median_ms(runners: dict[str, Any], call: Any, reps: int) -> dict[str, float]:
-    """Median time of call(runner) per runner, the runners alternated call by call."""
+    """Median time of call(runner) per runner, the runners alternated call by call (each with
+    its own kernel: a layer of many rows looks the kernel up at every call)."""
     times: dict[str, list[float]] = {k: [] for k in runners}
     for i in range(reps):
         for k, r in runners.items():
-            t0 = time.perf_counter()
-            call(r, i)
-            times[k].append(time.perf_counter() - t0)
+            with kernel(LIBS.get(k)):
+                t0 = time.perf_counter()
+                call(r, i)
+                times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("baseline", help="another server/runner.py (e.g. from `git show`)")
+    ap.add_argument("baseline", nargs="?", help="another server/runner.py (e.g. from `git show`)")
+    ap.add_argument("--kernel", metavar="REV", help="the baseline's C kernels: those of REV")
     ap.add_argument("--checkpoint", default="checkpoints/rtn-w4g128")
     ap.add_argument("--context", type=int, default=0, help="positions each decode row attends to")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="decode rows")
     args = ap.parse_args()
     if not 0 <= args.context <= 8192 or not all(1 <= b <= 16 for b in args.batches):
         ap.error("--context takes 0-8192 positions, --batches 1-16 rows")
-    modules = {"baseline": load_module(args.baseline), "current": current}
+    if not args.baseline and not args.kernel:
+        ap.error("give a baseline runner, --kernel REV, or both")
+    base = load_module(args.baseline) if args.baseline else current
+    if args.kernel:
+        LIBS["baseline"] = kernel_at(args.kernel)
     max_len = max(512, args.context + 128)
-    runners = {
-        k: m.LlamaRunner(load_model(args.checkpoint).model, 16, max_len, torch.bfloat16)
-        for k, m in modules.items()
-    }
+    runners = {}
+    for k, m in (("baseline", base), ("current", current)):
+        with kernel(LIBS.get(k)):
+            model = load_model(args.checkpoint).model
+            runners[k] = m.LlamaRunner(model, 16, max_len, torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     print("| step | baseline ms | current ms | baseline / current |")
     print("|---|---|---|---|")
@@ -75,8 +127,9 @@ def main() -> None:
         if args.context:
             lens = torch.full((b,), args.context)
         ids = torch.randint(0, 1000, (b, int(lens.max())), generator=g)
-        for r in runners.values():
-            r.forward(ids, torch.arange(b), torch.zeros(b, dtype=torch.long), lens - 1)
+        for k, r in runners.items():
+            with kernel(LIBS.get(k)):
+                r.forward(ids, torch.arange(b), torch.zeros(b, dtype=torch.long), lens - 1)
         nxt = torch.ones(b, 1, dtype=torch.long)
         a = (nxt, torch.arange(b), lens)
         m = median_ms(runners, lambda r, i, a=a: r.forward(a[0], a[1], a[2] + i), 60)

@@ -89,33 +89,52 @@ typedef __m256 vf;
 int bitserve_gemv_cols(void) { return COLS; }
 const char *bitserve_gemv_isa(void) { return ISA; }
 
+/* Four values of x times inv, in double (no overflow for a tiny block maximum), rounded half
+ * away from zero to int32. */
+static inline __m128i round4(__m128 x, __m256d inv) {
+  const __m256d v = _mm256_mul_pd(_mm256_cvtps_pd(x), inv);
+  const __m256d half = _mm256_or_pd(_mm256_and_pd(v, _mm256_set1_pd(-0.0)), _mm256_set1_pd(0.5));
+  return _mm256_cvttpd_epi32(_mm256_add_pd(v, half));
+}
+
 /* 32 values of x to int16 in the order the dot products read them: within each 8, the pairs
  * (0, 2), (1, 3), (4, 6), (5, 7), as the codes sit in the 16-bit lanes. Returns the scale and
  * writes the sum of the int16 values to *sum. A NaN or infinity in the block makes the scale
- * NaN, so the row's outputs are NaN as a float matmul's would be, not quietly finite. */
+ * NaN, so the row's outputs are NaN as a float matmul's would be, not quietly finite. In AVX2
+ * vectors, the same values bit for bit as a scalar loop, which cost as much as a small layer's
+ * matmul (docs/kernels.md). */
 static float quantize_block(const float *x, int16_t *xq, int32_t *sum) {
-  static const int order[8] = {0, 2, 1, 3, 4, 6, 5, 7};
-  float m = 0.f;
+  const __m256 sign = _mm256_set1_ps(-0.f), big = _mm256_set1_ps(3.4028235e38f);
+  __m256 v[4], m = _mm256_setzero_ps();
   int finite = 1;
-  for (int i = 0; i < 32; i++) {
-    const float a = x[i] < 0.f ? -x[i] : x[i];
-    finite &= a <= 3.4028235e38f; /* false for NaN and infinity */
-    m = a > m ? a : m;
+  for (int j = 0; j < 4; j++) {
+    v[j] = _mm256_loadu_ps(x + 8 * j);
+    const __m256 a = _mm256_andnot_ps(sign, v[j]);
+    finite &= _mm256_movemask_ps(_mm256_cmp_ps(a, big, _CMP_LE_OQ)) == 255; /* no NaN, no inf */
+    m = _mm256_max_ps(m, a);
   }
   if (!finite) {
     for (int i = 0; i < 32; i++) xq[i] = 0;
     *sum = 0;
     return __builtin_nanf("");
   }
-  const double inv = m > 0.f ? 32767.0 / m : 0.0; /* double: no overflow for tiny m */
-  int32_t s = 0;
-  for (int i = 0; i < 32; i++) {
-    const double v = x[(i & ~7) + order[i & 7]] * inv;
-    xq[i] = (int16_t)(v >= 0.0 ? v + 0.5 : v - 0.5);
-    s += xq[i];
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  const __m256d inv = _mm256_set1_pd(mx > 0.f ? 32767.0 / mx : 0.0);
+  const __m256i order = _mm256_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7);
+  __m256i s = _mm256_setzero_si256();
+  for (int j = 0; j < 4; j++) {
+    const __m256 p = _mm256_permutevar8x32_ps(v[j], order);
+    const __m128i lo = round4(_mm256_castps256_ps128(p), inv);
+    const __m128i hi = round4(_mm256_extractf128_ps(p, 1), inv);
+    _mm_storeu_si128((__m128i *)(xq + 8 * j), _mm_packs_epi32(lo, hi)); /* |values| <= 32767 */
+    s = _mm256_add_epi32(s, _mm256_set_m128i(hi, lo));
   }
-  *sum = s;
-  return m / 32767.f;
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+  *sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
+  return mx / 32767.f;
 }
 
 static inline vi pair(const int16_t *p) {
@@ -157,8 +176,12 @@ static inline __attribute__((always_inline)) void column_block(
       }
       for (int r = 0; r < rows; r++) {
         const int16_t *x = xq + (size_t)r * k + b * 32 + o * 8;
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < 4; j++) {
           dot[r][j % chains] = DOT(dot[r][j % chains], c[j], pair(x + 2 * j));
+          /* one chain per accumulator: integer sums may be re-associated, and GCC otherwise
+           * computes every product of a step first and spills them to the stack */
+          __asm__("" : "+v"(dot[r][j % chains]));
+        }
       }
     }
     const vf sv = LOADF(s + g * COLS), zv = LOADF(zs + g * COLS);

@@ -295,7 +295,7 @@ def test_native_kernel_against_fp64_for_every_row_count(march: str) -> None:
     """Built for this CPU (16-column blocks with AVX512) and for plain AVX2 (8 columns,
     vpmaddwd), the kernel matches an fp64 matmul within 1e-4 (int16 activations) for 4 and
     8-bit codes, 1 to 9 rows (tiles of 4 and what is left), a short last group, per-channel,
-    and inputs whose blocks differ in scale by 1e6; each row's result is the same bit for bit
+    inputs whose blocks differ in scale by 1e6 and subnormal ones; each row's result is the same bit for bit
     alone, in a batch, and on one thread."""
     if "avx2" not in cpu_native._cpu_flags():
         pytest.skip("no AVX2")
@@ -317,6 +317,10 @@ def test_native_kernel_against_fp64_for_every_row_count(march: str) -> None:
             assert rel_err(y, native_ref(codes, s, z, x[:m], group)) < 1e-4, (k, n, m, bits)
         alone = cpu_native.matmul(lib, p, x[4:5].clone(), group)
         assert torch.equal(alone[0], y[4])
+        tiny = torch.randn(1, k, generator=gen) * 1e-36  # 32767 / max|x| overflows a float
+        got = cpu_native.matmul(lib, p, tiny, group).double()
+        want = native_ref(codes, s, z, tiny, group)
+        assert float((got - want).norm() / want.norm()) < 1e-4
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
