@@ -180,21 +180,22 @@ def runner_decoder(
 
 
 def dense_table(checkpoints: list[str]) -> None:
-    """`_dense_table`, with the cpu backend's DENSE_ROWS restored whatever happens."""
+    """`_dense_table`, with the cpu backend's thresholds restored whatever happens."""
     from bitserve.kernels import cpu
 
-    default = cpu.DENSE_ROWS
+    saved = cpu.DENSE_ROWS, cpu.FP32_DENSE_ROWS
     try:
-        _dense_table(checkpoints, default)
+        print(f"our kernel's layers take the dense GEMM from {cpu.native_dense_rows()} rows here")
+        _dense_table(checkpoints, cpu.DENSE_ROWS)
     finally:
-        cpu.DENSE_ROWS = default
+        cpu.DENSE_ROWS, cpu.FP32_DENSE_ROWS = saved
 
 
 def _dense_table(checkpoints: list[str], default: int) -> None:
     """The cpu backend's two paths for many rows, in the same run: the kernel (our own where it
     builds, else torch's) against dequantized tiles and a dense GEMM (bf16 or fp32 by the CPU,
-    what it takes from DENSE_ROWS rows), per decoder layer shape at W4 and W8 g128, then a
-    prefill through the serving runner per checkpoint."""
+    what it takes from `native_dense_rows()` rows), per decoder layer shape at W4 and W8 g128,
+    then a prefill through the serving runner per checkpoint."""
     from bitserve.kernels import cpu
     from bitserve.models import load_model
     from bitserve.server.runner import LlamaRunner
@@ -214,7 +215,7 @@ def _dense_table(checkpoints: list[str], default: int) -> None:
 
     def path(rows: int, fn: Callable[[], object]) -> Callable[[], object]:
         def run() -> object:
-            cpu.DENSE_ROWS = rows
+            cpu.DENSE_ROWS = cpu.FP32_DENSE_ROWS = rows
             return fn()
 
         return run
@@ -227,7 +228,7 @@ def _dense_table(checkpoints: list[str], default: int) -> None:
         layers = [quantize_rtn(w, QuantSpec(b, 128)).to_module() for b in (4, 8)]
         for layer in layers:
             layer.set_backend("cpu")
-        for m in (128, 256, 512):
+        for m in (128, 256, 512, 1024):
             x = torch.randn(m, k)
             fns = [path(r, partial(layer, x)) for layer in layers for r in (1 << 30, 1)]
             with torch.inference_mode():

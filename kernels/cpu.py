@@ -32,8 +32,11 @@ KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the int4 CPU kernel accepts
 DEQUANT_CHUNK = 512  # output rows dequantized at a time by the fallback path
 # Calls with at least DENSE_ROWS rows (prefill; half as many for torch's two 8-bit planes)
 # dequantize DENSE_CHUNK output rows at a time (bf16 or fp32, `cpu_native.dense_dtype`) and run
-# a dense GEMM instead of the kernel, where that is faster (docs/kernels.md, "Many rows").
+# a dense GEMM instead of the kernel, where that is faster (docs/kernels.md, "Many rows"). Our
+# own kernel's layers do so only from FP32_DENSE_ROWS where that GEMM runs in fp32: there the
+# kernel is the faster up to 512 rows at least.
 DENSE_ROWS, DENSE_CHUNK = 256, 2048  # the chunk: whole 64-row blocks of the packed layout
+FP32_DENSE_ROWS = 1024
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNEL_DTYPE = torch.bfloat16  # the packed kernels' fast activation dtype
 log = logging.getLogger("bitserve.kernels")
@@ -280,14 +283,19 @@ def _gemv(lib: cpu_native.Library, layer: QuantLinear) -> Callable[[torch.Tensor
     return call
 
 
+def native_dense_rows() -> int:
+    """The rows from which our own kernel's layers run the dense GEMM instead."""
+    return FP32_DENSE_ROWS if cpu_native.dense_dtype() == torch.float32 else DENSE_ROWS
+
+
 def _matmul_native(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (made fp32) through our own kernel, or from DENSE_ROWS rows a dense GEMM (bf16
-    or fp32, `cpu_native.dense_dtype`) on DENSE_CHUNK output rows dequantized at a time (as the
-    int4 path): fp32 [M, N]."""
+    """x [M, K] (made fp32) through our own kernel, or from `native_dense_rows()` rows a dense
+    GEMM (bf16 or fp32, `cpu_native.dense_dtype`) on DENSE_CHUNK output rows dequantized at a
+    time (as the int4 path): fp32 [M, N]."""
     lib = cpu_native.library()
     assert lib is not None  # the layer was packed for it
     group, n = layer.group_size, layer.out_features
-    if x.shape[0] < DENSE_ROWS:
+    if x.shape[0] < native_dense_rows():
         return _gemv(lib, layer)(x)
     dtype, chunk = cpu_native.dense_dtype(), DENSE_CHUNK // lib.cols * lib.cols
     xd = x.to(dtype)
@@ -318,7 +326,7 @@ def _direct(layer: QuantLinear) -> Direct | None:
         gemv = _gemv(lib, layer)
 
         def native(x: torch.Tensor) -> torch.Tensor:
-            return gemv(x) if x.shape[0] < DENSE_ROWS else _matmul_native(layer, x)
+            return gemv(x) if x.shape[0] < native_dense_rows() else _matmul_native(layer, x)
 
         return torch.float32, native
     if _kind(layer) != "int4":

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bitserve.errors import UsageError
-from bitserve.kernels.cpu import DENSE_ROWS
+from bitserve.kernels.cpu import native_dense_rows
 from bitserve.kernels.quant_linear import BACKENDS, QuantLinear, concat_outputs
 from bitserve.quantization.grid import QuantSpec, quantize_rtn
 
@@ -553,7 +553,8 @@ class LlamaRunner:
         B, T = ids.shape
         if T == 1 and self.fused_decode:
             return self._fused_step(ids[:, 0], slots, pos[:, 0], kv_len)
-        if T == 1 and spans is not None and self.cpu_decode is not None and B < DENSE_ROWS:
+        one_call = T == 1 and spans is not None and ids.shape[0] < native_dense_rows()
+        if one_call and self.cpu_decode is not None:
             h = self.embed(ids[:, 0])
             self.cpu_decode(h, slots, pos[:, 0])
             return self._head(self.norm(h))

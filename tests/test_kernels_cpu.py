@@ -7,6 +7,7 @@ activations) and the dequantize fallback compute in fp32 and must match fp32 clo
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -372,8 +373,9 @@ def test_native_is_more_exact_than_torchs_int4_kernel(monkeypatch: pytest.Monkey
 
 @needs_native
 def test_native_many_rows_take_the_dense_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From DENSE_ROWS rows the layer runs a GEMM on dequantized columns (several chunks; bf16
-    and fp32 both), matching the reference, without calling the kernel; the decode loop's direct call
+    """From DENSE_ROWS rows (FP32_DENSE_ROWS where the GEMM runs in fp32) the layer runs a GEMM
+    on dequantized columns (several chunks; bf16 and fp32 both), matching the reference, without
+    calling the kernel; the decode loop's direct call
     takes fp32 rows and answers as the module does."""
     torch.manual_seed(6)
     layer = random_layer(576, 1024, 3, 64, True, bias=False)
@@ -388,8 +390,36 @@ def test_native_many_rows_take_the_dense_path(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(cpu, "_gemv", None)  # the kernel call: must not be used
     for dtype in (torch.bfloat16, torch.float32):
         monkeypatch.setattr(cpu_native, "dense_dtype", lambda dtype=dtype: dtype)
-        for m in (cpu.DENSE_ROWS, cpu.DENSE_ROWS + 5):
+        rows = cpu.native_dense_rows()
+        assert rows == (cpu.DENSE_ROWS if dtype == torch.bfloat16 else cpu.FP32_DENSE_ROWS)
+        for m in (rows, rows + 5):
             check(layer, m, torch.float32)
+
+
+@needs_native
+def test_native_keeps_the_kernel_up_to_fp32_dense_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the dense GEMM would run in fp32, calls of DENSE_ROWS up to FP32_DENSE_ROWS rows
+    stay on our kernel (faster there, docs/kernels.md); with a bf16 GEMM they take it."""
+    torch.manual_seed(9)
+    layer = random_layer(256, 64, 4, 64, False, bias=False)
+    layer.set_backend("cpu")
+    kernel_rows: list[int] = []
+    gemv = cpu._gemv
+
+    def counted(lib: cpu_native.Library, layer: QuantLinear) -> Callable[..., torch.Tensor]:
+        call = gemv(lib, layer)
+        return lambda x: kernel_rows.append(x.shape[0]) or call(x)
+
+    monkeypatch.setattr(cpu, "_gemv", counted)
+    for dtype, took in (
+        (torch.float32, [cpu.DENSE_ROWS, cpu.FP32_DENSE_ROWS - 1]),
+        (torch.bfloat16, []),
+    ):
+        monkeypatch.setattr(cpu_native, "dense_dtype", lambda dtype=dtype: dtype)
+        kernel_rows.clear()
+        for m in (cpu.DENSE_ROWS, cpu.FP32_DENSE_ROWS - 1, cpu.FP32_DENSE_ROWS):
+            check(layer, m, torch.float32)
+        assert kernel_rows == took, dtype
 
 
 def test_dense_gemm_is_bf16_only_where_the_cpu_multiplies_it(
