@@ -116,12 +116,22 @@ static void attend(const float *q, const float *k, const float *v, int len, int 
   }
   _mm256_storeu_ps(lanes, total);
   for (int j = 0; j < 8; j++) sum += lanes[j];
-  for (int i = 0; i < d; i += 8) _mm256_storeu_ps(out + i, _mm256_setzero_ps());
-  for (int t = 0; t < len; t++) {
-    const v8 p = _mm256_set1_ps(scores[t]);
-    for (int i = 0; i < d; i += 8)
-      _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + (size_t)t * d + i),
-                                                _mm256_loadu_ps(out + i)));
+  int i0 = 0;
+  for (; i0 + 64 <= d; i0 += 64) { /* 64 values of out in registers over all t */
+    v8 o[8];
+    for (int i = 0; i < 8; i++) o[i] = _mm256_setzero_ps();
+    for (int t = 0; t < len; t++) {
+      const v8 p = _mm256_set1_ps(scores[t]);
+      const float *vt = v + (size_t)t * d + i0;
+      for (int i = 0; i < 8; i++) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * i), o[i]);
+    }
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + i0 + 8 * i, o[i]);
+  }
+  for (; i0 < d; i0 += 8) { /* what is left, 8 at a time: the same sums in the same order */
+    v8 o = _mm256_setzero_ps();
+    for (int t = 0; t < len; t++)
+      o = _mm256_fmadd_ps(_mm256_set1_ps(scores[t]), _mm256_loadu_ps(v + (size_t)t * d + i0), o);
+    _mm256_storeu_ps(out + i0, o);
   }
   for (int i = 0; i < d; i++) out[i] /= sum;
 }

@@ -924,9 +924,10 @@ def test_a_prompt_prefilled_after_a_cached_prefix_gives_close_logits(
         assert parts.argmax() == whole.argmax()
 
 
-def _tiny_llama(spec: Any, arch: str = "llama") -> Any:
-    """A random 2-layer model of tiny_config (hidden 96, MLP 160), quantized in memory with
-    RTN at `spec` (None: left in fp32), its QuantLinears on the cpu backend."""
+def _tiny_llama(spec: Any, arch: str = "llama", head_dim: int | None = None) -> Any:
+    """A random 2-layer model of tiny_config (hidden 96, MLP 160; heads of 24 values, or
+    `head_dim`), quantized in memory with RTN at `spec` (None: left in fp32), its QuantLinears
+    on the cpu backend."""
     from tiny_models import tiny_config
     from transformers import AutoModelForCausalLM
 
@@ -934,7 +935,10 @@ def _tiny_llama(spec: Any, arch: str = "llama") -> Any:
     from bitserve.quantization.pipeline import quantize_model, swap_in_quant_linears
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    config = tiny_config(arch)
+    if head_dim:
+        config.head_dim = head_dim
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # norm weights are ones at init: they would hide a misplaced weight
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -1037,12 +1041,15 @@ def _decode_steps(
 
 
 @pytest.mark.parametrize("spec", [(4, 32), (4, 64), (8, 32), (8, -1)])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_cpu_c_decode_step_matches_the_torch_step(spec: tuple[int, int], arch: str) -> None:
+@pytest.mark.parametrize(("arch", "head_dim"), [("llama", None), ("qwen2", None), ("llama", 72)])
+def test_cpu_c_decode_step_matches_the_torch_step(
+    spec: tuple[int, int], arch: str, head_dim: int | None
+) -> None:
     """The one-C-call decode step (`cpu_native.decoder`) against `_cpu_step` (the same kernel
     called from torch ops): close logits and KV caches (a misplaced head or position would be
     off by 1e-2 or more), step after step, rows in any order and
-    length; q/k/v biases (qwen2-style, run as llama) included."""
+    length; q/k/v biases (qwen2-style, run as llama) included, and heads of 72 values (the
+    attention's 64-value blocks and what is left)."""
     import copy
 
     from bitserve.kernels import cpu_native
@@ -1050,7 +1057,7 @@ def test_cpu_c_decode_step_matches_the_torch_step(spec: tuple[int, int], arch: s
 
     if cpu_native.library() is None:
         pytest.skip("our CPU kernel does not build here")
-    model = _tiny_llama(QuantSpec(*spec), arch)
+    model = _tiny_llama(QuantSpec(*spec), arch, head_dim)
     model.config.model_type = "llama"  # a llama with biased q/k/v
     fast = LlamaRunner(copy.deepcopy(model), num_slots=3, max_len=64)
     torch_ops = LlamaRunner(model, num_slots=3, max_len=64)
