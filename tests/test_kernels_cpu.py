@@ -295,29 +295,34 @@ def native_ref(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, x: torch.T
 def test_native_kernel_against_fp64_for_every_row_count(march: str) -> None:
     """Built for this CPU (16-column blocks with AVX512) and for plain AVX2 (8 columns,
     vpmaddwd), the kernel matches an fp64 matmul within 1e-4 (int16 activations) for 4 and
-    8-bit codes, 1 to 9 rows (tiles of 4 and what is left), a short last group, per-channel,
-    inputs whose blocks differ in scale by 1e6 and subnormal ones; each row's result is the same bit for bit
-    alone, in a batch, and on one thread."""
+    8-bit codes, 1 to 9, 16 and 37 rows (tiles of 4 and what is left), a short last group,
+    groups of 96, per-channel, an odd count of column blocks, inputs whose blocks differ in
+    scale by 1e6 and subnormal ones; each row's result is the same bit for bit alone, in any
+    batch, and on one thread."""
     if "avx2" not in cpu_native._cpu_flags():
         pytest.skip("no AVX2")
     lib = cpu_native.build(march)
     assert lib is not None and lib.cols == (8 if march == "x86-64-v3" else NATIVE.cols)
     gen = torch.Generator().manual_seed(3)
     cases = [(576, 96, 128, 4), (256, 48, 256, 4), (320, 32, 64, 4), (576, 48, 128, 8)]
-    for k, n, group, bits in cases + [(256, 32, 256, 8), (320, 48, 32, 8)]:
+    cases += [(256, 32, 256, 8), (320, 48, 32, 8), (1056, 56, 96, 4), (1056, 40, -1, 8)]
+    for k, n, group, bits in cases:
+        group = k if group == -1 else group
         n = n // lib.cols * lib.cols
         groups = -(-k // group)
         codes = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.uint8)
         s = torch.rand(groups, n, generator=gen) + 0.1
         z = torch.randint(0, 1 << bits, (groups, n), generator=gen).float()
         p = cpu_native.pack(lib, codes, s, z, bits)
-        x = torch.randn(9, k, generator=gen)
+        x = torch.randn(37, k, generator=gen)
         x[:, :32] *= 1e6  # one block far larger than the rest: each block has its own scale
-        for m in range(1, 10):
+        for m in [*range(1, 10), 16, 37]:
             y = cpu_native.matmul(lib, p, x[:m], group)
             assert rel_err(y, native_ref(codes, s, z, x[:m], group)) < 1e-4, (k, n, m, bits)
-        alone = cpu_native.matmul(lib, p, x[4:5].clone(), group)
-        assert torch.equal(alone[0], y[4])
+        for r in (4, 36):
+            alone = cpu_native.matmul(lib, p, x[r : r + 1].clone(), group)
+            assert torch.equal(alone[0], y[r])
+        assert torch.equal(cpu_native.matmul(lib, p, x[:9], group)[4], y[4])
         tiny = torch.randn(1, k, generator=gen) * 1e-36  # 32767 / max|x| overflows a float
         got = cpu_native.matmul(lib, p, tiny, group).double()
         want = native_ref(codes, s, z, tiny, group)
