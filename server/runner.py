@@ -553,11 +553,13 @@ class LlamaRunner:
         B, T = ids.shape
         if T == 1 and self.fused_decode:
             return self._fused_step(ids[:, 0], slots, pos[:, 0], kv_len)
-        one_call = T == 1 and spans is not None and ids.shape[0] < native_dense_rows()
-        if one_call and self.cpu_decode is not None:
-            h = self.embed(ids[:, 0])
-            self.cpu_decode(h, slots, pos[:, 0])
-            return self._head(self.norm(h))
+        tokens = B if spans is None else sum(n for _, _, n in spans)
+        if spans is not None and self.cpu_decode is not None and tokens < native_dense_rows():
+            if T == 1:
+                h = self.embed(ids[:, 0])
+                self.cpu_decode(h, slots, pos[:, 0])
+                return self._head(self.norm(h))
+            return self._c_prefill(ids, spans)
         if T == 1 and spans is not None and self.cpu_rows is not None:
             return self._cpu_step(ids[:, 0], slots, pos[:, 0], spans)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim
@@ -705,6 +707,19 @@ class LlamaRunner:
             return "int8 g32"
         dtype = self.lm_head.weight.dtype if self.head_weight is None else self.head_weight.dtype
         return str(dtype).removeprefix("torch.") + (" (oneDNN layout)" if self.head_onednn else "")
+
+    def _c_prefill(self, ids: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Prompt chunks through the one-call C step: each real token is a row of its slot at
+        its position (the step writes every row's K/V before any row attends, so a token sees
+        those before it), without the padding; the logits [B, V] of each row's last token."""
+        assert self.cpu_decode is not None
+        flat = torch.cat([ids[b, :n] for b, (_, _, n) in enumerate(spans)])
+        slots = torch.tensor([s for s, _, n in spans for _ in range(n)])
+        pos = torch.tensor([start + i for _, start, n in spans for i in range(n)])
+        h = self.embed(flat)
+        self.cpu_decode(h, slots, pos)
+        ends = torch.tensor([n for _, _, n in spans]).cumsum(0) - 1
+        return self._head(self.norm(h[ends]))
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self.head_int8 is not None:

@@ -1071,7 +1071,45 @@ def test_cpu_c_decode_step_matches_the_torch_step(
     for c in ("k_cache", "v_cache"):
         ours, theirs = getattr(fast, c), getattr(torch_ops, c)
         assert theirs.abs().sum() > 0 and rel_err(ours, theirs) < 1e-4
-    assert calls.count == len(steps)  # every decode step ran in C
+    assert calls.count == 3 + len(steps)  # every prefill and decode step ran in C
+
+
+def test_cpu_c_prefill_of_padded_rows_matches_torch_and_each_row_alone() -> None:
+    """A right-padded prefill batch (rows of 5, 12 and 1 tokens, one resuming at position 4)
+    runs in one C call without its padding: logits and K/V within 1e-4 of the torch ops' path,
+    and each row's K/V the same bit for bit as its prefill alone."""
+    import copy
+
+    from bitserve.kernels import cpu_native
+    from bitserve.quantization.grid import QuantSpec
+
+    if cpu_native.library() is None:
+        pytest.skip("our CPU kernel does not build here")
+    model = _tiny_llama(QuantSpec(4, 32))
+    fast = LlamaRunner(copy.deepcopy(model), num_slots=6, max_len=64)
+    torch_ops = LlamaRunner(model, num_slots=6, max_len=64)
+    fast.cpu_decode = calls = _counted(fast.cpu_decode)
+    torch_ops.cpu_decode = None
+    g = torch.Generator().manual_seed(5)
+    head = torch.randint(0, 40, (1, 4), generator=g)  # slot 2 resumes after 4 tokens
+    for r in (fast, torch_ops):
+        r.forward(head, torch.tensor([2]), torch.tensor([0]))
+        r.forward(head, torch.tensor([5]), torch.tensor([0]))
+    ids = torch.randint(0, 40, (3, 12), generator=g)
+    lens, starts = torch.tensor([5, 12, 1]), torch.tensor([0, 0, 4])
+    args = (ids, torch.tensor([0, 1, 2]), starts, lens - 1)
+    ours, theirs = fast.forward(*args), torch_ops.forward(*args)
+    assert torch.isfinite(ours).all() and rel_err(ours, theirs) < 1e-4
+    for c in ("k_cache", "v_cache"):  # [layer, slot, head, position, value]; padding: torch's
+        for slot, end in enumerate((starts + lens).tolist()):
+            a, b = getattr(fast, c)[:, slot, :, :end], getattr(torch_ops, c)[:, slot, :, :end]
+            assert b.abs().sum() > 0 and rel_err(a, b) < 1e-4
+    for r in range(3):  # each row again alone, into slots 3-5: the same K/V bit for bit
+        fast.forward(ids[r : r + 1, : lens[r]], torch.tensor([3 + r]), starts[r : r + 1])
+        end = int(starts[r] + lens[r])
+        for c in (fast.k_cache, fast.v_cache):
+            assert torch.equal(c[:, 3 + r, :, :end], c[:, r, :, :end]), r
+    assert calls.count == 2 + 1 + 3  # the prefills of slots 2 and 5, the batch, the rows alone
 
 
 def test_cpu_c_decode_step_rows_do_not_depend_on_the_batch_or_threads() -> None:
@@ -1106,7 +1144,7 @@ def test_cpu_c_decode_step_rows_do_not_depend_on_the_batch_or_threads() -> None:
     for r in range(3):
         assert torch.equal(together[r], alone[r][0]), r
     assert torch.equal(runner.k_cache[:, :3], runner.k_cache[:, 3:])
-    assert calls.count == 4
+    assert calls.count == 6 + 4  # six prefills, then four decode steps
 
 
 def test_torch_profiler_sees_our_c_calls() -> None:
@@ -1205,8 +1243,9 @@ def test_cpu_c_decode_step_refuses_what_would_read_out_of_bounds() -> None:
 
 @pytest.mark.slow
 def test_c_decode_step_greedy_tokens_are_the_reference_backends(tmp_path: Path) -> None:
-    """The default model's W4 checkpoint decoded greedily by the runner's one-C-call step:
-    every token is the reference backend's argmax (one teacher-forced pass of a copy)."""
+    """The default model's W4 checkpoint prefilled and decoded greedily by the runner's
+    one-C-call step: every token is the reference backend's argmax (one teacher-forced pass of
+    a copy)."""
     import copy
 
     from bitserve.kernels import cpu_native
@@ -1231,7 +1270,7 @@ def test_c_decode_step_greedy_tokens_are_the_reference_backends(tmp_path: Path) 
         logits = runner.forward(
             torch.tensor([tokens[-1:]]), torch.tensor([0]), torch.tensor([len(tokens) - 1])
         )
-    assert calls.count == 16
+    assert calls.count == 17  # the prompt's prefill and every decode step ran in C
     with torch.inference_mode():
         ref = reference(torch.tensor([tokens])).logits[0, len(prompt) - 1 : -1].argmax(-1)
     assert ref.tolist() == tokens[len(prompt) :]
