@@ -378,11 +378,11 @@ class LlamaRunner:
         copies to the host only what it needs). The index tensors may live on the CPU whatever
         the model's device.
 
-        Rows may be right-padded: padding writes K/V past the row's length, which no attention
-        reads and the row's next real token overwrites. A row's logits do not depend on the
-        other rows on the CPU (greedy texts are the same alone or batched): attention runs row by
-        row (`_attend_rows`), other ops row-wise; the cpu backend's dense path for 256+ rows
-        (docs/kernels.md) is the exception."""
+        Rows may be right-padded: padding may write K/V past the row's length, which no
+        attention reads and the row's next real token overwrites. A row's logits do not depend
+        on the other rows on the CPU (greedy texts are the same alone or batched): attention
+        runs row by row (`_attend_rows`, or the C step's rows), other ops row-wise; the cpu
+        backend's dense path for many rows (docs/kernels.md) is the exception."""
         B, T = ids.shape
         if T == 1 and last is None and self.decode_graphs and GRAPH_BATCHES[-1] >= B:
             return self._decode(ids, slots, starts)
@@ -633,9 +633,10 @@ class LlamaRunner:
         """The one-token step of a model whose projections all run on our own CPU kernel, as
         one C call for every layer (`cpu_native.decoder`: norms, rotary, cache writes and
         attention in plain loops between the matmuls, 2-3x faster than `_cpu_step`'s torch
-        ops, docs/serving.md); None for any other model, or (with a warning) one whose weights
-        the C cannot read. Its logits match `_cpu_step`'s to about 1e-4, not bit for bit (sums
-        in another order flip some int16 roundings of the activations)."""
+        ops, docs/serving.md), which also runs prompt chunks as rows (`_c_prefill`); None for
+        any other model, or (with a warning) one whose weights the C cannot read. Its logits
+        match torch's ops' to about 1e-4, not bit for bit (sums in another order flip some
+        int16 roundings of the activations)."""
         from bitserve.kernels import cpu_native
 
         lib = cpu_native.library()
