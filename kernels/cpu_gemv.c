@@ -129,7 +129,7 @@ static float quantize_block(const float *x, int16_t *xq, int32_t *sum) {
     const __m128i lo = round4(_mm256_castps256_ps128(p), inv);
     const __m128i hi = round4(_mm256_extractf128_ps(p, 1), inv);
     _mm_storeu_si128((__m128i *)(xq + 8 * j), _mm_packs_epi32(lo, hi)); /* |values| <= 32767 */
-    s = _mm256_add_epi32(s, _mm256_set_m128i(hi, lo));
+    s = _mm256_add_epi32(s, _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
   }
   __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
   s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));

@@ -553,13 +553,15 @@ class LlamaRunner:
         B, T = ids.shape
         if T == 1 and self.fused_decode:
             return self._fused_step(ids[:, 0], slots, pos[:, 0], kv_len)
-        tokens = B if spans is None else sum(n for _, _, n in spans)
-        if spans is not None and self.cpu_decode is not None and tokens < native_dense_rows():
+        # The C step (CPU): rows that fit the cache, with at least one real token each.
+        c_step, c_spans = self.cpu_decode, spans or []
+        fit = all(n >= 1 and s + n <= self.max_len for _, s, n in c_spans)
+        if c_step and c_spans and fit and sum(n for _, _, n in c_spans) < native_dense_rows():
             if T == 1:
                 h = self.embed(ids[:, 0])
-                self.cpu_decode(h, slots, pos[:, 0])
+                c_step(h, slots, pos[:, 0])
                 return self._head(self.norm(h))
-            return self._c_prefill(ids, spans)
+            return self._c_prefill(ids, c_spans)
         if T == 1 and spans is not None and self.cpu_rows is not None:
             return self._cpu_step(ids[:, 0], slots, pos[:, 0], spans)
         H, Hkv, D = self.heads, self.kv_heads, self.head_dim

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bitserve.kernels import cpu_native
 from bitserve.models import fetch_default, load_model
 from bitserve.quantization import get_method
 from bitserve.quantization.checkpoint import load_checkpoint
@@ -74,10 +75,12 @@ def test_rtn_perplexity_on_wikitext(default_src: Path, w4: Path, tmp_path: Path)
 
 
 def test_whole_prefill_chunks_reused_give_the_same_cache_and_tokens(w4: Path) -> None:
-    """On the default W4 model, where a prompt prefilled in two parts rounds differently from
-    one prefilled whole: a prompt that reuses the whole prefill chunks another prompt left in
-    a slot gets the KV cache and sampled tokens of its own prefill on a fresh engine, bit for
-    bit; with --prefix-cache, which reuses a prefix ending mid-chunk, the cache differs."""
+    """On the default W4 model: a prompt that reuses the whole prefill chunks another prompt
+    left in a slot gets the KV cache and sampled tokens of its own prefill on a fresh engine,
+    bit for bit. With --prefix-cache, which reuses a prefix ending mid-chunk, the cache differs
+    where a prompt prefilled in two parts rounds differently from one prefilled whole (torch's
+    ops), and is the same where prompts prefill in the CPU's C step (each token a row of its
+    own: its K/V depend on the tokens alone)."""
     from bitserve.server.cli import build_state
     from bitserve.server.sampling import SamplingParams
     from bitserve.server.settings import Settings
@@ -85,8 +88,9 @@ def test_whole_prefill_chunks_reused_give_the_same_cache_and_tokens(w4: Path) ->
     pre = list(range(1000, 1040))
     first, second = pre + [2000, 2001, 2002], pre + [3000, 3001]
 
-    def run(cache: bool, prompts: list[list[int]]) -> tuple[list[int], torch.Tensor, int]:
-        """The last prompt's seeded tokens, cache and cached count, after the others ran."""
+    def run(cache: bool, prompts: list[list[int]]) -> tuple[list[int], torch.Tensor, int, bool]:
+        """The last prompt's seeded tokens, cache and cached count, after the others ran, and
+        whether prompts prefilled in the C step."""
         settings = Settings(max_num_seqs=2, max_model_len=96, prefill_chunk=16, prefix_cache=cache)
         engine = build_state(load_model(w4), settings).engine
         for prompt in prompts:
@@ -97,10 +101,14 @@ def test_whole_prefill_chunks_reused_give_the_same_cache_and_tokens(w4: Path) ->
             while engine.running or engine.waiting:
                 engine.step()
         keys = engine.runner.k_cache[:, seq.slot, :, : len(prompt) + 7].clone()
-        return [t for o in outs for t in o.token_ids], keys, seq.cached
+        c_step = engine.runner.cpu_decode is not None
+        return [t for o in outs for t in o.token_ids], keys, seq.cached, c_step
 
     alone = run(False, [second])
     reused = run(False, [first, second])
     assert reused[2] == 32 and reused[0] == alone[0] and torch.equal(reused[1], alone[1])
     approx = run(True, [first, second])
-    assert approx[2] == len(pre) and not torch.equal(approx[1], alone[1])
+    assert approx[2] == len(pre) and torch.equal(approx[1], alone[1]) == approx[3]
+    assert approx[3] == (cpu_native.library() is not None)  # the C step runs where ours builds
+    if approx[3]:
+        assert approx[0] == alone[0]

@@ -706,7 +706,7 @@ def test_whole_prefill_chunks_are_reused_bit_for_bit(server_tiny_checkpoint: Pat
     steps, or past the last whole chunk, are not reused; the prefix cache reuses them. A copy
     that fails answers its sequence with an error and leaves the slot free. (This
     tiny model rounds a prompt split anywhere as it rounds it whole; the default model does
-    not, and test_default_model.py checks that reuse there.)"""
+    not through torch's ops, and test_default_model.py checks that reuse there.)"""
     from bitserve.server.cli import build_state
     from bitserve.server.settings import Settings
 
@@ -1075,9 +1075,10 @@ def test_cpu_c_decode_step_matches_the_torch_step(
 
 
 def test_cpu_c_prefill_of_padded_rows_matches_torch_and_each_row_alone() -> None:
-    """A right-padded prefill batch (rows of 5, 12 and 1 tokens, one resuming at position 4)
+    """A right-padded prefill batch (rows of 5, 12 and 3 tokens, one resuming at position 4)
     runs in one C call without its padding: logits and K/V within 1e-4 of the torch ops' path,
-    and each row's K/V the same bit for bit as its prefill alone."""
+    and each row's K/V the same bit for bit as its prefill alone and as its prefill in two
+    chunks; from `native_dense_rows()` tokens torch's ops take the batch."""
     import copy
 
     from bitserve.kernels import cpu_native
@@ -1096,7 +1097,7 @@ def test_cpu_c_prefill_of_padded_rows_matches_torch_and_each_row_alone() -> None
         r.forward(head, torch.tensor([2]), torch.tensor([0]))
         r.forward(head, torch.tensor([5]), torch.tensor([0]))
     ids = torch.randint(0, 40, (3, 12), generator=g)
-    lens, starts = torch.tensor([5, 12, 1]), torch.tensor([0, 0, 4])
+    lens, starts = torch.tensor([5, 12, 3]), torch.tensor([0, 0, 4])
     args = (ids, torch.tensor([0, 1, 2]), starts, lens - 1)
     ours, theirs = fast.forward(*args), torch_ops.forward(*args)
     assert torch.isfinite(ours).all() and rel_err(ours, theirs) < 1e-4
@@ -1110,6 +1111,21 @@ def test_cpu_c_prefill_of_padded_rows_matches_torch_and_each_row_alone() -> None
         for c in (fast.k_cache, fast.v_cache):
             assert torch.equal(c[:, 3 + r, :, :end], c[:, r, :, :end]), r
     assert calls.count == 2 + 1 + 3  # the prefills of slots 2 and 5, the batch, the rows alone
+    # row 1 split into chunks of 5 and 7: the same K/V bit for bit (they depend on the tokens)
+    fast.forward(ids[1:2, :5], torch.tensor([3]), torch.tensor([0]))
+    fast.forward(ids[1:2, 5:], torch.tensor([3]), torch.tensor([5]))
+    for c in (fast.k_cache, fast.v_cache):
+        assert torch.equal(c[:, 3, :, :12], c[:, 1, :, :12])
+    # from cpu.native_dense_rows() tokens a prefill keeps torch's ops (and its dense GEMM)
+    from bitserve.kernels import cpu
+
+    count = calls.count
+    cpu.DENSE_ROWS, cpu.FP32_DENSE_ROWS, saved = 8, 8, (cpu.DENSE_ROWS, cpu.FP32_DENSE_ROWS)
+    try:
+        fast.forward(*args)
+    finally:
+        cpu.DENSE_ROWS, cpu.FP32_DENSE_ROWS = saved
+    assert calls.count == count
 
 
 def test_cpu_c_decode_step_rows_do_not_depend_on_the_batch_or_threads() -> None:
