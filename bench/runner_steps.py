@@ -6,7 +6,7 @@ other lengths (20-200 positions, or --context each), and prefills of 1 x 200, 8 
 
     git show bbb33a6:server/runner.py > /tmp/runner_base.py
     OMP_NUM_THREADS=2 .venv/bin/python bench/runner_steps.py /tmp/runner_base.py \
-        [--checkpoint checkpoints/rtn-w4g128] [--context 1000 --batches 1 4]
+        [--checkpoint checkpoints/rtn-w4g128] [--context 1000 --batches 1 4] [--long 1536]
     OMP_NUM_THREADS=2 .venv/bin/python bench/runner_steps.py --kernel 15bf9d9
 """
 
@@ -96,15 +96,24 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="checkpoints/rtn-w4g128")
     ap.add_argument("--context", type=int, default=0, help="positions each decode row attends to")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="decode rows")
+    ap.add_argument(
+        "--long",
+        type=int,
+        default=0,
+        help="also prefill one prompt of this many tokens, "
+        "in chunks of 256 (as `serve` does), each chunk timed",
+    )
     args = ap.parse_args()
     if not 0 <= args.context <= 8192 or not all(1 <= b <= 16 for b in args.batches):
         ap.error("--context takes 0-8192 positions, --batches 1-16 rows")
+    if not 0 <= args.long <= 8192:
+        ap.error("--long takes 0-8192 tokens")
     if not args.baseline and not args.kernel:
         ap.error("give a baseline runner, --kernel REV, or both")
     base = load_module(args.baseline) if args.baseline else current
     if args.kernel:
         LIBS["baseline"] = kernel_at(args.kernel)
-    max_len = max(512, args.context + 128)
+    max_len = max(512, args.context + 128, args.long)
     runners = {}
     for k, m in (("baseline", base), ("current", current)):
         with kernel(LIBS.get(k)):
@@ -122,6 +131,13 @@ def main() -> None:
         print(
             f"| prefill {b} x {lo}-{hi} | {m['baseline']:.0f} | {m['current']:.0f} | {ratio:.2f}x |"
         )
+    prompt = torch.randint(0, 1000, (1, args.long), generator=g)
+    for start in range(0, args.long, 256):
+        chunk = (prompt[:, start : start + 256], torch.tensor([0]), torch.tensor([start]))
+        m = median_ms(runners, lambda r, i, c=chunk: r.forward(*c), 3)
+        ratio = m["baseline"] / m["current"]
+        span = f"{start}-{min(start + 256, args.long)}"
+        print(f"| prompt chunk {span} | {m['baseline']:.0f} | {m['current']:.0f} | {ratio:.2f}x |")
     for b in args.batches:
         lens = torch.randint(20, 200, (b,), generator=g)
         if args.context:

@@ -1078,7 +1078,8 @@ def test_cpu_c_prefill_of_padded_rows_matches_torch_and_each_row_alone() -> None
     """A right-padded prefill batch (rows of 5, 12 and 3 tokens, one resuming at position 4)
     runs in one C call without its padding: logits and K/V within 1e-4 of the torch ops' path,
     and each row's K/V the same bit for bit as its prefill alone and as its prefill in two
-    chunks; from `native_dense_rows()` tokens torch's ops take the batch."""
+    chunks; from `native_dense_rows()` tokens, or for chunks reaching past
+    C_PREFILL_POSITIONS, torch's ops take the batch."""
     import copy
 
     from bitserve.kernels import cpu_native
@@ -1126,6 +1127,17 @@ def test_cpu_c_prefill_of_padded_rows_matches_torch_and_each_row_alone() -> None
     finally:
         cpu.DENSE_ROWS, cpu.FP32_DENSE_ROWS = saved
     assert calls.count == count
+    # and so does a chunk reaching past C_PREFILL_POSITIONS (decode rows do not)
+    from bitserve.server import runner
+
+    saved_end, runner.C_PREFILL_POSITIONS = runner.C_PREFILL_POSITIONS, 12
+    try:
+        fast.forward(ids[1:2, :5], torch.tensor([4]), torch.tensor([8]))  # ends at 13
+        fast.forward(ids[1:2, :4], torch.tensor([4]), torch.tensor([0]))  # ends at 4: C
+        fast.forward(ids[1:2, :1], torch.tensor([4]), torch.tensor([20]))  # decode: C
+    finally:
+        runner.C_PREFILL_POSITIONS = saved_end
+    assert calls.count == count + 2
 
 
 def test_cpu_c_decode_step_rows_do_not_depend_on_the_batch_or_threads() -> None:
