@@ -63,14 +63,20 @@ def interleaved(
 
 
 @contextlib.contextmanager
-def torch_int4() -> Iterator[None]:
-    """Layers set up inside run torch's kernels instead of our own (the baseline)."""
+def with_library(lib: cpu_native.Library | None) -> Iterator[None]:
+    """Layers set up (and runners built) inside take `lib` as this machine's kernel; None:
+    torch's kernels instead of our own (the baseline)."""
     library = cpu_native.library
-    cpu_native.library = lambda: None  # type: ignore[assignment]
+    cpu_native.library = lambda: lib  # type: ignore[assignment]
     try:
         yield
     finally:
         cpu_native.library = library
+
+
+def torch_int4() -> contextlib.AbstractContextManager[None]:
+    """Layers set up inside run torch's kernels instead of our own (the baseline)."""
+    return with_library(None)
 
 
 def layer_table() -> list[str]:

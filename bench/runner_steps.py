@@ -20,11 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from kernels_cpu import with_library  # bench/, the script's own folder
 
 from bitserve.kernels import cpu_native
 from bitserve.models import load_model
@@ -62,18 +62,9 @@ def kernel_at(rev: str) -> cpu_native.Library:
 LIBS: dict[str, cpu_native.Library] = {}  # the runners' kernels, where not this checkout's
 
 
-@contextlib.contextmanager
-def kernel(lib: cpu_native.Library | None) -> Iterator[None]:
-    """Models loaded and runners built inside take `lib` as this machine's kernel."""
-    if lib is None:
-        yield
-        return
-    saved = cpu_native.library
-    cpu_native.library = lambda: lib  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        cpu_native.library = saved
+def kernel(lib: cpu_native.Library | None) -> contextlib.AbstractContextManager[None]:
+    """Inside, `lib` is this machine's kernel (None: this checkout's, unchanged)."""
+    return contextlib.nullcontext() if lib is None else with_library(lib)
 
 
 def median_ms(runners: dict[str, Any], call: Any, reps: int) -> dict[str, float]:

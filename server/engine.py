@@ -394,7 +394,8 @@ class Engine:
         computes alone, bit for bit on the CPU (docs/serving.md, `--prefix-cache`). With the
         prefix cache, any prefix is: a prefix ending mid-chunk shifts the rest's chunks, which
         rounds differently (docs/serving.md, "Batch invariance"), except where prompts
-        prefill in the CPU's one-call C step, whose K/V depend on the tokens alone. The slot taken is the free one holding the longest reusable prefix (with
+        prefill in the CPU's one-call C step, whose K/V depend on the tokens alone. The slot
+        taken is the free one holding the longest reusable prefix (with
         the prefix cache, only if that is at least half of what it holds: a chat's next turn,
         a repeated system prompt, while a few shared template tokens do not evict another
         conversation), else the slot freed longest ago (never-used slots first). If another

@@ -34,12 +34,12 @@ GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # `bucket`) past M = 1, so that no short prompt waits for a tuning.
 WARMUP_PREFILLS = (2, 4, 16, 64, 256, 1024)
 GRAPH_MIN_KV = 256
-# Eager CUDA steps leave out cuDNN attention: it plans anew for every new shape, and an eager
-# step's attention length changes every token (docs/kernels.md, GPU runs 6 and 7).
 # Prompt chunks reaching past this many positions keep torch's ops on the CPU: the C step's
 # attention reads each row's keys on its own (flash attention shares them among query rows),
 # and past a few hundred positions that costs more than the C step saves (docs/serving.md).
 C_PREFILL_POSITIONS = 256
+# Eager CUDA steps leave out cuDNN attention: it plans anew for every new shape, and an eager
+# step's attention length changes every token (docs/kernels.md, GPU runs 6 and 7).
 EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 log = logging.getLogger("bitserve.runner")
 
