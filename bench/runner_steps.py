@@ -45,10 +45,10 @@ def kernel_at(rev: str) -> cpu_native.Library:
     ones (a library of its own: the cache key is the sources)."""
     saved, tmp = cpu_native.SOURCES, Path(tempfile.mkdtemp())
     for src in saved:
-        code = subprocess.run(
-            ["git", "show", f"{rev}:kernels/{src.name}"], capture_output=True, check=True
-        ).stdout
-        (tmp / src.name).write_bytes(code)
+        got = subprocess.run(["git", "show", f"{rev}:kernels/{src.name}"], capture_output=True)
+        if got.returncode:
+            sys.exit(f"--kernel {rev}: no kernels/{src.name} at that revision in this checkout")
+        (tmp / src.name).write_bytes(got.stdout)
     cpu_native.SOURCES = [tmp / src.name for src in saved]
     try:
         lib = cpu_native.build()

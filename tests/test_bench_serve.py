@@ -67,3 +67,28 @@ def test_shared_prefix_prompts_and_the_prefix_cache_server() -> None:
     specs = b.server_specs(args)
     plain, cached = specs["bitserve-w4"][0](1234), specs["bitserve-w4-prefix-cache"][0](1234)
     assert cached == [*plain, "--prefix-cache"]
+
+
+def test_runner_steps_refuses_bad_arguments_with_one_line() -> None:
+    """bench/runner_steps.py: no baseline at all, a --long out of range and a --kernel
+    revision without our kernels each end with a one-line message and a non-zero exit, before
+    any model loads."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "bench" / "runner_steps.py"
+    cases = [
+        ([], "give a baseline runner, --kernel REV, or both"),
+        (["--kernel", "HEAD", "--long", "-1"], "--long takes 0-8192 tokens"),
+        (["--kernel", "no-such-revision"], "--kernel no-such-revision: no kernels/"),
+    ]
+    for args, message in cases:
+        run = subprocess.run(
+            [sys.executable, str(script), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=script.parents[1],
+        )
+        assert run.returncode != 0 and message in run.stderr, (args, run.stderr)
+        assert "Traceback" not in run.stderr
