@@ -84,57 +84,92 @@ static inline v8 exp8(v8 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-/* One query head q [d] attending to positions 0..len-1 of its KV head's keys and values
- * [max_len][d]: out [d]. scores: scratch of len rounded up to 8 floats. */
-static void attend(const float *q, const float *k, const float *v, int len, int d, float scale,
-                   float *scores, float *out) {
-  v8 top = _mm256_set1_ps(-INFINITY), total = _mm256_setzero_ps();
-  for (int t = 0; t < len; t += 8) { /* eight keys' dot products at a time */
-    v8 acc[8];
-    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-    const int keys = len - t < 8 ? len - t : 8;
-    for (int i = 0; i < d; i += 8) {
-      const v8 qv = _mm256_loadu_ps(q + i);
-      for (int j = 0; j < keys; j++)
-        acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (size_t)(t + j) * d + i), acc[j]);
-    }
-    v8 sc = _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale));
-    if (keys < 8) /* past the last key: -inf, a weight of e^-87.3 that no V meets */
-      sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc,
-                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-                                _mm256_set1_epi32(keys), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
-    _mm256_storeu_ps(scores + t, sc);
-    top = _mm256_max_ps(top, sc);
+/* The dot products of q [d] with `keys` (at most 8) keys k [keys][d], as the lanes of one vector
+ * (zeros past `keys`); inlined, so the whole blocks of 8 keys run without a branch per key. */
+static inline __attribute__((always_inline)) v8 dots(const float *q, const float *k, int d,
+                                                     int keys) {
+  v8 acc[8];
+  for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+  for (int i = 0; i < d; i += 8) {
+    const v8 qv = _mm256_loadu_ps(q + i);
+    for (int j = 0; j < keys; j++)
+      acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (size_t)j * d + i), acc[j]);
   }
-  float lanes[8], m = -INFINITY, sum = 0.f;
-  _mm256_storeu_ps(lanes, top);
-  for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
-  for (int t = 0; t < len; t += 8) {
-    const v8 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(m)));
-    _mm256_storeu_ps(scores + t, e);
-    total = _mm256_add_ps(total, e);
-  }
-  _mm256_storeu_ps(lanes, total);
-  for (int j = 0; j < 8; j++) sum += lanes[j];
-  int i0 = 0;
-  for (; i0 + 64 <= d; i0 += 64) { /* 64 values of out in registers over all t */
-    v8 o[8];
-    for (int i = 0; i < 8; i++) o[i] = _mm256_setzero_ps();
-    for (int t = 0; t < len; t++) {
-      const v8 p = _mm256_set1_ps(scores[t]);
-      const float *vt = v + (size_t)t * d + i0;
-      for (int i = 0; i < 8; i++) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * i), o[i]);
-    }
-    for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + i0 + 8 * i, o[i]);
-  }
-  for (; i0 < d; i0 += 8) { /* what is left, 8 at a time: the same sums in the same order */
-    v8 o = _mm256_setzero_ps();
-    for (int t = 0; t < len; t++)
-      o = _mm256_fmadd_ps(_mm256_set1_ps(scores[t]), _mm256_loadu_ps(v + (size_t)t * d + i0), o);
-    _mm256_storeu_ps(out + i0, o);
-  }
-  for (int i = 0; i < d; i++) out[i] /= sum;
+  return sum8(acc);
 }
+
+/* Query heads that share one KV head, each attending to positions 0..len[i]-1 of its keys and
+ * values [max_len][d] (lens in any order): out[i] [d]. The loops run over blocks of keys (and of
+ * values) on the outside and the queries inside, so a block read from L2 serves every query from
+ * L1; each query's sums are the same, in the same order, as if it ran alone. scores: scratch of
+ * nq x stride floats, stride at least the longest len rounded up to 8. */
+static void attend(const float *const *q, const int *len, int nq, const float *k, const float *v,
+                   int d, float scale, float *scores, int stride, float *const *out) {
+  int longest = 0;
+  for (int i = 0; i < nq; i++) longest = len[i] > longest ? len[i] : longest;
+  v8 top[nq];
+  for (int i = 0; i < nq; i++) top[i] = _mm256_set1_ps(-INFINITY);
+  for (int t = 0; t < longest; t += 8) /* eight keys' dot products at a time, for each query */
+    for (int c = 0; c < nq; c++) {
+      if (t >= len[c]) continue;
+      const int keys = len[c] - t < 8 ? len[c] - t : 8;
+      const float *kt = k + (size_t)t * d;
+      v8 sc = _mm256_mul_ps(keys == 8 ? dots(q[c], kt, d, 8) : dots(q[c], kt, d, keys),
+                            _mm256_set1_ps(scale));
+      if (keys < 8) /* past the last key: -inf, a weight of e^-87.3 that no V meets */
+        sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc,
+                              _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                  _mm256_set1_epi32(keys), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+      _mm256_storeu_ps(scores + (size_t)c * stride + t, sc);
+      top[c] = _mm256_max_ps(top[c], sc);
+    }
+  float sum[nq];
+  for (int c = 0; c < nq; c++) { /* softmax's numerators, and their sum */
+    float lanes[8], m = -INFINITY, *s = scores + (size_t)c * stride;
+    v8 total = _mm256_setzero_ps();
+    _mm256_storeu_ps(lanes, top[c]);
+    for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+    for (int t = 0; t < len[c]; t += 8) {
+      const v8 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(m)));
+      _mm256_storeu_ps(s + t, e);
+      total = _mm256_add_ps(total, e);
+    }
+    _mm256_storeu_ps(lanes, total);
+    sum[c] = 0.f;
+    for (int j = 0; j < 8; j++) sum[c] += lanes[j];
+  }
+  enum { VALUES = 32 }; /* positions of V per block: 8 KB at 64 values a head */
+  for (int t0 = 0; t0 < longest; t0 += VALUES)
+    for (int c = 0; c < nq; c++) {
+      if (t0 >= len[c]) continue;
+      const int end = len[c] < t0 + VALUES ? len[c] : t0 + VALUES;
+      const float *p = scores + (size_t)c * stride;
+      int i0 = 0;
+      for (; i0 + 64 <= d; i0 += 64) { /* 64 values of out in registers over the block */
+        v8 o[8];
+        for (int i = 0; i < 8; i++)
+          o[i] = t0 ? _mm256_loadu_ps(out[c] + i0 + 8 * i) : _mm256_setzero_ps();
+        for (int t = t0; t < end; t++) {
+          const v8 pt = _mm256_set1_ps(p[t]);
+          const float *vt = v + (size_t)t * d + i0;
+          for (int i = 0; i < 8; i++) o[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * i), o[i]);
+        }
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(out[c] + i0 + 8 * i, o[i]);
+      }
+      for (; i0 < d; i0 += 8) { /* what is left, 8 at a time: the same sums in the same order */
+        v8 o = t0 ? _mm256_loadu_ps(out[c] + i0) : _mm256_setzero_ps();
+        for (int t = t0; t < end; t++)
+          o = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + (size_t)t * d + i0), o);
+        _mm256_storeu_ps(out[c] + i0, o);
+      }
+    }
+  for (int c = 0; c < nq; c++)
+    for (int i = 0; i < d; i++) out[c][i] /= sum[c];
+}
+
+/* Rows of one slot that one attention task takes: about 16 queries with the query heads of a KV
+ * head (`group` of them), enough to serve each block of keys from L1 many times over. */
+static int rows_per_task(int group) { return group >= 16 ? 1 : 16 / group; }
 
 /* Rotary embedding of n heads of x [n][head_dim] in place, at the table row `cos`, `sin`. */
 static void rotate(float *x, const float *cos, const float *sin, int n, int d) {
@@ -148,7 +183,7 @@ static void rotate(float *x, const float *cos, const float *sin, int n, int d) {
 /* One layer's attention block for `rows` one-token rows: norm, q/k/v, rotary, the new K/V
  * written at pos[b] of slot slots[b], attention over positions 0..pos[b], and the o projection
  * added to h. x, qkv, att: scratch of rows x dim, qkv's n, heads x head_dim floats; scores:
- * threads x (max_len + 8). */
+ * threads x rows_per_task x heads / kv_heads x (max_len + 8). */
 static int attention_block(const bs_model *m, const bs_layer *l, float *h, int rows,
                            const int64_t *slots, const int64_t *pos, float *x, float *qkv,
                            float *att, float *scores, int threads) {
@@ -169,13 +204,31 @@ static int attention_block(const bs_model *m, const bs_layer *l, float *h, int r
       }
     }
   }
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * heads > 1)
-  for (int task = 0; task < rows * heads; task++) { /* one query head of one row */
-    const int b = task / heads, j = task % heads;
-    const size_t at = ((size_t)slots[b] * kvh + j / group) * m->max_len * d;
-    attend(qkv + (size_t)b * width + (size_t)j * d, l->k_cache + at, l->v_cache + at,
-           (int)pos[b] + 1, d, m->scale, scores + (size_t)omp_get_thread_num() * (m->max_len + 8),
-           att + ((size_t)b * heads + j) * d);
+  /* tasks: blocks of up to `per` rows of one slot (a prompt chunk's tokens) x KV heads, each
+   * with the query heads of its KV head (split one a task where that leaves threads idle) */
+  const int per = rows_per_task(group);
+  int start[rows + 1], blocks = 0;
+  for (int b = 0; b < rows; b++)
+    if (!b || slots[b] != slots[b - 1] || b - start[blocks - 1] == per) start[blocks++] = b;
+  start[blocks] = rows;
+  const int parts = blocks * kvh >= 2 * threads ? 1 : group, split = group / parts;
+  const int tasks = blocks * kvh * parts, stride = m->max_len + 8;
+#pragma omp parallel for num_threads(threads) schedule(dynamic) if (tasks > 1)
+  for (int task = 0; task < tasks; task++) {
+    const int blk = task / (kvh * parts), j = task / parts % kvh, part = task % parts;
+    const int b0 = start[blk], nq = (start[blk + 1] - b0) * split;
+    const float *q[nq];
+    float *out[nq];
+    int len[nq];
+    for (int c = 0; c < nq; c++) {
+      const int b = b0 + c / split, head = j * group + part * split + c % split;
+      q[c] = qkv + (size_t)b * width + (size_t)head * d;
+      out[c] = att + ((size_t)b * heads + head) * d;
+      len[c] = (int)pos[b] + 1;
+    }
+    const size_t at = ((size_t)slots[b0] * kvh + j) * m->max_len * d;
+    float *own = scores + (size_t)omp_get_thread_num() * per * group * stride;
+    attend(q, len, nq, l->k_cache + at, l->v_cache + at, d, m->scale, own, stride, out);
   }
   return project(&l->o, att, h, rows, 1, threads);
 }
@@ -215,7 +268,9 @@ int bitserve_decode(const bs_model *m, const bs_layer *layers, int n_layers, flo
   float *qkv = malloc(sizeof(float) * (size_t)rows * l0->qkv.n);
   float *att = malloc(sizeof(float) * (size_t)rows * m->heads * m->head_dim);
   float *gu = malloc(sizeof(float) * (size_t)rows * l0->gate_up.n);
-  float *scores = malloc(sizeof(float) * (size_t)threads * (m->max_len + 8));
+  const int group = m->heads / m->kv_heads;
+  float *scores =
+      malloc(sizeof(float) * (size_t)threads * rows_per_task(group) * group * (m->max_len + 8));
   int err = x && qkv && att && gu && scores ? 0 : -1;
   for (int i = 0; i < n_layers && !err; i++) {
     err = attention_block(m, layers + i, h, rows, slots, pos, x, qkv, att, scores, threads);

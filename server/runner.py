@@ -34,10 +34,6 @@ GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # `bucket`) past M = 1, so that no short prompt waits for a tuning.
 WARMUP_PREFILLS = (2, 4, 16, 64, 256, 1024)
 GRAPH_MIN_KV = 256
-# Prompt chunks reaching past this many positions keep torch's ops on the CPU: the C step's
-# attention reads each row's keys on its own (flash attention shares them among query rows),
-# and past a few hundred positions that costs more than the C step saves (docs/serving.md).
-C_PREFILL_POSITIONS = 256
 # Eager CUDA steps leave out cuDNN attention: it plans anew for every new shape, and an eager
 # step's attention length changes every token (docs/kernels.md, GPU runs 6 and 7).
 EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -557,11 +553,9 @@ class LlamaRunner:
         B, T = ids.shape
         if T == 1 and self.fused_decode:
             return self._fused_step(ids[:, 0], slots, pos[:, 0], kv_len)
-        # The C step (CPU): rows that fit the cache, with at least one real token each, and
-        # prompt chunks that end within C_PREFILL_POSITIONS.
+        # The C step (CPU): rows that fit the cache, with at least one real token each.
         c_step, c_spans = self.cpu_decode, spans or []
-        end = self.max_len if T == 1 else min(self.max_len, C_PREFILL_POSITIONS)
-        fit = all(n >= 1 and s + n <= end for _, s, n in c_spans)
+        fit = all(n >= 1 and s + n <= self.max_len for _, s, n in c_spans)
         if c_step and c_spans and fit and sum(n for _, _, n in c_spans) < native_dense_rows():
             if T == 1:
                 h = self.embed(ids[:, 0])

@@ -924,10 +924,12 @@ def test_a_prompt_prefilled_after_a_cached_prefix_gives_close_logits(
         assert parts.argmax() == whole.argmax()
 
 
-def _tiny_llama(spec: Any, arch: str = "llama", head_dim: int | None = None) -> Any:
-    """A random 2-layer model of tiny_config (hidden 96, MLP 160; heads of 24 values, or
-    `head_dim`), quantized in memory with RTN at `spec` (None: left in fp32), its QuantLinears
-    on the cpu backend."""
+def _tiny_llama(
+    spec: Any, arch: str = "llama", head_dim: int | None = None, kv_heads: int | None = None
+) -> Any:
+    """A random 2-layer model of tiny_config (hidden 96, MLP 160; 4 query heads of 24 values, or
+    `head_dim`, and 2 KV heads, or `kv_heads`), quantized in memory with RTN at `spec` (None:
+    left in fp32), its QuantLinears on the cpu backend."""
     from tiny_models import tiny_config
     from transformers import AutoModelForCausalLM
 
@@ -938,6 +940,8 @@ def _tiny_llama(spec: Any, arch: str = "llama", head_dim: int | None = None) -> 
     config = tiny_config(arch)
     if head_dim:
         config.head_dim = head_dim
+    if kv_heads:
+        config.num_key_value_heads = kv_heads
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # norm weights are ones at init: they would hide a misplaced weight
         for name, param in model.named_parameters():
@@ -1078,8 +1082,7 @@ def test_cpu_c_prefill_of_padded_rows_matches_torch_and_each_row_alone() -> None
     """A right-padded prefill batch (rows of 5, 12 and 3 tokens, one resuming at position 4)
     runs in one C call without its padding: logits and K/V within 1e-4 of the torch ops' path,
     and each row's K/V the same bit for bit as its prefill alone and as its prefill in two
-    chunks; from `native_dense_rows()` tokens, or for chunks reaching past
-    C_PREFILL_POSITIONS, torch's ops take the batch."""
+    chunks; from `native_dense_rows()` tokens, torch's ops take the batch."""
     import copy
 
     from bitserve.kernels import cpu_native
@@ -1127,17 +1130,61 @@ def test_cpu_c_prefill_of_padded_rows_matches_torch_and_each_row_alone() -> None
     finally:
         cpu.DENSE_ROWS, cpu.FP32_DENSE_ROWS = saved
     assert calls.count == count
-    # and so does a chunk reaching past C_PREFILL_POSITIONS (decode rows do not)
-    from bitserve.server import runner
 
-    saved_end, runner.C_PREFILL_POSITIONS = runner.C_PREFILL_POSITIONS, 12
-    try:
-        fast.forward(ids[1:2, :5], torch.tensor([4]), torch.tensor([8]))  # ends at 13
-        fast.forward(ids[1:2, :4], torch.tensor([4]), torch.tensor([0]))  # ends at 4: C
-        fast.forward(ids[1:2, :1], torch.tensor([4]), torch.tensor([20]))  # decode: C
-    finally:
-        runner.C_PREFILL_POSITIONS = saved_end
-    assert calls.count == count + 2
+
+@pytest.mark.parametrize(("kv_heads", "head_dim"), [(1, None), (2, 72), (4, None)])
+def test_cpu_c_step_attention_of_long_prompts_matches_torch(
+    kv_heads: int, head_dim: int | None
+) -> None:
+    """Prompts longer than one attention task's rows (16 queries) and than a block of values (32
+    positions), prefilled in chunks beside other rows, then decode steps of three rows and of
+    one (one task per query head): logits and K/V within 1e-4 of torch's ops, with 4, 2 and 1
+    query heads to a KV head (heads of 24 and of 72 values); and a prompt's K/V the same bit for
+    bit in one chunk or two."""
+    import copy
+
+    from bitserve.kernels import cpu_native
+    from bitserve.quantization.grid import QuantSpec
+
+    if cpu_native.library() is None:
+        pytest.skip("our CPU kernel does not build here")
+    model = _tiny_llama(QuantSpec(4, 32), head_dim=head_dim, kv_heads=kv_heads)
+    fast = LlamaRunner(copy.deepcopy(model), num_slots=4, max_len=160)
+    torch_ops = LlamaRunner(model, num_slots=4, max_len=160)
+    fast.cpu_decode = calls = _counted(fast.cpu_decode)
+    torch_ops.cpu_decode = None
+    ids = torch.randint(0, 40, (3, 150), generator=torch.Generator().manual_seed(3))
+    first = (ids[:2, :70], torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([69, 40]))
+    rest = torch.zeros(3, 80, dtype=torch.long)  # slot 0: 80 more, slot 1: 30 more, slot 2: 5
+    rest[0], rest[1, :30], rest[2, :5] = ids[0, 70:], ids[1, 41:71], ids[2, :5]
+    second = (rest, torch.tensor([0, 1, 2]), torch.tensor([70, 41, 0]), torch.tensor([79, 29, 4]))
+    g = torch.Generator().manual_seed(4)
+    lens = [150, 71, 5]
+    outs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for step in range(6):
+        if step < 2:
+            args = first if step == 0 else second
+        else:
+            slots = [2, 0, 1] if step % 2 else [0]
+            nxt = torch.randint(0, 40, (len(slots), 1), generator=g)
+            args = (nxt, torch.tensor(slots), torch.tensor([lens[s] for s in slots]), None)
+            for s in slots:
+                lens[s] += 1
+        a, b = (r.forward(*[x for x in args if x is not None]) for r in (fast, torch_ops))
+        outs.append((a, b))
+    for a, b in outs:
+        assert torch.isfinite(a).all() and a.std() > 0 and rel_err(a, b) < 1e-4
+    for c in ("k_cache", "v_cache"):
+        for slot, end in enumerate(lens):
+            ours, theirs = (
+                getattr(fast, c)[:, slot, :, :end],
+                getattr(torch_ops, c)[:, slot, :, :end],
+            )
+            assert theirs.abs().sum() > 0 and rel_err(ours, theirs) < 1e-4, (c, slot)
+    assert calls.count == 6
+    fast.forward(ids[:1], torch.tensor([3]), torch.tensor([0]))  # slot 0's prompt in one chunk
+    for c in (fast.k_cache, fast.v_cache):
+        assert torch.equal(c[:, 3, :, :150], c[:, 0, :, :150])
 
 
 def test_cpu_c_decode_step_rows_do_not_depend_on_the_batch_or_threads() -> None:
