@@ -11,6 +11,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -121,32 +122,62 @@ async def one_request(
     }
 
 
-def bench_prompts(shared_words: int) -> list[str]:
-    """The benchmark's prompts, each after the same preamble of about `shared_words` words (a
-    system prompt's stand-in, which a prefix cache need prefill only once)."""
-    words = (PREAMBLE * (shared_words // len(PREAMBLE.split()) + 1)).split()[:shared_words]
-    return [" ".join([*words, p]) for p in PROMPTS]
+def _words(n: int, seed: int | None = None) -> list[str]:
+    """n words of PREAMBLE repeated, each repeat shuffled with `seed` (None: in order)."""
+    out: list[str] = []
+    while len(out) < n:
+        words = PREAMBLE.split()
+        if seed is not None:
+            random.Random(seed * 1000 + len(out)).shuffle(words)
+        out += words
+    return out[:n]
+
+
+def bench_prompts(
+    shared_words: int, own_words: int = 0, count: int = len(PROMPTS), salt: int = 0
+) -> list[str]:
+    """`count` prompts (PROMPTS in turn), each after the same preamble of about `shared_words`
+    words (a system prompt's stand-in, which a prefix cache need prefill only once), then
+    `own_words` words of its own, drawn with `salt` (a long document's stand-in: no two prompts
+    share a prefix)."""
+    return [
+        " ".join([*_words(shared_words), *_words(own_words, seed=salt * count + i), p])
+        for i, p in enumerate(PROMPTS[i % len(PROMPTS)] for i in range(count))
+    ]
+
+
+def level_prompts(args: argparse.Namespace, conc: int, rounds: int) -> list[list[str]]:
+    """What each of `conc` clients sends, `rounds` requests each: PROMPTS in turn, or with
+    `--prompt-words` a long prompt for every request of the level, so that neither server's
+    cache of earlier prompts serves one."""
+    if not args.prompt_words:
+        texts = bench_prompts(args.shared_prefix_words)
+        return [[texts[(w + r) % len(texts)] for r in range(rounds)] for w in range(conc)]
+    texts = bench_prompts(args.shared_prefix_words, args.prompt_words, conc * rounds, conc)
+    return [texts[w * rounds : (w + 1) * rounds] for w in range(conc)]
+
+
+def context_len(args: argparse.Namespace) -> int:
+    """Positions each sequence may take: 512, or room for the longest prompt (at most 2 tokens a
+    word) and its completion."""
+    words = args.shared_prefix_words + args.prompt_words
+    return max(512, 2 * (words + 16) + args.max_tokens)
 
 
 async def run_level(
-    url: str, model: str, conc: int, rounds: int, max_tokens: int, extra: dict, texts: list[str]
+    url: str, model: str, max_tokens: int, extra: dict, prompts: list[list[str]]
 ) -> dict[str, float]:
-    """`conc` clients each sending `rounds` requests of `texts` back to back."""
+    """One client per list of `prompts`, each sending its prompts back to back."""
     # A new connection per request: llama-server may close a kept-alive connection just as the
     # next request goes out on it ("Server disconnected without sending a response").
     no_reuse = httpx.Limits(max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=no_reuse) as client:
 
-        async def worker(w: int) -> list[dict[str, Any]]:
-            return [
-                await one_request(
-                    client, url, model, texts[(w + r) % len(texts)], max_tokens, extra
-                )
-                for r in range(rounds)
-            ]
+        async def worker(texts: list[str]) -> list[dict[str, Any]]:
+            return [await one_request(client, url, model, t, max_tokens, extra) for t in texts]
 
         t0 = time.perf_counter()
-        results = [x for xs in await asyncio.gather(*[worker(w) for w in range(conc)]) for x in xs]
+        results = [x for xs in await asyncio.gather(*[worker(p) for p in prompts]) for x in xs]
         wall = time.perf_counter() - t0
     failed = [r["error"] for r in results if r["error"]]
     if failed:
@@ -194,12 +225,12 @@ def bench_server(
     proc = start_server(cmd, port, ready, log, args.start_timeout)
     url = f"http://127.0.0.1:{port}"
     try:
-        texts = bench_prompts(args.shared_prefix_words)
-        asyncio.run(run_level(url, model, 1, 1, 8, extra, texts))  # warm-up
+        warm = bench_prompts(args.shared_prefix_words, args.prompt_words, 1, salt=-1)
+        asyncio.run(run_level(url, model, 8, extra, [warm]))  # warm-up
         out = {}
         for conc in args.concurrency:
-            rounds = max(1, args.requests // conc)
-            level = run_level(url, model, conc, rounds, args.max_tokens, extra, texts)
+            prompts = level_prompts(args, conc, max(1, args.requests // conc))
+            level = run_level(url, model, args.max_tokens, extra, prompts)
             out[conc] = asyncio.run(level)
             print(
                 f"[{name}] c={conc}: {json.dumps({k: round(v, 4) for k, v in out[conc].items()})}",
@@ -221,7 +252,8 @@ def server_specs(args: argparse.Namespace) -> dict[str, Spec]:
     """How to start each server on a given port, the model id it serves, extra request fields
     and its readiness path."""
     bitserve = [sys.executable, "-m", "bitserve.cli", "serve"]
-    common = ["--max-num-seqs", "16", "--max-model-len", "512", "--log-level", "warning"]
+    common = ["--max-num-seqs", "16", "--max-model-len", str(context_len(args))]
+    common += ["--log-level", "warning"]
 
     def ours(src: str, *flags: str) -> Callable[[int], list[str]]:
         return lambda port: [
@@ -294,13 +326,13 @@ def default_gguf() -> str:
 
 
 def llama_server_cmd(args: argparse.Namespace, port: int) -> list[str]:
-    """llama.cpp's server on the same model, set up as bitserve is: 16 parallel sequences of 512
-    tokens, continuous batching, as many threads as torch uses."""
-    threads = str(args.threads)
+    """llama.cpp's server on the same model, set up as bitserve is: 16 parallel sequences of
+    `context_len` tokens, continuous batching, as many threads as torch uses."""
+    threads, ctx = str(args.threads), str(16 * context_len(args))
     return [
         args.llama_server,
         *("-m", args.gguf or default_gguf(), "--host", "127.0.0.1", "--port", str(port)),
-        *("-t", threads, "-tb", threads, "-np", "16", "-c", str(16 * 512), "--cont-batching"),
+        *("-t", threads, "-tb", threads, "-np", "16", "-c", ctx, "--cont-batching"),
         *("--alias", "m"),
     ]
 
@@ -533,6 +565,13 @@ def main() -> None:
         default=0,
         help="start every prompt with the same preamble of this many words (a system prompt's "
         "stand-in, for bitserve-w4-prefix-cache against bitserve-w4)",
+    )
+    p.add_argument(
+        "--prompt-words",
+        type=int,
+        default=0,
+        help="start every request's prompt with this many words of its own (long prompts, no "
+        "prefix shared between any two; after the shared preamble, if any)",
     )
     p.add_argument("--servers", nargs="+", default=SERVERS, choices=SERVERS + OTHER_SERVERS)
     p.add_argument("--baseline", default="bitserve-fp32", help="the server ratios are against")

@@ -205,7 +205,8 @@ static int attention_block(const bs_model *m, const bs_layer *l, float *h, int r
     }
   }
   /* tasks: blocks of up to `per` rows of one slot (a prompt chunk's tokens) x KV heads, each
-   * with the query heads of its KV head (split one a task where that leaves threads idle) */
+   * with the query heads of its KV head (one query head a task where fewer tasks than twice the
+   * threads would leave threads idle, as at decode's batch 1) */
   const int per = rows_per_task(group);
   int start[rows + 1], blocks = 0;
   for (int b = 0; b < rows; b++)

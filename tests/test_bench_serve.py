@@ -63,10 +63,50 @@ def test_shared_prefix_prompts_and_the_prefix_cache_server() -> None:
     assert len(heads) == 1 and len(texts) == len(b.PROMPTS)
     assert [t.split()[150:] for t in texts] == [p.split() for p in b.PROMPTS]
     assert b.bench_prompts(0) == b.PROMPTS
-    args = b.argparse.Namespace(checkpoint="ck", unquantized="u", llama_server=None, gguf=None)
+    args = b.argparse.Namespace(
+        checkpoint="ck", unquantized="u", shared_prefix_words=150, prompt_words=0, max_tokens=64
+    )
     specs = b.server_specs(args)
     plain, cached = specs["bitserve-w4"][0](1234), specs["bitserve-w4-prefix-cache"][0](1234)
     assert cached == [*plain, "--prefix-cache"]
+    assert plain[plain.index("--max-model-len") + 1] == "512"
+
+
+def test_long_prompts_of_their_own_and_room_for_them() -> None:
+    """`--prompt-words N` puts N words of its own before each prompt (after the shared
+    preamble): no two prompts share their first words, and both servers get sequences long
+    enough for two tokens a word and the completion."""
+    b = bench()
+    texts = b.bench_prompts(20, 700)
+    assert [len(t.split()) for t in texts] == [720 + len(p.split()) for p in b.PROMPTS]
+    assert len({" ".join(t.split()[:20]) for t in texts}) == 1  # the shared preamble
+    assert len({" ".join(t.split()[20:23]) for t in texts}) == len(texts)  # then their own
+    assert [t.split()[720:] for t in texts] == [p.split() for p in b.PROMPTS]
+    assert b.bench_prompts(20, 700) == texts  # the same prompts every run
+    # every request of every level its own prompt; without --prompt-words, PROMPTS in turn
+    args = b.argparse.Namespace(shared_prefix_words=20, prompt_words=700)
+    levels = [b.level_prompts(args, conc, rounds) for conc, rounds in ((1, 8), (4, 2), (8, 1))]
+    assert [[len(w) for w in level] for level in levels] == [[8], [2] * 4, [1] * 8]
+    sent = [t for level in levels for w in level for t in w]
+    assert len({" ".join(t.split()[20:30]) for t in sent}) == len(sent) == 24
+    args.prompt_words = 0
+    assert b.level_prompts(args, 4, 2) == [
+        [b.bench_prompts(20)[(w + r) % 8] for r in range(2)] for w in range(4)
+    ]
+    args = b.argparse.Namespace(
+        checkpoint="ck",
+        unquantized="u",
+        shared_prefix_words=20,
+        prompt_words=700,
+        max_tokens=64,
+        threads=2,
+        llama_server="llama-server",
+        gguf="m.gguf",
+    )
+    ours = b.server_specs(args)["bitserve-w4"][0](1234)
+    assert int(ours[ours.index("--max-model-len") + 1]) >= 2 * 720 + 64
+    theirs = b.llama_server_cmd(args, 1234)
+    assert int(theirs[theirs.index("-c") + 1]) == 16 * int(ours[ours.index("--max-model-len") + 1])
 
 
 def test_runner_steps_refuses_bad_arguments_with_one_line() -> None:
