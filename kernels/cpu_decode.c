@@ -183,10 +183,10 @@ static void rotate(float *x, const float *cos, const float *sin, int n, int d) {
 /* One layer's attention block for `rows` one-token rows: norm, q/k/v, rotary, the new K/V
  * written at pos[b] of slot slots[b], attention over positions 0..pos[b], and the o projection
  * added to h. x, qkv, att: scratch of rows x dim, qkv's n, heads x head_dim floats; scores:
- * threads x rows_per_task x heads / kv_heads x (max_len + 8). */
+ * threads x rows_per_task x heads / kv_heads x stride, stride the longest row's length + 8. */
 static int attention_block(const bs_model *m, const bs_layer *l, float *h, int rows,
                            const int64_t *slots, const int64_t *pos, float *x, float *qkv,
-                           float *att, float *scores, int threads) {
+                           float *att, float *scores, int stride, int threads) {
   const int d = m->head_dim, heads = m->heads, kvh = m->kv_heads, group = heads / kvh;
   const int width = (heads + 2 * kvh) * d;
   for (int b = 0; b < rows; b++)
@@ -213,7 +213,7 @@ static int attention_block(const bs_model *m, const bs_layer *l, float *h, int r
     if (!b || slots[b] != slots[b - 1] || b - start[blocks - 1] == per) start[blocks++] = b;
   start[blocks] = rows;
   const int parts = blocks * kvh >= 2 * threads ? 1 : group, split = group / parts;
-  const int tasks = blocks * kvh * parts, stride = m->max_len + 8;
+  const int tasks = blocks * kvh * parts;
 #pragma omp parallel for num_threads(threads) schedule(dynamic) if (tasks > 1)
   for (int task = 0; task < tasks; task++) {
     const int blk = task / (kvh * parts), j = task / parts % kvh, part = task % parts;
@@ -270,11 +270,13 @@ int bitserve_decode(const bs_model *m, const bs_layer *layers, int n_layers, flo
   float *att = malloc(sizeof(float) * (size_t)rows * m->heads * m->head_dim);
   float *gu = malloc(sizeof(float) * (size_t)rows * l0->gate_up.n);
   const int group = m->heads / m->kv_heads;
-  float *scores =
-      malloc(sizeof(float) * (size_t)threads * rows_per_task(group) * group * (m->max_len + 8));
+  int stride = 8; /* a query's scores: the longest row's length, rounded up to 8, or more */
+  for (int r = 0; r < rows; r++) stride = pos[r] + 9 > stride ? (int)pos[r] + 9 : stride;
+  float *scores = malloc(sizeof(float) * (size_t)threads * rows_per_task(group) * group * stride);
   int err = x && qkv && att && gu && scores ? 0 : -1;
   for (int i = 0; i < n_layers && !err; i++) {
-    err = attention_block(m, layers + i, h, rows, slots, pos, x, qkv, att, scores, threads);
+    err = attention_block(m, layers + i, h, rows, slots, pos, x, qkv, att, scores, stride,
+                          threads);
     if (!err) err = mlp_block(m, layers + i, h, rows, x, gu, threads);
   }
   free(x), free(qkv), free(att), free(gu), free(scores);

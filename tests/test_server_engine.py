@@ -1137,10 +1137,12 @@ def test_cpu_c_step_attention_of_long_prompts_matches_torch(
     kv_heads: int, head_dim: int | None
 ) -> None:
     """Prompts longer than one attention task's rows (16 queries) and than a block of values (32
-    positions), prefilled in chunks beside other rows, then decode steps of three rows and of
-    one (one task per query head): logits and K/V within 1e-4 of torch's ops, with 4, 2 and 1
-    query heads to a KV head (heads of 24 and of 72 values); and a prompt's K/V the same bit for
-    bit in one chunk or two."""
+    positions), prefilled in chunks beside other rows, one chunk reaching past 256 positions (all
+    in the C step), then decode steps of three rows and of one: logits and K/V within 1e-4 of
+    torch's ops, with 4, 2 and 1 query heads to a KV head (heads of 24 and of 72 values); the
+    same bit for bit with one thread and with 16 (where steps have fewer tasks than twice the
+    threads, one task per query head); and a prompt's K/V the same bit for bit in one chunk or
+    two."""
     import copy
 
     from bitserve.kernels import cpu_native
@@ -1149,42 +1151,44 @@ def test_cpu_c_step_attention_of_long_prompts_matches_torch(
     if cpu_native.library() is None:
         pytest.skip("our CPU kernel does not build here")
     model = _tiny_llama(QuantSpec(4, 32), head_dim=head_dim, kv_heads=kv_heads)
-    fast = LlamaRunner(copy.deepcopy(model), num_slots=4, max_len=160)
-    torch_ops = LlamaRunner(model, num_slots=4, max_len=160)
-    fast.cpu_decode = calls = _counted(fast.cpu_decode)
-    torch_ops.cpu_decode = None
-    ids = torch.randint(0, 40, (3, 150), generator=torch.Generator().manual_seed(3))
-    first = (ids[:2, :70], torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([69, 40]))
-    rest = torch.zeros(3, 80, dtype=torch.long)  # slot 0: 80 more, slot 1: 30 more, slot 2: 5
-    rest[0], rest[1, :30], rest[2, :5] = ids[0, 70:], ids[1, 41:71], ids[2, :5]
-    second = (rest, torch.tensor([0, 1, 2]), torch.tensor([70, 41, 0]), torch.tensor([79, 29, 4]))
-    g = torch.Generator().manual_seed(4)
-    lens = [150, 71, 5]
-    outs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for step in range(6):
-        if step < 2:
-            args = first if step == 0 else second
-        else:
-            slots = [2, 0, 1] if step % 2 else [0]
-            nxt = torch.randint(0, 40, (len(slots), 1), generator=g)
-            args = (nxt, torch.tensor(slots), torch.tensor([lens[s] for s in slots]), None)
-            for s in slots:
-                lens[s] += 1
-        a, b = (r.forward(*[x for x in args if x is not None]) for r in (fast, torch_ops))
-        outs.append((a, b))
-    for a, b in outs:
-        assert torch.isfinite(a).all() and a.std() > 0 and rel_err(a, b) < 1e-4
+    ids = torch.randint(0, 40, (3, 300), generator=torch.Generator().manual_seed(3))
+    first = (ids[:2, :140], torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([139, 40]))
+    rest = torch.zeros(3, 160, dtype=torch.long)  # slot 0: 160 more, slot 1: 30 more, slot 2: 5
+    rest[0], rest[1, :30], rest[2, :5] = ids[0, 140:], ids[1, 41:71], ids[2, :5]
+    second = (rest, torch.tensor([0, 1, 2]), torch.tensor([140, 41, 0]), torch.tensor([159, 29, 4]))
+    steps: list[tuple[torch.Tensor, ...]] = [first, second]
+    g, lens = torch.Generator().manual_seed(4), [300, 71, 5]
+    for step in range(4):
+        slots = [2, 0, 1] if step % 2 else [0]
+        nxt = torch.randint(0, 40, (len(slots), 1), generator=g)
+        steps.append((nxt, torch.tensor(slots), torch.tensor([lens[s] for s in slots])))
+        for s in slots:
+            lens[s] += 1
+    runners, outs = [], []
+    threads = torch.get_num_threads()
+    for n in (1, 16, None):  # our C step on 1 and 16 threads, then torch's ops
+        runner = LlamaRunner(copy.deepcopy(model), num_slots=4, max_len=320)
+        calls = _counted(runner.cpu_decode) if n else None
+        runner.cpu_decode = calls
+        try:
+            torch.set_num_threads(n or threads)
+            outs.append([runner.forward(*args) for args in steps])
+        finally:
+            torch.set_num_threads(threads)
+        assert calls is None or calls.count == len(steps)
+        runners.append(runner)
+    (one, many, theirs), (fast, fast16, torch_ops) = outs, runners
+    for a, b, c in zip(one, many, theirs, strict=True):
+        assert torch.equal(a, b)
+        assert torch.isfinite(a).all() and a.std() > 0 and rel_err(a, c) < 1e-4
     for c in ("k_cache", "v_cache"):
+        assert torch.equal(getattr(fast, c), getattr(fast16, c))
         for slot, end in enumerate(lens):
-            ours, theirs = (
-                getattr(fast, c)[:, slot, :, :end],
-                getattr(torch_ops, c)[:, slot, :, :end],
-            )
-            assert theirs.abs().sum() > 0 and rel_err(ours, theirs) < 1e-4, (c, slot)
-    assert calls.count == 6
+            ours, ref = (getattr(r, c)[:, slot, :, :end] for r in (fast, torch_ops))
+            assert ref.abs().sum() > 0 and rel_err(ours, ref) < 1e-4, (c, slot)
     fast.forward(ids[:1], torch.tensor([3]), torch.tensor([0]))  # slot 0's prompt in one chunk
     for c in (fast.k_cache, fast.v_cache):
-        assert torch.equal(c[:, 3, :, :150], c[:, 0, :, :150])
+        assert torch.equal(c[:, 3, :, :300], c[:, 0, :, :300])
 
 
 def test_cpu_c_decode_step_rows_do_not_depend_on_the_batch_or_threads() -> None:
