@@ -206,15 +206,16 @@ static int attention_block(const bs_model *m, const bs_layer *l, float *h, int r
   }
   /* tasks: blocks of up to `per` rows of one slot (a prompt chunk's tokens) x KV heads, each
    * with the query heads of its KV head (one query head a task where fewer tasks than twice the
-   * threads would leave threads idle, as at decode's batch 1) */
+   * threads would leave threads idle, as at decode's batch 1: then each thread takes a contiguous
+   * share, so a KV head's query heads mostly stay on one thread) */
   const int per = rows_per_task(group);
   int start[rows + 1], blocks = 0;
   for (int b = 0; b < rows; b++)
     if (!b || slots[b] != slots[b - 1] || b - start[blocks - 1] == per) start[blocks++] = b;
   start[blocks] = rows;
   const int parts = blocks * kvh >= 2 * threads ? 1 : group, split = group / parts;
-  const int tasks = blocks * kvh * parts;
-#pragma omp parallel for num_threads(threads) schedule(dynamic) if (tasks > 1)
+  const int tasks = blocks * kvh * parts, chunk = parts > 1 ? (tasks + threads - 1) / threads : 1;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk) if (tasks > 1)
   for (int task = 0; task < tasks; task++) {
     const int blk = task / (kvh * parts), j = task / parts % kvh, part = task % parts;
     const int b0 = start[blk], nq = (start[blk + 1] - b0) * split;
