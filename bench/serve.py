@@ -140,9 +140,10 @@ def bench_prompts(
     words (a system prompt's stand-in, which a prefix cache need prefill only once), then
     `own_words` words of its own, drawn with `salt` (a long document's stand-in: no two prompts
     share a prefix)."""
+    shared = _words(shared_words)
     return [
-        " ".join([*_words(shared_words), *_words(own_words, seed=salt * count + i), p])
-        for i, p in enumerate(PROMPTS[i % len(PROMPTS)] for i in range(count))
+        " ".join([*shared, *_words(own_words, seed=salt * count + i), PROMPTS[i % len(PROMPTS)]])
+        for i in range(count)
     ]
 
 
@@ -596,6 +597,8 @@ def main() -> None:
     p.add_argument("--logdir", default=os.environ.get("TMPDIR", "/tmp"))
     p.add_argument("--out", default="bench/out/serve-results.json")
     args = p.parse_args()
+    if args.prompt_words < 0 or args.shared_prefix_words < 0:
+        p.error("--prompt-words and --shared-prefix-words take 0 or more words")
     if args.profile:
         profile_step(args)
     elif args.engine_compare:

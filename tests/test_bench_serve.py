@@ -107,6 +107,19 @@ def test_long_prompts_of_their_own_and_room_for_them() -> None:
     assert int(ours[ours.index("--max-model-len") + 1]) >= 2 * 720 + 64
     theirs = b.llama_server_cmd(args, 1234)
     assert int(theirs[theirs.index("-c") + 1]) == 16 * int(ours[ours.index("--max-model-len") + 1])
+    # a negative count of words: a one-line message and exit 2, before any server starts
+    import subprocess
+    import sys
+
+    for flag in ("--prompt-words", "--shared-prefix-words"):
+        run = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "serve.py"), flag, "-1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 2 and "take 0 or more words" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
 
 
 def test_runner_steps_refuses_bad_arguments_with_one_line() -> None:
