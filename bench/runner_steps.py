@@ -8,6 +8,7 @@ other lengths (20-200 positions, or --context each), and prefills of 1 x 200, 8 
     OMP_NUM_THREADS=2 .venv/bin/python bench/runner_steps.py /tmp/runner_base.py \
         [--checkpoint checkpoints/rtn-w4g128] [--context 1000 --batches 1 4] [--long 1536]
     OMP_NUM_THREADS=2 .venv/bin/python bench/runner_steps.py --kernel 15bf9d9
+    OMP_NUM_THREADS=2 .venv/bin/python bench/runner_steps.py --kv-dtype float16 --context 2000
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("baseline", nargs="?", help="another server/runner.py (e.g. from `git show`)")
     ap.add_argument("--kernel", metavar="REV", help="the baseline's C kernels: those of REV")
+    ap.add_argument(
+        "--kv-dtype",
+        choices=["float32", "float16"],
+        help="the current runner's K/V cache (the baseline keeps the model's fp32)",
+    )
     ap.add_argument("--checkpoint", default="checkpoints/rtn-w4g128")
     ap.add_argument("--context", type=int, default=0, help="positions each decode row attends to")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="decode rows")
@@ -99,8 +105,8 @@ def main() -> None:
         ap.error("--context takes 0-8192 positions, --batches 1-16 rows")
     if not 0 <= args.long <= 8192:
         ap.error("--long takes 0-8192 tokens")
-    if not args.baseline and not args.kernel:
-        ap.error("give a baseline runner, --kernel REV, or both")
+    if not args.baseline and not args.kernel and not args.kv_dtype:
+        ap.error("give a baseline runner, --kernel REV, --kv-dtype, or some of them")
     base = load_module(args.baseline) if args.baseline else current
     if args.kernel:
         LIBS["baseline"] = kernel_at(args.kernel)
@@ -109,7 +115,12 @@ def main() -> None:
     for k, m in (("baseline", base), ("current", current)):
         with kernel(LIBS.get(k)):
             model = load_model(args.checkpoint).model
-            runners[k] = m.LlamaRunner(model, 16, max_len, torch.bfloat16)
+            kv = (
+                {"kv_dtype": getattr(torch, args.kv_dtype)}
+                if args.kv_dtype and k == "current"
+                else {}
+            )
+            runners[k] = m.LlamaRunner(model, 16, max_len, torch.bfloat16, **kv)
     g = torch.Generator().manual_seed(0)
     print("| step | baseline ms | current ms | baseline / current |")
     print("|---|---|---|---|")

@@ -11,6 +11,7 @@
  */
 #include <math.h>
 #include <omp.h>
+#include <string.h>
 
 #include "cpu_gemv.c"
 
@@ -22,20 +23,24 @@ typedef struct {
 } bs_matrix;
 
 /* One decoder layer: its projections (q/k/v fused as [q heads, k heads, v heads], gate/up
- * fused as [gate, up]), its two RMSNorms and its K/V cache [slots][kv_heads][max_len][head_dim]. */
+ * fused as [gate, up]), its two RMSNorms and its K/V cache [slots][kv_heads][max_len][head_dim]
+ * (fp32, or fp16 where the model's kv_half is set). */
 typedef struct {
   bs_matrix qkv, o, gate_up, down;
   const float *attn_norm, *mlp_norm;
   float attn_eps, mlp_eps;
-  float *k_cache, *v_cache;
+  void *k_cache, *v_cache;
 } bs_layer;
 
-/* The model's sizes, attention scale and rotary tables [max_len][head_dim] (sin with its first
- * half negated: rotate_half(x) * sin is x rolled by half a head times it). */
+/* The model's sizes, attention scale, rotary tables [max_len][head_dim] (sin with its first half
+ * negated: rotate_half(x) * sin is x rolled by half a head times it) and the K/V cache's element
+ * type (kv_half: IEEE fp16, half the bytes; values are rounded to nearest even when written and
+ * widened exactly when read, as torch's casts do). */
 typedef struct {
   int dim, heads, kv_heads, head_dim, max_len;
   float scale;
   const float *cos, *sin;
+  int kv_half;
 } bs_model;
 
 static int project(const bs_matrix *m, const float *x, float *out, int rows, int add,
@@ -84,37 +89,44 @@ static inline v8 exp8(v8 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+/* Cache element i (fp32, or fp16 with half) and the 7 after it, as fp32: fp16 widens exactly. */
+static inline __attribute__((always_inline)) v8 load8(const void *p, size_t i, int half) {
+  return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+              : _mm256_loadu_ps((const float *)p + i);
+}
+
 /* The dot products of q [d] with `keys` (at most 8) keys k [keys][d], as the lanes of one vector
  * (zeros past `keys`); inlined, so the whole blocks of 8 keys run without a branch per key. */
-static inline __attribute__((always_inline)) v8 dots(const float *q, const float *k, int d,
-                                                     int keys) {
+static inline __attribute__((always_inline)) v8 dots(const float *q, const void *k, int half,
+                                                     int d, int keys) {
   v8 acc[8];
   for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
   for (int i = 0; i < d; i += 8) {
     const v8 qv = _mm256_loadu_ps(q + i);
     for (int j = 0; j < keys; j++)
-      acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (size_t)j * d + i), acc[j]);
+      acc[j] = _mm256_fmadd_ps(qv, load8(k, (size_t)j * d + i, half), acc[j]);
   }
   return sum8(acc);
 }
 
-/* Query heads that share one KV head, each attending to positions 0..len[i]-1 of its keys and
- * values [max_len][d] (lens in any order): out[i] [d]. The loops run over blocks of keys (and of
- * values) on the outside and the queries inside, so a block read from L2 serves every query from
- * L1; each query's sums are the same, in the same order, as if it ran alone. scores: scratch of
- * nq x stride floats, stride at least the longest len rounded up to 8. */
-static void attend(const float *const *q, const int *len, int nq, const float *k, const float *v,
-                   int d, float scale, float *scores, int stride, float *const *out) {
+/* `attend` with `half` fixed at each call, so that each cache type compiles to loops of its own. */
+static inline __attribute__((always_inline)) void attend_as(const float *const *q, const int *len,
+                                                            int nq, const void *k, const void *v,
+                                                            int half, int d, float scale,
+                                                            float *scores, int stride,
+                                                            float *const *out) {
+  enum { VALUES = 32 }; /* positions of V per block: 8 KB at 64 fp32 values a head */
+  const size_t size = half ? 2 : 4; /* bytes a cached value */
   int longest = 0;
   for (int i = 0; i < nq; i++) longest = len[i] > longest ? len[i] : longest;
   v8 top[nq];
   for (int i = 0; i < nq; i++) top[i] = _mm256_set1_ps(-INFINITY);
-  for (int t = 0; t < longest; t += 8) /* eight keys' dot products at a time, for each query */
+  for (int t = 0; t < longest; t += 8) { /* eight keys' dot products at a time, for each query */
+    const void *kt = (const char *)k + (size_t)t * d * size;
     for (int c = 0; c < nq; c++) {
       if (t >= len[c]) continue;
       const int keys = len[c] - t < 8 ? len[c] - t : 8;
-      const float *kt = k + (size_t)t * d;
-      v8 sc = _mm256_mul_ps(keys == 8 ? dots(q[c], kt, d, 8) : dots(q[c], kt, d, keys),
+      v8 sc = _mm256_mul_ps(keys == 8 ? dots(q[c], kt, half, d, 8) : dots(q[c], kt, half, d, keys),
                             _mm256_set1_ps(scale));
       if (keys < 8) /* past the last key: -inf, a weight of e^-87.3 that no V meets */
         sc = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc,
@@ -123,6 +135,7 @@ static void attend(const float *const *q, const int *len, int nq, const float *k
       _mm256_storeu_ps(scores + (size_t)c * stride + t, sc);
       top[c] = _mm256_max_ps(top[c], sc);
     }
+  }
   float sum[nq];
   for (int c = 0; c < nq; c++) { /* softmax's numerators, and their sum */
     float lanes[8], m = -INFINITY, *s = scores + (size_t)c * stride;
@@ -138,8 +151,8 @@ static void attend(const float *const *q, const int *len, int nq, const float *k
     sum[c] = 0.f;
     for (int j = 0; j < 8; j++) sum[c] += lanes[j];
   }
-  enum { VALUES = 32 }; /* positions of V per block: 8 KB at 64 values a head */
-  for (int t0 = 0; t0 < longest; t0 += VALUES)
+  for (int t0 = 0; t0 < longest; t0 += VALUES) {
+    const void *vb = (const char *)v + (size_t)t0 * d * size; /* position t: row t - t0 */
     for (int c = 0; c < nq; c++) {
       if (t0 >= len[c]) continue;
       const int end = len[c] < t0 + VALUES ? len[c] : t0 + VALUES;
@@ -151,20 +164,36 @@ static void attend(const float *const *q, const int *len, int nq, const float *k
           o[i] = t0 ? _mm256_loadu_ps(out[c] + i0 + 8 * i) : _mm256_setzero_ps();
         for (int t = t0; t < end; t++) {
           const v8 pt = _mm256_set1_ps(p[t]);
-          const float *vt = v + (size_t)t * d + i0;
-          for (int i = 0; i < 8; i++) o[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * i), o[i]);
+          const size_t at = (size_t)(t - t0) * d + i0;
+          for (int i = 0; i < 8; i++) o[i] = _mm256_fmadd_ps(pt, load8(vb, at + 8 * i, half), o[i]);
         }
         for (int i = 0; i < 8; i++) _mm256_storeu_ps(out[c] + i0 + 8 * i, o[i]);
       }
       for (; i0 < d; i0 += 8) { /* what is left, 8 at a time: the same sums in the same order */
         v8 o = t0 ? _mm256_loadu_ps(out[c] + i0) : _mm256_setzero_ps();
         for (int t = t0; t < end; t++)
-          o = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + (size_t)t * d + i0), o);
+          o = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), load8(vb, (size_t)(t - t0) * d + i0, half), o);
         _mm256_storeu_ps(out[c] + i0, o);
       }
     }
+  }
   for (int c = 0; c < nq; c++)
     for (int i = 0; i < d; i++) out[c][i] /= sum[c];
+}
+
+/* Query heads that share one KV head, each attending to positions 0..len[i]-1 of its keys and
+ * values [max_len][d] (fp32, or fp16 with half; lens in any order): out[i] [d]. The loops run
+ * over blocks of keys (and of values) on the outside and the queries inside, so a block read
+ * from L2 serves every query from L1; each query's sums are the same, in the same order, as if
+ * it ran alone. An fp16 value is widened as it is loaded (widening a block once into a buffer
+ * for every query was no faster, even for 15 queries). scores: scratch of nq x stride floats,
+ * stride at least the longest len rounded up to 8. */
+static void attend(const float *const *q, const int *len, int nq, const void *k, const void *v,
+                   int half, int d, float scale, float *scores, int stride, float *const *out) {
+  if (half)
+    attend_as(q, len, nq, k, v, 1, d, scale, scores, stride, out);
+  else
+    attend_as(q, len, nq, k, v, 0, d, scale, scores, stride, out);
 }
 
 /* Rows of one slot that one attention task takes: about 16 queries with the query heads of a KV
@@ -178,6 +207,17 @@ static void rotate(float *x, const float *cos, const float *sin, int n, int d) {
     for (int i = 0; i < d; i++) tmp[i] = x[i];
     for (int i = 0; i < d; i++) x[i] = tmp[i] * cos[i] + tmp[(i + d / 2) % d] * sin[i];
   }
+}
+
+/* x [d] into a cache at element `at`: as it is, or (half) rounded to fp16, nearest even. */
+static void store_row(void *cache, int half, size_t at, const float *x, int d) {
+  if (!half) {
+    memcpy((float *)cache + at, x, sizeof(float) * (size_t)d);
+    return;
+  }
+  for (int i = 0; i < d; i += 8)
+    _mm_storeu_si128((__m128i *)((uint16_t *)cache + at + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 }
 
 /* One layer's attention block for `rows` one-token rows: norm, q/k/v, rotary, the new K/V
@@ -198,10 +238,8 @@ static int attention_block(const bs_model *m, const bs_layer *l, float *h, int r
     rotate(row, m->cos + pos[b] * d, m->sin + pos[b] * d, heads + kvh, d);
     for (int j = 0; j < kvh; j++) {
       const size_t at = (((size_t)slots[b] * kvh + j) * m->max_len + pos[b]) * d;
-      for (int i = 0; i < d; i++) {
-        l->k_cache[at + i] = row[(heads + j) * d + i];
-        l->v_cache[at + i] = row[(heads + kvh + j) * d + i];
-      }
+      store_row(l->k_cache, m->kv_half, at, row + (heads + j) * d, d);
+      store_row(l->v_cache, m->kv_half, at, row + (heads + kvh + j) * d, d);
     }
   }
   /* tasks: blocks of up to `per` rows of one slot (a prompt chunk's tokens) x KV heads, each
@@ -228,9 +266,10 @@ static int attention_block(const bs_model *m, const bs_layer *l, float *h, int r
       out[c] = att + ((size_t)b * heads + head) * d;
       len[c] = (int)pos[b] + 1;
     }
-    const size_t at = ((size_t)slots[b0] * kvh + j) * m->max_len * d;
+    const size_t at = ((size_t)slots[b0] * kvh + j) * m->max_len * d, size = m->kv_half ? 2 : 4;
     float *own = scores + (size_t)omp_get_thread_num() * per * group * stride;
-    attend(q, len, nq, l->k_cache + at, l->v_cache + at, d, m->scale, own, stride, out);
+    attend(q, len, nq, (char *)l->k_cache + at * size, (char *)l->v_cache + at * size,
+           m->kv_half, d, m->scale, own, stride, out);
   }
   return project(&l->o, att, h, rows, 1, threads);
 }

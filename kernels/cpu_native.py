@@ -306,6 +306,7 @@ class _Model(ctypes.Structure):
         ("scale", ctypes.c_float),
         ("cos", _P),
         ("sin", _P),
+        ("kv_half", _I),
     ]
 
 
@@ -318,7 +319,8 @@ Projection = tuple[dict[str, torch.Tensor], int, torch.Tensor | None]
 class DecodeLayer:
     """A llama-family decoder layer for `decoder`: q/k/v fused as [q heads, k heads, v heads],
     gate/up fused as [gate, up], the two RMSNorms' weights and epsilons, and the layer's K/V
-    cache [slots, kv_heads, max_len, head_dim]; all fp32 (the MLP's activation is SiLU)."""
+    cache [slots, kv_heads, max_len, head_dim]; all fp32 but the cache, fp32 or fp16 (the MLP's
+    activation is SiLU)."""
 
     qkv: Projection
     o: Projection
@@ -351,11 +353,12 @@ def decoder(
     dim, kv_heads = first.attn_norm[0].numel(), first.k_cache.shape[1]
     inner = first.down[0]["native_weight"].shape[1] * 8
 
-    def ptr(t: torch.Tensor) -> int:
-        if t.dtype != torch.float32 or not t.is_contiguous():
+    def ptr(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> int:
+        if t.dtype != dtype or not t.is_contiguous():
             layout = "a contiguous" if t.is_contiguous() else "a non-contiguous"
+            want = "fp16" if dtype == torch.float16 else "fp32"
             raise ValueError(
-                f"the decoder step takes contiguous fp32 tensors, not {layout} {t.dtype}"
+                f"the decoder step takes contiguous {want} here, not {layout} {t.dtype}"
             )
         keep.append(t)
         return t.data_ptr()
@@ -377,6 +380,9 @@ def decoder(
             f" and {heads} heads over {kv_heads} KV heads"
         )
     cache = (first.k_cache.shape[0], kv_heads, max_len, head_dim)
+    kv_dtype = first.k_cache.dtype
+    if kv_dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"the decoder step keeps K/V in fp32 or fp16, not {kv_dtype}")
     structs = []
     for x in layers:
         if x.k_cache.shape != cache or x.v_cache.shape != cache or sin.shape != cos.shape:
@@ -391,11 +397,12 @@ def decoder(
                 ptr(x.mlp_norm[0]),
                 x.attn_norm[1],
                 x.mlp_norm[1],
-                ptr(x.k_cache),
-                ptr(x.v_cache),
+                ptr(x.k_cache, kv_dtype),
+                ptr(x.v_cache, kv_dtype),
             )
         )
-    model = _Model(dim, heads, kv_heads, head_dim, max_len, scale, ptr(cos), ptr(sin))
+    half = int(kv_dtype == torch.float16)
+    model = _Model(dim, heads, kv_heads, head_dim, max_len, scale, ptr(cos), ptr(sin), half)
     array = (_Layer * len(structs))(*structs)
     slots_held = cache[0]
 

@@ -145,7 +145,12 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     from bitserve.server.api import ServerState
     from bitserve.server.engine import Engine
     from bitserve.server.metrics import create_metrics
-    from bitserve.server.runner import LlamaRunner, auto_head_dtype, kv_bytes_per_slot
+    from bitserve.server.runner import (
+        LlamaRunner,
+        auto_head_dtype,
+        auto_kv_dtype,
+        kv_bytes_per_slot,
+    )
     from bitserve.server.schemas import ModelCard
 
     model, tok = loaded.model, loaded.tokenizer
@@ -153,8 +158,10 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     name = settings.served_model_name or Path(loaded.path).name
     slots = settings.max_num_seqs
     graphs = settings.cuda_graphs and weight.device.type == "cuda"
+    kv = settings.kv_cache_dtype
+    kv_dtype = auto_kv_dtype(weight) if kv == "auto" else getattr(torch, kv)
     if settings.kv_cache_mib is not None:
-        per_slot = kv_bytes_per_slot(model.config, settings.max_model_len, weight.dtype)
+        per_slot = kv_bytes_per_slot(model.config, settings.max_model_len, kv_dtype)
         # With decode graphs the runner keeps one spare slot (padded rows write there).
         slots = min(slots, int(settings.kv_cache_mib * 2**20 // per_slot) - int(graphs))
         if slots < 1:
@@ -182,7 +189,13 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
         head = getattr(torch, settings.head_dtype)
     fused = None if settings.fused_decode else False  # None: the runner's default (CUDA, Triton)
     runner = LlamaRunner(
-        model, slots, settings.max_model_len, head, decode_graphs=graphs, fused_decode=fused
+        model,
+        slots,
+        settings.max_model_len,
+        head,
+        decode_graphs=graphs,
+        fused_decode=fused,
+        kv_dtype=kv_dtype,
     )
     if quant is not None:  # the kernels of the layers as the runner runs them (fused)
         quant["kernels"] = _kernels(runner)
@@ -220,6 +233,7 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
             "prefix_cache": settings.prefix_cache,
         },
         lm_head=runner.head_description(),
+        kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
     )
     return ServerState(engine=engine, tokenizer=tok, metrics=metrics, card=card)
 
@@ -311,12 +325,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     decode += ", prefix cache" if state.engine.prefix_cache else ""
     kernels = (state.card.quantization or {}).get("kernels")
     logging.getLogger("bitserve").info(
-        "serving %s on %s (%s, decode %s, lm_head %s%s)",
+        "serving %s on %s (%s, decode %s, lm_head %s, K/V cache %s%s)",
         path,
         device,
         dtype,
         decode,
         runner.head_description(),
+        state.card.kv_cache_dtype,
         f"; matmuls: {', '.join(kernels)}" if kernels else "",
     )
     config = uvicorn.Config(
@@ -392,6 +407,14 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--max-num-seqs", type=int, help="sequences decoded together (default 16)")
     s.add_argument("--max-model-len", type=int, help="prompt + output tokens (default 2048)")
     s.add_argument("--kv-cache-mib", type=float, help="cap the KV cache (lowers max-num-seqs)")
+    s.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "float32", "float16"],
+        help="K/V cache element type. float16 halves the cache (twice the sequences or context "
+        "in the same memory) and, on the CPU, makes long-context decode steps faster; on the "
+        "CPU only an fp32 model may narrow it. auto (default): float16 for an fp32 model on a "
+        "CPU where bitserve's own kernel runs, else the model's dtype (docs/serving.md)",
+    )
     s.add_argument("--prefill-chunk", type=int, help="prompt tokens per step (default 256)")
     s.add_argument("--max-waiting", type=int, help="queue length before 429 (default 64)")
     s.add_argument(

@@ -347,6 +347,7 @@ class ModelCard(BaseModel):
     # cuda_graphs, fused_kernels (Triton on CUDA, `cpu_native.decoder` on the CPU), prefix_cache
     decode: dict[str, bool] | None = None
     lm_head: str | None = None  # how the vocabulary projection runs (dtype, int8 copy)
+    kv_cache_dtype: str | None = None  # the K/V cache's element type
 
 
 class ModelList(BaseModel):

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     kv_cache_mib: float | None = Field(
         None, gt=0, description="cap on the KV cache; lowers max_num_seqs to fit"
     )
+    kv_cache_dtype: Literal["auto", "float32", "float16"] = Field(
+        "auto",
+        description="K/V cache element type (auto: float16 for an fp32 model on a CPU where "
+        "bitserve's own kernel runs, else the model's dtype)",
+    )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
     prefix_cache: bool = Field(
         False,

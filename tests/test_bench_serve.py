@@ -123,15 +123,15 @@ def test_long_prompts_of_their_own_and_room_for_them() -> None:
 
 
 def test_runner_steps_refuses_bad_arguments_with_one_line() -> None:
-    """bench/runner_steps.py: no baseline at all, a --long out of range and a --kernel
-    revision without our kernels each end with a one-line message and a non-zero exit, before
-    any model loads."""
+    """bench/runner_steps.py: nothing to compare with (no runner, kernel or K/V dtype), a --long
+    out of range and a --kernel revision without our kernels each end with a one-line message
+    and a non-zero exit, before any model loads."""
     import subprocess
     import sys
 
     script = Path(__file__).parents[1] / "bench" / "runner_steps.py"
     cases = [
-        ([], "give a baseline runner, --kernel REV, or both"),
+        ([], "give a baseline runner, --kernel REV, --kv-dtype, or some of them"),
         (["--kernel", "HEAD", "--long", "-1"], "--long takes 0-8192 tokens"),
         (["--kernel", "no-such-revision"], "--kernel no-such-revision: no kernels/"),
     ]

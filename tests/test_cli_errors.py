@@ -149,6 +149,7 @@ def test_report_refuses_a_checkpoint(
         ("serve CKPT --prefill-chunk 0", ["--prefill-chunk 0"]),
         ("serve CKPT --threads 0", ["--threads 0"]),
         ("serve CKPT --kv-cache-mib 0", ["--kv-cache-mib 0"]),
+        ("serve CKPT --kv-cache-dtype int4", ["--kv-cache-dtype", "'int4'"]),
         ("serve CKPT --log-level bogus", ["--log-level bogus", "debug"]),
         ("serve CKPT --backend bogus", ["--backend bogus", "reference"]),
         ("generate CKPT --prompt abc --backend bogus", ["--backend bogus", "reference"]),

@@ -95,6 +95,8 @@ def test_health_ready_and_model_card(url: str, server_tiny_checkpoint: Path) -> 
 
     fused = cpu_native.library() is not None
     assert card["decode"] == {"cuda_graphs": False, "fused_kernels": fused, "prefix_cache": False}
+    # the K/V cache (auto): fp16 where our kernel runs, else the model's fp32
+    assert card["kv_cache_dtype"] == ("float16" if fused else "float32")
     # the default (auto): a bf16 copy of the fp32 head in oneDNN's layout where the CPU has
     # it, else an int8 one where our kernel runs, else a plain bf16 one
     from bitserve.models import load_model
@@ -383,11 +385,20 @@ def test_overload_answers_429_with_retry_after(
 
 
 def test_int8_head_over_http(server_start: ServerStarter, server_tiny_checkpoint: Path) -> None:
-    """`serve --head-dtype int8`: the card says how the head runs, and greedy completions sent
-    together are the texts each gives alone (the W8 g32 head does not depend on the batch)."""
-    url = server_start(server_tiny_checkpoint, "--head-dtype", "int8", "--threads", "1")
+    """`serve --head-dtype int8 --kv-cache-dtype float32`: the card says how the head runs and
+    the K/V cache's dtype, and greedy completions sent together are the texts each gives alone
+    (the W8 g32 head does not depend on the batch)."""
+    url = server_start(
+        server_tiny_checkpoint,
+        "--head-dtype",
+        "int8",
+        "--threads",
+        "1",
+        "--kv-cache-dtype",
+        "float32",
+    )
     card = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]
-    assert card["lm_head"] == "int8 g32"
+    assert card["lm_head"] == "int8 g32" and card["kv_cache_dtype"] == "float32"
     body = {"model": card["id"], "max_tokens": 16, "temperature": 0, "ignore_eos": True}
     alone = [complete(url, prompt=p, **body)["choices"][0]["text"] for p in PROMPTS]
 

@@ -415,12 +415,33 @@ def test_kv_cache_budget_limits_slots(server_tiny_checkpoint: Path) -> None:
     loaded = load_model(server_tiny_checkpoint)
     per_slot = kv_bytes_per_slot(loaded.model.config, 128, torch.float32)
     budget = 3.5 * per_slot / 2**20
-    state = build_state(loaded, Settings(max_num_seqs=8, max_model_len=128, kv_cache_mib=budget))
-    runner = state.engine.runner
-    assert runner.num_slots == 3
+    fp32 = Settings(
+        max_num_seqs=8, max_model_len=128, kv_cache_mib=budget, kv_cache_dtype="float32"
+    )
+    runner = build_state(loaded, fp32).engine.runner
+    assert runner.num_slots == 3 and runner.k_cache.dtype == torch.float32
     assert runner.k_cache.numel() * 4 * 2 == 3 * per_slot
+    # fp16 K/V: twice the sequences in the same budget
+    fp16 = fp32.model_copy(update={"kv_cache_dtype": "float16"})
+    runner = build_state(load_model(server_tiny_checkpoint), fp16).engine.runner
+    assert runner.num_slots == 7 and runner.k_cache.dtype == torch.float16
+    assert runner.k_cache.numel() * 2 * 2 == 7 * per_slot // 2
     with pytest.raises(UsageError, match="holds no sequence"):
-        build_state(loaded, Settings(max_num_seqs=8, max_model_len=128, kv_cache_mib=budget / 4))
+        build_state(loaded, Settings(max_num_seqs=8, max_model_len=128, kv_cache_mib=budget / 8))
+
+
+def test_kv_cache_narrower_than_the_model_only_for_fp32_on_the_cpu() -> None:
+    """An fp16 K/V cache is for fp32 models on the CPU; any other mix is a usage error that
+    names the flag (on a GPU: `--device cuda --kv-cache-dtype float32` for an fp16 model)."""
+    from bitserve.errors import UsageError
+    from bitserve.quantization.grid import QuantSpec
+
+    model = _tiny_llama(QuantSpec(4, 32))
+    assert LlamaRunner(model, 2, 16, kv_dtype=torch.float16).k_cache.dtype == torch.float16
+    with pytest.raises(UsageError, match="--kv-cache-dtype bfloat16: a float32 model on cpu"):
+        LlamaRunner(_tiny_llama(QuantSpec(4, 32)), 2, 16, kv_dtype=torch.bfloat16)
+    with pytest.raises(UsageError, match="--kv-cache-dtype float16: a bfloat16 model on cpu"):
+        LlamaRunner(_tiny_llama(None).bfloat16(), 2, 16, kv_dtype=torch.float16)
 
 
 def test_serve_cli_refuses_bad_sources_in_one_line(tmp_path: Path) -> None:
@@ -1132,17 +1153,26 @@ def test_cpu_c_prefill_of_padded_rows_matches_torch_and_each_row_alone() -> None
     assert calls.count == count
 
 
-@pytest.mark.parametrize(("kv_heads", "head_dim"), [(1, None), (2, 72), (4, None)])
+@pytest.mark.parametrize(
+    ("kv_heads", "head_dim", "kv_dtype"),
+    [
+        (1, None, torch.float32),
+        (2, 72, torch.float32),
+        (4, None, torch.float32),
+        (2, 72, torch.float16),
+        (4, None, torch.float16),
+    ],
+)
 def test_cpu_c_step_attention_of_long_prompts_matches_torch(
-    kv_heads: int, head_dim: int | None
+    kv_heads: int, head_dim: int | None, kv_dtype: torch.dtype
 ) -> None:
     """Prompts longer than one attention task's rows (16 queries) and than a block of values (32
     positions), prefilled in chunks beside other rows, one chunk reaching past 256 positions (all
     in the C step), then decode steps of three rows and of one: logits and K/V within 1e-4 of
-    torch's ops, with 4, 2 and 1 query heads to a KV head (heads of 24 and of 72 values); the
-    same bit for bit with one thread and with 16 (where steps have fewer tasks than twice the
-    threads, one task per query head); and a prompt's K/V the same bit for bit in one chunk or
-    two."""
+    torch's ops, with 4, 2 and 1 query heads to a KV head (heads of 24 and of 72 values), the
+    K/V cache in fp32 or fp16; the same bit for bit with one thread and with 16 (where steps
+    have fewer tasks than twice the threads, one task per query head); and a prompt's K/V the
+    same bit for bit in one chunk or two. An fp16 cache holds torch's rounding of the fp32 K/V."""
     import copy
 
     from bitserve.kernels import cpu_native
@@ -1167,7 +1197,8 @@ def test_cpu_c_step_attention_of_long_prompts_matches_torch(
     runners, outs = [], []
     threads = torch.get_num_threads()
     for n in (1, 16, None):  # our C step on 1 and 16 threads, then torch's ops
-        runner = LlamaRunner(copy.deepcopy(model), num_slots=4, max_len=320)
+        runner = LlamaRunner(copy.deepcopy(model), num_slots=4, max_len=320, kv_dtype=kv_dtype)
+        assert runner.k_cache.dtype == runner.v_cache.dtype == kv_dtype
         calls = _counted(runner.cpu_decode) if n else None
         runner.cpu_decode = calls
         try:
@@ -1189,6 +1220,14 @@ def test_cpu_c_step_attention_of_long_prompts_matches_torch(
     fast.forward(ids[:1], torch.tensor([3]), torch.tensor([0]))  # slot 0's prompt in one chunk
     for c in (fast.k_cache, fast.v_cache):
         assert torch.equal(c[:, 3, :, :300], c[:, 0, :, :300])
+    if kv_dtype == torch.float16:  # layer 0 of the first step: fp32 K/V rounded as torch does
+        fp32 = LlamaRunner(copy.deepcopy(model), num_slots=4, max_len=320)
+        fp32.forward(*first)
+        for c in ("k_cache", "v_cache"):
+            for slot, end in enumerate((140, 41)):
+                wide = getattr(fp32, c)[0, slot, :, :end]
+                assert torch.equal(getattr(fast, c)[0, slot, :, :end], wide.half())
+                assert not torch.equal(wide.half().float(), wide)  # some values did round
 
 
 def test_cpu_c_decode_step_rows_do_not_depend_on_the_batch_or_threads() -> None:
@@ -1298,6 +1337,21 @@ def test_cpu_c_decode_step_refuses_what_would_read_out_of_bounds() -> None:
         )
     with pytest.raises(ValueError, match="fp32"):
         cpu_native.decoder(lib, [layer], 4, runner.cos.double(), runner.signed_sin, 1.0)
+    # K/V caches: fp32 or fp16, both the same
+    bf16 = dataclasses.replace(
+        layer, k_cache=layer.k_cache.bfloat16(), v_cache=layer.v_cache.bfloat16()
+    )
+    with pytest.raises(ValueError, match="fp32 or fp16"):
+        cpu_native.decoder(lib, [bf16], 4, runner.cos, runner.signed_sin, 1.0)
+    with pytest.raises(ValueError, match="contiguous fp16 here, not a contiguous torch.float32"):
+        cpu_native.decoder(
+            lib,
+            [dataclasses.replace(layer, k_cache=layer.k_cache.half())],
+            4,
+            runner.cos,
+            runner.signed_sin,
+            1.0,
+        )
     with pytest.raises(ValueError, match="whole query groups"):
         cpu_native.decoder(lib, [layer], 3, runner.cos, runner.signed_sin, 1.0)
     # a weight whose bytes per column say 3-bit storage: the C refuses it before reading it
