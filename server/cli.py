@@ -145,30 +145,14 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     from bitserve.server.api import ServerState
     from bitserve.server.engine import Engine
     from bitserve.server.metrics import create_metrics
-    from bitserve.server.runner import (
-        LlamaRunner,
-        auto_head_dtype,
-        auto_kv_dtype,
-        kv_bytes_per_slot,
-    )
+    from bitserve.server.runner import LlamaRunner, auto_head_dtype
     from bitserve.server.schemas import ModelCard
 
     model, tok = loaded.model, loaded.tokenizer
     weight = model.get_input_embeddings().weight  # its device and dtype are the model's
     name = settings.served_model_name or Path(loaded.path).name
-    slots = settings.max_num_seqs
     graphs = settings.cuda_graphs and weight.device.type == "cuda"
     kv = settings.kv_cache_dtype
-    kv_dtype = auto_kv_dtype(weight) if kv == "auto" else getattr(torch, kv)
-    if settings.kv_cache_mib is not None:
-        per_slot = kv_bytes_per_slot(model.config, settings.max_model_len, kv_dtype)
-        # With decode graphs the runner keeps one spare slot (padded rows write there).
-        slots = min(slots, int(settings.kv_cache_mib * 2**20 // per_slot) - int(graphs))
-        if slots < 1:
-            raise UsageError(
-                f"--kv-cache-mib {settings.kv_cache_mib} holds no sequence of --max-model-len "
-                f"{settings.max_model_len} ({per_slot / 2**20:.1f} MiB each)"
-            )
     # Counted before the runner fuses q/k/v and gate/up: the checkpoint's layers.
     quant, quality = None, None
     if loaded.manifest is not None:
@@ -188,14 +172,15 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
     else:
         head = getattr(torch, settings.head_dtype)
     fused = None if settings.fused_decode else False  # None: the runner's default (CUDA, Triton)
-    runner = LlamaRunner(
+    runner = LlamaRunner(  # --kv-cache-mib lowers the slots to fit
         model,
-        slots,
+        settings.max_num_seqs,
         settings.max_model_len,
         head,
         decode_graphs=graphs,
         fused_decode=fused,
-        kv_dtype=kv_dtype,
+        kv_dtype=kv if kv == "auto" else getattr(torch, kv),
+        kv_cache_mib=settings.kv_cache_mib,
     )
     if quant is not None:  # the kernels of the layers as the runner runs them (fused)
         quant["kernels"] = _kernels(runner)
@@ -233,7 +218,7 @@ def build_state(loaded: Loaded, settings: Settings) -> Any:
             "prefix_cache": settings.prefix_cache,
         },
         lm_head=runner.head_description(),
-        kv_cache_dtype=str(kv_dtype).removeprefix("torch."),
+        kv_cache_dtype=str(runner.k_cache.dtype).removeprefix("torch."),
     )
     return ServerState(engine=engine, tokenizer=tok, metrics=metrics, card=card)
 
@@ -411,9 +396,9 @@ def add_parser(sub: Any) -> None:
         "--kv-cache-dtype",
         choices=["auto", "float32", "float16"],
         help="K/V cache element type. float16 halves the cache (twice the sequences or context "
-        "in the same memory) and, on the CPU, makes long-context decode steps faster; on the "
-        "CPU only an fp32 model may narrow it. auto (default): float16 for an fp32 model on a "
-        "CPU where bitserve's own kernel runs, else the model's dtype (docs/serving.md)",
+        "in the same memory) and makes long-context decode steps in bitserve's CPU C step "
+        "faster; only an fp32 model on the CPU may narrow it. auto (default): float16 for an "
+        "fp32 model on a CPU where that C step runs, else the model's dtype (docs/serving.md)",
     )
     s.add_argument("--prefill-chunk", type=int, help="prompt tokens per step (default 256)")
     s.add_argument("--max-waiting", type=int, help="queue length before 429 (default 64)")

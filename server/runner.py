@@ -114,16 +114,6 @@ def auto_head_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.bfloat16 if onednn_weight(probe) is not None else torch.int8
 
 
-def auto_kv_dtype(weight: torch.Tensor) -> torch.dtype:
-    """`--kv-cache-dtype auto` for a model whose embedding is `weight`: fp16 for an fp32 model on
-    a CPU where bitserve's own kernel runs (its attention widens fp16 K/V as it loads them: half
-    the memory, decode 1.25x faster at 2,000 positions, docs/serving.md), else the model's dtype."""
-    from bitserve.kernels import cpu_native
-
-    cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-    return torch.float16 if cpu_fp32 and cpu_native.library() is not None else weight.dtype
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding as HF llama applies it (rotate_half convention): rotate_half(x) * sin is
     the half-rolled x times sin with its first half negated."""
@@ -297,10 +287,13 @@ class LlamaRunner:
         head_dtype: torch.dtype | None = None,
         decode_graphs: bool | None = None,
         fused_decode: bool | None = None,
-        kv_dtype: torch.dtype | None = None,
+        kv_dtype: torch.dtype | str | None = None,
+        kv_cache_mib: float | None = None,
     ) -> None:
-        """kv_dtype: the K/V cache's element type (default: the model's; fp16 for an fp32
-        model on the CPU halves it)."""
+        """kv_dtype: the K/V cache's element type (default: the model's; fp16 for an fp32 model
+        on the CPU halves it); "auto": fp16 where the C step runs, whose attention widens fp16
+        as it loads it (torch's ops would widen the whole slice they attend to at every step),
+        else the model's. kv_cache_mib: a cap on the cache, which lowers num_slots to fit."""
         config = model.config
         if config.model_type not in SUPPORTED_TYPES:
             raise UsageError(
@@ -357,9 +350,19 @@ class LlamaRunner:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = inner.layers[0].self_attn.scaling
-        self.num_slots, self.max_len = num_slots, max_len
         dtype, self.device = self.embed.weight.dtype, self.embed.weight.device
-        kv_dtype = kv_dtype or dtype
+        self.silu = config.hidden_act in ("silu", "swish")  # the MLP's act_fn, fused with up
+        # One-token CPU steps in fewer ops (`_cpu_step`), for an fp32 model whose groups fused.
+        cpu_fp32 = self.device.type == "cpu" and dtype == torch.float32
+        self.cpu_rows = _cpu_rows(self.layers, self.silu) if cpu_fp32 else None
+        # ... and, where every projection runs on our own kernel, the whole step in one C call.
+        native = self._native_layers() if cpu_fp32 and self.silu else None
+        if kv_dtype == "auto":
+            kv_dtype = torch.float16 if native is not None else dtype
+        elif kv_dtype is None:
+            kv_dtype = dtype
+        if not isinstance(kv_dtype, torch.dtype):
+            raise ValueError(f"kv_dtype takes a torch dtype, None or 'auto', not {kv_dtype!r}")
         narrower = self.device.type == "cpu" and (dtype, kv_dtype) == (torch.float32, torch.float16)
         if kv_dtype != dtype and not narrower:
             name = str(kv_dtype).removeprefix("torch."), str(dtype).removeprefix("torch.")
@@ -370,6 +373,15 @@ class LlamaRunner:
         self.decode_graphs = self.device.type == "cuda" if decode_graphs is None else decode_graphs
         # With decode graphs, one spare slot past the last: padded rows write there.
         spare = int(self.decode_graphs)
+        if kv_cache_mib is not None:
+            per_slot = kv_bytes_per_slot(config, max_len, kv_dtype)
+            num_slots = min(num_slots, int(kv_cache_mib * 2**20 // per_slot) - spare)
+            if num_slots < 1:
+                raise UsageError(
+                    f"--kv-cache-mib {kv_cache_mib:g} holds no sequence of --max-model-len "
+                    f"{max_len} ({per_slot / 2**20:.1f} MiB each)"
+                )
+        self.num_slots, self.max_len = num_slots, max_len
         shape = (len(self.layers), num_slots + spare, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=kv_dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=kv_dtype, device=self.device)
@@ -382,12 +394,7 @@ class LlamaRunner:
         if fused_decode is None:
             fused_decode = self.device.type == "cuda" and _triton_int() is not None
         self.fused_decode = fused_decode
-        self.silu = config.hidden_act in ("silu", "swish")  # the MLP's act_fn, fused with up
-        # One-token CPU steps in fewer ops (`_cpu_step`), for an fp32 model whose groups fused.
-        cpu_fp32 = self.device.type == "cpu" and dtype == torch.float32
-        self.cpu_rows = _cpu_rows(self.layers, self.silu) if cpu_fp32 else None
-        # ... and, where every projection runs on our own kernel, the whole step in one C call.
-        self.cpu_decode = self._cpu_decoder() if cpu_fp32 and self.silu else None
+        self.cpu_decode = None if native is None else self._cpu_decoder(native)
         self._graphable = self.device.type == "cuda"  # capture decode steps (else run them)
         self._decodes: dict[tuple[int, int], _Decode] = {}
         self._pool: Any = None  # one CUDA graph memory pool for every captured step
@@ -658,24 +665,37 @@ class LlamaRunner:
             h = h + down_fn(torch.mul(rows.act(gate), up, out=act))
         return self._head(self.norm(h))
 
-    def _cpu_decoder(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
-        """The one-token step of a model whose projections all run on our own CPU kernel, as
-        one C call for every layer (`cpu_native.decoder`: norms, rotary, cache writes and
-        attention in plain loops between the matmuls, 2-3x faster than `_cpu_step`'s torch
-        ops, docs/serving.md), which also runs prompt chunks as rows (`_c_prefill`); None for
-        any other model, or (with a warning) one whose weights the C cannot read. Its logits
-        match torch's ops' to about 1e-4, not bit for bit (sums in another order flip some
-        int16 roundings of the activations)."""
+    def _native_layers(self) -> list[list[Any]] | None:
+        """Each layer's four projections as `cpu_native.decoder` takes them, where our own CPU
+        kernel builds here, heads are of 8k values and every projection runs on it; else None."""
         from bitserve.kernels import cpu_native
 
-        lib = cpu_native.library()
-        if lib is None or self.head_dim % 8:
+        if cpu_native.library() is None or self.head_dim % 8:
             return None
         layers = []
-        for i, x in enumerate(self.layers):
+        for x in self.layers:
             projections = [_native_projection(m) for m in (x.qkv, (x.o,), x.gate_up, (x.down,))]
             if any(p is None for p in projections):
                 return None
+            layers.append(projections)
+        return layers
+
+    def _cpu_decoder(
+        self, native: list[list[Any]]
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
+        """The one-token step of a model whose projections all run on our own CPU kernel
+        (`native`, from `_native_layers`), as one C call for every layer (`cpu_native.decoder`:
+        norms, rotary, cache writes and attention in plain loops between the matmuls, 2-3x
+        faster than `_cpu_step`'s torch ops, docs/serving.md), which also runs prompt chunks as
+        rows (`_c_prefill`); None (with a warning) where the C cannot read the weights. Its
+        logits match torch's ops' to about 1e-4, not bit for bit (sums in another order flip
+        some int16 roundings of the activations)."""
+        from bitserve.kernels import cpu_native
+
+        lib = cpu_native.library()
+        assert lib is not None  # `_native_layers` found it
+        layers = []
+        for i, (x, projections) in enumerate(zip(self.layers, native, strict=True)):
             norms = [
                 (n.weight.detach(), float(n.variance_epsilon)) for n in (x.attn_norm, x.mlp_norm)
             ]

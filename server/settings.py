@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     kv_cache_dtype: Literal["auto", "float32", "float16"] = Field(
         "auto",
         description="K/V cache element type (auto: float16 for an fp32 model on a CPU where "
-        "bitserve's own kernel runs, else the model's dtype)",
+        "bitserve's C decode step runs, else the model's dtype)",
     )
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step")
     prefix_cache: bool = Field(

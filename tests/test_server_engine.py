@@ -431,13 +431,25 @@ def test_kv_cache_budget_limits_slots(server_tiny_checkpoint: Path) -> None:
 
 
 def test_kv_cache_narrower_than_the_model_only_for_fp32_on_the_cpu() -> None:
-    """An fp16 K/V cache is for fp32 models on the CPU; any other mix is a usage error that
-    names the flag (on a GPU: `--device cuda --kv-cache-dtype float32` for an fp16 model)."""
+    """An fp16 K/V cache is for fp32 models on the CPU, and `auto` picks it where the C step
+    runs; any other mix is a usage error that names the flag (on a GPU: `--device cuda
+    --kv-cache-dtype float32` for an fp16 model)."""
     from bitserve.errors import UsageError
     from bitserve.quantization.grid import QuantSpec
 
     model = _tiny_llama(QuantSpec(4, 32))
     assert LlamaRunner(model, 2, 16, kv_dtype=torch.float16).k_cache.dtype == torch.float16
+    # auto: fp16 where the C step runs (our kernel, every projection on it), else the model's
+    from bitserve.kernels import cpu_native
+
+    c_step = LlamaRunner(_tiny_llama(QuantSpec(4, 32)), 2, 16, kv_dtype="auto")
+    assert (c_step.cpu_decode is not None) == (cpu_native.library() is not None)
+    want = torch.float16 if c_step.cpu_decode is not None else torch.float32
+    assert c_step.k_cache.dtype == c_step.v_cache.dtype == want
+    dense = LlamaRunner(_tiny_llama(None), 2, 16, kv_dtype="auto")  # fp32 weights: torch's ops
+    assert dense.cpu_decode is None and dense.k_cache.dtype == torch.float32
+    with pytest.raises(ValueError, match="'fp8'"):
+        LlamaRunner(_tiny_llama(None), 2, 16, kv_dtype="fp8")
     with pytest.raises(UsageError, match="--kv-cache-dtype bfloat16: a float32 model on cpu"):
         LlamaRunner(_tiny_llama(QuantSpec(4, 32)), 2, 16, kv_dtype=torch.bfloat16)
     with pytest.raises(UsageError, match="--kv-cache-dtype float16: a bfloat16 model on cpu"):
