@@ -16,6 +16,7 @@ import time
 from functools import partial
 from typing import Any
 
+import mma_gemv
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -147,6 +148,9 @@ def jobs(arch: int) -> list[tuple[str, Any]]:
     out.append(("dot-kjoin-lop3-swap M64", partial(mm, "dot-kjoin-lop3-swap", 128, 128, 4, 64)))
     out.append(("dot-fma M128 W3", partial(mm, "dot-fma", 128, 64, 8, 128, bits=3)))
     out.append(("dot-zsub M16 atomic", partial(mm, "dot-zsub", 128, 64, 4, atomic=2)))
+    for warps, rows8, st in ((1, 1, 1), (4, 1, 2), (4, 2, 3), (8, 1, 3)):  # mma GEMV prototype
+        name = f"mma gemv {warps} warps M<={8 * rows8} {st} stages"
+        out.append((name, partial(mma_gemv.compiled, warps, rows8, st, arch)))
     deq = dict(BITS=4, GROUP=128, BLOCK_N=128, BLOCK_K=64)
     dequant = triton_int._dequant_kernel
     out.append(("dequant", partial(compile_sm, dequant, INT_KERNEL_TYPES, deq, 4, 1, arch)))

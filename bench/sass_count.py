@@ -18,6 +18,7 @@ import re
 import subprocess
 import tempfile
 
+import mma_gemv
 import triton
 from compile_check import DOT_VARIANTS, matmul_kernel
 
@@ -68,7 +69,8 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=["plain", "h2", "pair", "lop3", "dot-zsub", "dot-kjoin", "dot-kjoin-lop3"],
-        help=f"GEMV variants, or the dot kernel at M = 16 as {', '.join(DOT_VARIANTS)}",
+        help=f"GEMV variants, the dot kernel at M = 16 as {', '.join(DOT_VARIANTS)}, or mma "
+        "(bench/mma_gemv.py over one group of 128, M <= 8; mma-r2: M <= 16, 2 stages)",
     )
     ap.add_argument("--tiles", nargs="+", default=["128x128", "256x128"], help="BLOCK_NxBLOCK_K")
     ap.add_argument("--warps", type=int, default=4)
@@ -86,6 +88,19 @@ def main() -> None:
         block_n, block_k = (int(v) for v in tile.split("x"))
         words = block_n * block_k // 8 // (32 * args.warps)
         for variant in args.variants:
+            if variant.startswith("mma"):  # its own tiling: 64 x warps columns, 32 words a thread
+                if tile != args.tiles[0]:
+                    continue
+                rows8 = 2 if variant == "mma-r2" else 1
+                cubin = mma_gemv.compiled(args.warps, rows8, stages=2)
+                ops = loop_counts(cubin)
+                total = sum(ops.values())
+                top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
+                print(
+                    f"| {variant} | {64 * args.warps}x128 | {total} | 32 | {total / 32:.1f} "
+                    f"| {registers(cubin)} | {top} |"
+                )
+                continue
             cubin = matmul_kernel(variant, block_n, block_k, args.warps, args.block_m)
             ops = loop_counts(cubin)
             total = sum(ops.values())
