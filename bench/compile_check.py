@@ -48,16 +48,16 @@ DOT_VARIANTS = {
 }
 
 
-def compile_sm(
+def compile_asm(
     fn: Any,
     types: dict[str, str],
     consts: dict[str, Any],
     warps: int,
     stages: int = 1,
     arch: int = 90,
-) -> bytes:
-    """The sm_`arch` cubin of jit function `fn`: arguments typed by `types` (else i32),
-    constexprs from `consts` (PDL, unless given, on from sm_90, as `use_pdl` launches them),
+) -> dict[str, Any]:
+    """Jit function `fn` compiled for sm_`arch` (its TTGIR, PTX, cubin, ...): arguments typed by
+    `types` (else i32), constexprs from `consts` (PDL, unless given, on from sm_90, as `use_pdl` launches them),
     the ALIGNED ones marked divisible by 16."""
     names = fn.arg_names
     if "PDL" in names and "PDL" not in consts:
@@ -66,7 +66,19 @@ def compile_sm(
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     options = dict(num_warps=warps, num_stages=stages, launch_pdl=bool(consts.get("PDL")))
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["cubin"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm
+
+
+def compile_sm(
+    fn: Any,
+    types: dict[str, str],
+    consts: dict[str, Any],
+    warps: int,
+    stages: int = 1,
+    arch: int = 90,
+) -> bytes:
+    """The cubin of `compile_asm`."""
+    return bytes(compile_asm(fn, types, consts, warps, stages, arch)["cubin"])
 
 
 def matmul_kernel(
@@ -125,7 +137,8 @@ def decode_kernels() -> dict[str, tuple[Any, dict[str, str], dict[str, Any], int
 
 
 def jobs(arch: int) -> list[tuple[str, Any]]:
-    """(name, compile) for every kernel variant the backends launch, on sm_`arch`."""
+    """(name, compile) for every kernel variant the backends launch, and the mma GEMV
+    prototype's (bench/mma_gemv.py), on sm_`arch`."""
     mm = partial(matmul_kernel, arch=arch)
     out: list[tuple[str, Any]] = []
     for v in ("plain", "h2", "pair", "lop3", "lop3-pf", "plain-pf", "lop3-l2", "lop3-pf-l2"):
@@ -151,6 +164,9 @@ def jobs(arch: int) -> list[tuple[str, Any]]:
     for warps, rows8, st in ((1, 1, 1), (4, 1, 2), (4, 2, 3), (8, 1, 3)):  # mma GEMV prototype
         name = f"mma gemv {warps} warps M<={8 * rows8} {st} stages"
         out.append((name, partial(mma_gemv.compiled, warps, rows8, st, arch)))
+    i32 = {"qw_ptr": "*i32", "out_ptr": "*i32"}
+    probe = partial(compile_sm, mma_gemv.lane_probe_kernel, i32, {"W": 4}, 4, 1, arch)
+    out.append(("mma gemv lane probe", probe))
     deq = dict(BITS=4, GROUP=128, BLOCK_N=128, BLOCK_K=64)
     dequant = triton_int._dequant_kernel
     out.append(("dequant", partial(compile_sm, dequant, INT_KERNEL_TYPES, deq, 4, 1, arch)))

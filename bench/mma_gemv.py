@@ -16,7 +16,8 @@ l = 4 g + t of a warp holds one word with the 8 codes (rows are n, columns k, re
 the word >> 8 give these four pairs, which are A's four registers. Words sit in memory as
 [k-step][n-tile // 4][lane][n-tile % 4]: Triton's 16-byte loads of a contiguous run of 128 x
 warps words give lane l of warp w the 4 n-tiles 4 (program's first quad + w) + 0..3 (checked on
-the GPU by `lane_probe`, and in sm_90 compiles by tests/test_mma_gemv.py).
+the GPU by `lane_probe`, and in every sm_90 / sm_80 compile of bench/compile_check.py, which
+tests/test_kernels_compile.py runs).
 
     python bench/mma_gemv.py [--budget-s 120]    # on a GPU
 """
@@ -131,14 +132,14 @@ def _mma_emulated(a0, a1, a2, a3, a4, a5, a6, a7, x0, x1, x2, x3, c0, c1, c2, c3
 @triton.jit
 def _x_frag(x_ptr, row, M, K, kx, MODE: tl.constexpr):
     """B of one k-step for batch row `row` (per lane): x[row, kx .. kx + 1] and
-    x[row, kx + 8 .. kx + 9] as fp16 pairs in int32s (MODE 2; the second pair as the third
-    and fourth values) or 4 fp32s (MODE 1); rows past M give zeros."""
+    x[row, kx + 8 .. kx + 9] as two int32s of fp16 pairs (MODE 2) or four fp32s (MODE 1); rows
+    past M give zeros."""
     ok = row < M
     if MODE == 2:  # row and kx per thread ([32 W]): each thread loads once for its 4 words
         xw = x_ptr.to(tl.pointer_type(tl.int32)) + (row * K + kx) // 2
-        b0 = _per_word(tl.load(xw, mask=ok, other=0))
-        b1 = _per_word(tl.load(xw + 4, mask=ok, other=0))
-        return b0, b1, b0, b1
+        return _per_word(tl.load(xw, mask=ok, other=0)), _per_word(
+            tl.load(xw + 4, mask=ok, other=0)
+        )
     else:
         p = x_ptr + row * K + kx
         return (
@@ -168,7 +169,7 @@ def _step(x_ptr, w, z_lo, z_hi, M, K, step, c, W: tl.constexpr, ROWS8: tl.conste
         lane = tl.arange(0, 32 * W) % 32  # per thread
         g = lane // 4
         kx = step * 16 + 2 * (lane % 4)
-        b0, b1, _, _ = _x_frag(x_ptr, g, M, K, kx, 2)
+        b0, b1 = _x_frag(x_ptr, g, M, K, kx, 2)
         zl, zh = _h2(z_lo + 1024.0), _h2(-(z_hi + 64.0))
         if ROWS8 == 1:
             c0, c1, c2, c3 = tl.inline_asm_elementwise(
@@ -181,7 +182,7 @@ def _step(x_ptr, w, z_lo, z_hi, M, K, step, c, W: tl.constexpr, ROWS8: tl.conste
             )
             return c0, c1, c2, c3, c[4], c[5], c[6], c[7]
         else:
-            b2, b3, _, _ = _x_frag(x_ptr, g + 8, M, K, kx, 2)
+            b2, b3 = _x_frag(x_ptr, g + 8, M, K, kx, 2)
             return tl.inline_asm_elementwise(
                 _MMA2_PTX,
                 "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,r,f,f,f,f,f,f,f,f",
@@ -235,8 +236,9 @@ def mma_gemv_kernel(
     load); a group's 16-k steps chain their MMAs from zero in fp32, and the group's scales are
     applied to the result (4 FMAs per lane, group and 8 rows). STAGES > 1: Triton's pipeliner
     copies the next groups' words (and x) to shared memory while this one computes (`cp.async`);
-    without it, ptxas spreads a group's word loads between its MMAs and waits on each. On the GPU the steps are PTX
-    (`_MMA1_PTX`); the interpreter runs the same in Triton ops (`_mma_emulated`)."""
+    without it, ptxas spreads a group's word loads between its MMAs and waits on each. On the
+    GPU the steps are PTX (`_MMA1_PTX`, `_MMA2_PTX`); the interpreter runs the same in Triton
+    ops (`_mma_emulated`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     e = tl.arange(0, 128 * W)
@@ -293,12 +295,31 @@ def mma_gemv(
     ws: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] fp16 (M <= 16) @ the layer packed by `pack_mma`, scales and zero codes [G, N]
-    fp16. Buffers may be passed in (graph capture)."""
+    """x [M, K] fp16 (M <= 16, contiguous) @ the layer packed by `pack_mma`, scales and zero
+    codes [K / group, N] fp16 (integer zero codes: the GPU path rounds them). Buffers may be
+    passed in (graph capture)."""
     m, k = x.shape
     n = scales.shape[1]
-    if m > 16 or n % (64 * warps) or group % 16 or k % group:
-        raise ValueError(f"unsupported: M={m}, N={n}, warps={warps}, group={group}, K={k}")
+    problems = [
+        f"x is {x.dtype}, not float16" if x.dtype != torch.float16 else "",
+        "x is not contiguous" if not x.is_contiguous() else "",
+        f"M={m} rows, more than 16" if m > 16 else "",
+        f"warps={warps}, not 1, 2, 4 or 8" if warps not in (1, 2, 4, 8) else "",
+        f"N={n} is not a multiple of 64 x warps" if n % (64 * warps) else "",
+        f"group={group} is not a positive multiple of 16 dividing K={k}"
+        if group <= 0 or group % 16 or k % group
+        else "",
+    ]
+    if not any(problems):
+        g = k // group
+        if scales.shape != (g, n) or zeros.shape != (g, n):
+            problems.append(
+                f"scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)}, not {(g, n)}"
+            )
+        if qw.numel() != k * n // 8:
+            problems.append(f"{qw.numel()} words, not K x N / 8 = {k * n // 8}")
+    if any(problems):
+        raise ValueError("mma_gemv: " + "; ".join(p for p in problems if p))
     n_groups = k // group
     split_k = max(1, min(split_k, n_groups))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
@@ -318,38 +339,36 @@ SPLITS = (2, 4, 8, 16, 32)  # split-K factors the benchmark tries
 WORD_LAYOUT = "sizePerThread = [4], threadsPerWarp = [32], warpsPerCTA = [{w}], order = [0]"
 
 
+def asm_layouts(ttgir: str) -> set[str | None]:
+    """The blocked layouts that the inline-asm ops of a kernel's TTGIR run in."""
+    names = dict(re.findall(r"^(#blocked\d*) = #ttg\.blocked<\{(.*?)\}>", ttgir, re.M))
+    asm = [line for line in ttgir.splitlines() if "elementwise_inline_asm" in line]
+    return {names.get(lay) for line in asm for lay in re.findall(r"#blocked\d*", line)}
+
+
 def compiled(warps: int, rows8: int, stages: int = 2, arch: int = 90) -> bytes:
     """The sm_`arch` cubin of `mma_gemv_kernel` (g128), compiled without a GPU; raises if an
     MMA does not run in the word load's layout (element e in lane (e // 4) % 32 of warp
     e // 128), which the fragment order assumes, or if the MMAs are not in the PTX."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from compile_check import INT_KERNEL_TYPES, compile_asm
 
-    fn = mma_gemv_kernel
-    types = dict(x_ptr="*fp16", qw_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", out_ptr="*fp16")
-    types |= dict(ws_ptr="*fp32", cnt_ptr="*i32")
     consts = dict(GROUP=128, W=warps, ROWS8=rows8, STAGES=stages)
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    aligned = [*types, "N", "K"]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-    ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
-    names = dict(re.findall(r"^(#blocked\d*) = #ttg\.blocked<\{(.*?)\}>", ttgir, re.M))
-    asm = [line for line in ttgir.splitlines() if "elementwise_inline_asm" in line]
-    used = {names.get(lay) for line in asm for lay in re.findall(r"#blocked\d*", line)}
-    if not asm or used != {WORD_LAYOUT.format(w=warps)}:
-        raise AssertionError(f"MMA steps in layouts {used}, not {WORD_LAYOUT.format(w=warps)}")
+    asm = compile_asm(mma_gemv_kernel, INT_KERNEL_TYPES, consts, warps, stages, arch)
+    want = WORD_LAYOUT.format(w=warps)
+    if asm_layouts(asm["ttgir"]) != {want}:
+        raise AssertionError(f"MMA steps in layouts {asm_layouts(asm['ttgir'])}, not {want}")
     mmas = 8 * 4 * rows8  # 8 k-steps of a group, 4 n-tiles a thread, rows8 blocks of rows
-    if ptx.count("mma.sync.aligned.m16n8k16") != mmas:
-        raise AssertionError(f"{ptx.count('mma.sync')} MMAs in the PTX, not {mmas}")
-    return kernel.asm["cubin"]
+    found = asm["ptx"].count("mma.sync.aligned.m16n8k16")
+    if found != mmas:
+        raise AssertionError(f"{found} MMAs in the PTX, not {mmas}")
+    return asm["cubin"]
 
 
 @triton.jit
 def lane_probe_kernel(qw_ptr, out_ptr, W: tl.constexpr):
     """out[e] = 32 * warp + lane of the thread that holds element e of a 16-byte-vector load
-    of 128 * W words, as `mma_gemv_kernel` loads them (GPU only)."""
+    of 128 * W words, the load `mma_gemv_kernel` makes (GPU only: the device's own answer,
+    where `compiled` reads the compiler's layout)."""
     e = tl.arange(0, 128 * W)
     w = tl.load(qw_ptr + e)
     who = tl.inline_asm_elementwise(

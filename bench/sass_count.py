@@ -70,7 +70,7 @@ def main() -> None:
         nargs="+",
         default=["plain", "h2", "pair", "lop3", "dot-zsub", "dot-kjoin", "dot-kjoin-lop3"],
         help=f"GEMV variants, the dot kernel at M = 16 as {', '.join(DOT_VARIANTS)}, or mma "
-        "(bench/mma_gemv.py over one group of 128, M <= 8; mma-r2: M <= 16, 2 stages)",
+        "(bench/mma_gemv.py over one group of 128, 2 stages, M <= 8; mma-r2: M <= 16)",
     )
     ap.add_argument("--tiles", nargs="+", default=["128x128", "256x128"], help="BLOCK_NxBLOCK_K")
     ap.add_argument("--warps", type=int, default=4)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +110,6 @@ def test_long_prompts_of_their_own_and_room_for_them() -> None:
     theirs = b.llama_server_cmd(args, 1234)
     assert int(theirs[theirs.index("-c") + 1]) == 16 * int(ours[ours.index("--max-model-len") + 1])
     # a negative count of words: a one-line message and exit 2, before any server starts
-    import subprocess
-    import sys
-
     for flag in ("--prompt-words", "--shared-prefix-words"):
         run = subprocess.run(
             [sys.executable, str(ROOT / "bench" / "serve.py"), flag, "-1"],
@@ -122,26 +121,47 @@ def test_long_prompts_of_their_own_and_room_for_them() -> None:
         assert "Traceback" not in run.stderr
 
 
+def assert_refusals(script: Path, cases: list[tuple[list[str], str]]) -> None:
+    """Each (arguments, message) case of `script` exits non-zero with the message on stderr and
+    no traceback."""
+    for args, message in cases:
+        run = subprocess.run(
+            [sys.executable, str(script), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=script.parents[1],
+        )
+        assert run.returncode != 0 and message in run.stderr, (args, run.stderr)
+        assert "Traceback" not in run.stderr
+
+
 def test_runner_steps_refuses_bad_arguments_with_one_line() -> None:
     """bench/runner_steps.py: nothing to compare with (no runner, kernel or K/V dtype), a --long
     out of range and a --kernel revision without our kernels each end with a one-line message
     and a non-zero exit, before any model loads."""
-    import subprocess
-    import sys
-
     script = Path(__file__).parents[1] / "bench" / "runner_steps.py"
     cases = [
         ([], "give a baseline runner, --kernel REV, --kv-dtype, or some of them"),
         (["--kernel", "HEAD", "--long", "-1"], "--long takes 0-8192 tokens"),
         (["--kernel", "no-such-revision"], "--kernel no-such-revision: no kernels/"),
     ]
-    for args, message in cases:
-        run = subprocess.run(
-            [sys.executable, str(script), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=script.parents[1],
-        )
-        assert run.returncode != 0 and message in run.stderr, (args, run.stderr)
-        assert "Traceback" not in run.stderr
+    assert_refusals(script, cases)
+
+
+def test_kv_cache_dtype_bench_refuses_bad_arguments_with_one_line(
+    server_tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """bench/kv_cache_dtype.py: --rows or --tokens out of range, a missing --text, and a text
+    shorter than rows x tokens each end with a one-line message and a non-zero exit."""
+    script = Path(__file__).parents[1] / "bench" / "kv_cache_dtype.py"
+    short = tmp_path / "short.txt"
+    short.write_text("\ufeff = Valkyria = \n a few words only \n", encoding="utf-8")
+    ckpt = ["--checkpoint", str(server_tiny_checkpoint)]
+    cases = [
+        (["--rows", "0"], "--rows takes 1-16 excerpts, --tokens 2-4096"),
+        (["--tokens", "5000"], "--rows takes 1-16 excerpts, --tokens 2-4096"),
+        ([*ckpt, "--text", str(tmp_path / "none.txt")], "none.txt: no such file"),
+        ([*ckpt, "--text", str(short), "--rows", "2", "--tokens", "64"], "fewer than --rows x"),
+    ]
+    assert_refusals(script, cases)
