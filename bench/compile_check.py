@@ -69,16 +69,9 @@ def compile_asm(
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm
 
 
-def compile_sm(
-    fn: Any,
-    types: dict[str, str],
-    consts: dict[str, Any],
-    warps: int,
-    stages: int = 1,
-    arch: int = 90,
-) -> bytes:
-    """The cubin of `compile_asm`."""
-    return bytes(compile_asm(fn, types, consts, warps, stages, arch)["cubin"])
+def compile_sm(*args: Any) -> bytes:
+    """The cubin of `compile_asm` (same arguments)."""
+    return bytes(compile_asm(*args)["cubin"])
 
 
 def matmul_kernel(
