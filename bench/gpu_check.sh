@@ -5,7 +5,7 @@
 # then bench/gpu_serve_check.py (`bitserve serve --device cuda` over HTTP). Output goes to
 # $OUT/kernels_gpu_run.txt (copied to docs/kernels_gpu_run.txt). Run from the repo root:
 #   OUT=/tmp/out bash bench/gpu_check.sh [--ms 1,2,4,16,64,256,1024]
-# Time: MMA_TIMEOUT (default 150 s, MMA=0 skips it) + KERNELS_TIMEOUT (default 300 s,
+# Time: MMA_TIMEOUT (default 200 s, MMA=0 skips it) + KERNELS_TIMEOUT (default 300 s,
 # KERNELS=0 skips it) + SERVE_TIMEOUT (default 240 s, SERVE=0 skips it; each server warms up,
 # tuning and capturing, before it answers)
 # + LUTGEMM_TIMEOUT (default 90 s, LUTGEMM=0 skips it). Wheels in .whl/ (the server's
@@ -35,9 +35,9 @@ fi
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$LOG"
 # The mma GEMV prototype (bench/mma_gemv.py): its correctness, then its timing against the
-# backend's tuned kernels (MMA_TIMEOUT, default 150 s; MMA=0 skips it).
+# backend's tuned kernels (MMA_TIMEOUT, default 200 s; MMA=0 skips it).
 if [ "${MMA:-1}" = 1 ]; then
-    MT=${MMA_TIMEOUT:-150}
+    MT=${MMA_TIMEOUT:-200}
     echo -e "\n$ python3 bench/mma_gemv.py --budget-s $((MT - 30))" | tee -a "$LOG"
     timeout "$MT" python3 bench/mma_gemv.py --budget-s $((MT - 30)) 2>&1 | tee -a "$LOG"
     echo "(mma_gemv.py exit ${PIPESTATUS[0]}, $SECONDS s since start)" | tee -a "$LOG"

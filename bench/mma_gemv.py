@@ -335,7 +335,7 @@ def mma_gemv(
     return out
 
 
-SPLITS = (2, 4, 8, 16, 32)  # split-K factors the benchmark tries
+SPLITS = (2, 4, 8, 16, 32, 64)  # split-K factors the benchmark tries (run 16: up to 32)
 WORD_LAYOUT = "sizePerThread = [4], threadsPerWarp = [32], warpsPerCTA = [{w}], order = [0]"
 
 
@@ -471,7 +471,8 @@ def main() -> None:
             t16 = kg.graph_time([partial(torch.nn.functional.linear, x, w) for w in w16s])
             tb = kg.graph_time([partial(triton_int.matmul, layer, x) for layer in layers])
             times: dict[tuple[int, int, int], float] = {}
-            for warps, split, stages in itertools.product((1, 2, 4, 8), SPLITS, (1, 2, 3)):
+            depths = (1, 2, 3, 4) if m == 1 else (1, 2, 3)  # run 16: 1-3 (stages paid at M = 1)
+            for warps, split, stages in itertools.product((1, 2, 4, 8), SPLITS, depths):
                 if n % (64 * warps) == 0 and split <= g:
                     out = torch.empty(m, n, device="cuda", dtype=torch.float16)
                     ws = torch.empty(split * m * n, device="cuda", dtype=torch.float32)
