@@ -93,20 +93,15 @@ def main() -> None:
                     continue
                 rows8 = 2 if variant == "mma-r2" else 1
                 cubin = mma_gemv.compiled(args.warps, rows8, stages=2)
-                ops = loop_counts(cubin)
-                total = sum(ops.values())
-                top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
-                print(
-                    f"| {variant} | {64 * args.warps}x128 | {total} | 32 | {total / 32:.1f} "
-                    f"| {registers(cubin)} | {top} |"
-                )
-                continue
-            cubin = matmul_kernel(variant, block_n, block_k, args.warps, args.block_m)
+                shown, per_thread = f"{64 * args.warps}x128", 32
+            else:
+                cubin = matmul_kernel(variant, block_n, block_k, args.warps, args.block_m)
+                shown, per_thread = tile, words
             ops = loop_counts(cubin)
             total = sum(ops.values())
             top = ", ".join(f"{op} {n}" for op, n in ops.most_common(args.top))
             print(
-                f"| {variant} | {tile} | {total} | {words} | {total / words:.1f} "
+                f"| {variant} | {shown} | {total} | {per_thread} | {total / per_thread:.1f} "
                 f"| {registers(cubin)} | {top} |"
             )
 

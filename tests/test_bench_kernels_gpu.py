@@ -4,24 +4,17 @@ loads-only floor kernel, in Triton's interpreter."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from bench_scripts import load_bench
 
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def kg():
-    spec = importlib.util.spec_from_file_location("kernels_gpu", ROOT / "bench" / "kernels_gpu.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("kernels_gpu")
 
 
 def test_synthetic_layers_have_zero_mean_weights(kg) -> None:

@@ -5,7 +5,6 @@ as failed, never as a success; a stream without [DONE] (transformers serve) is f
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,16 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_scripts import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("serve")
 
 
 def sse(*chunks: Any) -> str:

@@ -7,32 +7,21 @@ and run on a GPU by the benchmark itself."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
-from pathlib import Path
-from typing import Any
 
 os.environ["TRITON_INTERPRET"] = "1"  # set before triton_int is first imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from bench_scripts import load_bench  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 triton_int = pytest.importorskip("bitserve.kernels.triton_int")
 if not triton_int.INTERPRET:
     pytest.skip("triton_int was imported without TRITON_INTERPRET=1", allow_module_level=True)
 
 
-def mma() -> Any:
-    spec = importlib.util.spec_from_file_location("mma_gemv", ROOT / "bench" / "mma_gemv.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MG = mma()
+MG = load_bench("mma_gemv")
 
 
 @pytest.mark.parametrize(
